@@ -1,0 +1,43 @@
+"""hessian-spectra: Hessian spectral analysis of PyTorch models.
+
+Faithful (the true Hessian: exact double-backward / forward-over-reverse HVPs, or shard-local
+central finite differences), fast (an HVP costs about two gradients) and scalable (FSDP2).
+"""
+
+from .density import SpectralDensity, slq
+from .estimators import EigResult, TraceEstimate, top_eigenvalues, trace
+from .lanczos import LanczosResult, lanczos
+from .operators import DenseOperator, FDError, HessianOperator, as_operator, default_eps_scale
+from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, zeros_like
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # operators
+    "HessianOperator",
+    "DenseOperator",
+    "as_operator",
+    "FDError",
+    "default_eps_scale",
+    # vectors
+    "dot",
+    "dots",
+    "norm",
+    "axpy",
+    "scale",
+    "add",
+    "sub",
+    "lincomb",
+    "clone",
+    "zeros_like",
+    "random_probe",
+    # Lanczos and spectra
+    "lanczos",
+    "LanczosResult",
+    "slq",
+    "SpectralDensity",
+    "top_eigenvalues",
+    "EigResult",
+    "trace",
+    "TraceEstimate",
+]

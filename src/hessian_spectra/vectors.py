@@ -1,0 +1,187 @@
+"""Vectors in parameter space.
+
+A *vector* is a ``list[torch.Tensor]`` with one tensor per entry of ``op.params``, of the
+same shape as that parameter's **local** data (``p.to_local()`` under FSDP2, ``p`` itself
+otherwise). Every reduction here (``dot``, ``norm``) is accumulated in float64 and is
+*global*: under ``torch.distributed`` with more than one rank, the local float64 sums are
+all-reduced as one small tensor, so callers never need to know whether they run sharded.
+
+Random probes are drawn with one ``torch.Generator`` per parameter, seeded from
+``(seed, parameter name)``. Each parameter's *full* tensor is drawn and the rank keeps its
+own piece, so a probe is the same vector at every world size (temporary memory: the largest
+single parameter, not the model).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+from . import distributed as _dist
+
+Vector = list[torch.Tensor]
+
+__all__ = [
+    "Vector",
+    "dot",
+    "dots",
+    "norm",
+    "axpy",
+    "scale",
+    "add",
+    "sub",
+    "lincomb",
+    "zeros_like",
+    "clone",
+    "cast",
+    "random_probe",
+    "check_vector",
+]
+
+
+def _local_sums(pairs) -> torch.Tensor:
+    """Stack float64 local sums of elementwise products, one entry per pair of vectors."""
+    sums = []
+    for u, v in pairs:
+        s = None
+        for a, b in zip(u, v):
+            t = torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) if a.numel() else None
+            if t is not None:
+                s = t if s is None else s + t
+        if s is None:
+            dev = u[0].device if len(u) else torch.device("cpu")
+            s = torch.zeros((), dtype=torch.float64, device=dev)
+        sums.append(s)
+    devs = {s.device for s in sums}
+    if len(devs) > 1:
+        sums = [s.cpu() for s in sums]
+    return torch.stack(sums)
+
+
+def dots(basis: Sequence[Vector], w: Vector) -> torch.Tensor:
+    """Global dot products ``[q_i . w for q_i in basis]`` as one float64 tensor (one all-reduce)."""
+    if not basis:
+        return torch.zeros(0, dtype=torch.float64)
+    out = _local_sums([(q, w) for q in basis])
+    return _dist.all_reduce_sum(out)
+
+
+def dot(u: Vector, v: Vector) -> float:
+    """Global inner product ``u . v`` accumulated in float64."""
+    return float(dots([u], v)[0])
+
+
+def norm(v: Vector) -> float:
+    """Global Euclidean norm ``||v||`` accumulated in float64."""
+    return dot(v, v) ** 0.5
+
+
+def axpy(alpha: float, x: Vector, y: Vector) -> Vector:
+    """In place ``y <- y + alpha * x``; returns ``y``. ``x`` may have another dtype."""
+    xs = [a.to(b.dtype) if a.dtype != b.dtype else a for a, b in zip(x, y)]
+    torch._foreach_add_(y, xs, alpha=float(alpha))
+    return y
+
+
+def scale(alpha: float, x: Vector) -> Vector:
+    """In place ``x <- alpha * x``; returns ``x``."""
+    torch._foreach_mul_(x, float(alpha))
+    return x
+
+
+def add(u: Vector, v: Vector) -> Vector:
+    """New vector ``u + v``."""
+    return list(torch._foreach_add(u, v))
+
+
+def sub(u: Vector, v: Vector) -> Vector:
+    """New vector ``u - v``."""
+    return list(torch._foreach_sub(u, v))
+
+
+def lincomb(coeffs: Sequence[float], vectors: Sequence[Vector], dtype=None) -> Vector:
+    """New vector ``sum_i coeffs[i] * vectors[i]`` in ``dtype`` (default: the first vector's)."""
+    out = [torch.zeros_like(t, dtype=dtype or t.dtype) for t in vectors[0]]
+    for c, v in zip(coeffs, vectors):
+        axpy(c, v, out)
+    return out
+
+
+def zeros_like(v: Vector, dtype: torch.dtype | None = None) -> Vector:
+    return [torch.zeros_like(t, dtype=dtype or t.dtype) for t in v]
+
+
+def clone(v: Vector, dtype: torch.dtype | None = None) -> Vector:
+    return [t.detach().to(dtype=dtype or t.dtype, copy=True) for t in v]
+
+
+def cast(v: Vector, dtype: torch.dtype) -> Vector:
+    """``v`` in ``dtype`` (no copy where it already is)."""
+    return [t if t.dtype == dtype else t.to(dtype) for t in v]
+
+
+def _seed_for(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, parameter name): stable across runs, ranks and platforms."""
+    h = zlib.crc32(name.encode("utf-8"))
+    return (int(seed) * 1_000_003 + h * 2_654_435_761) % (2**63 - 1)
+
+
+def random_probe(
+    op_or_params,
+    seed: int = 0,
+    *,
+    kind: str = "rademacher",
+    dtype: torch.dtype | None = None,
+    names: Sequence[str] | None = None,
+) -> Vector:
+    """A seeded random vector, identical for every world size.
+
+    Args:
+        op_or_params: an operator (anything with ``params`` and ``param_names``) or a list of
+            parameters; with a plain list, ``names`` default to ``"0"``, ``"1"``, ...
+        seed: the probe's seed; parameter ``name`` draws from ``Generator(seed ⊕ name)``.
+        kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (standard normal).
+        dtype: storage dtype (default: float32, or float64 for float64 parameters).
+    """
+    if kind not in ("rademacher", "gaussian"):
+        raise ValueError(f"kind must be 'rademacher' or 'gaussian', got {kind!r}")
+    params = list(getattr(op_or_params, "params", op_or_params))
+    if names is None:
+        names = getattr(op_or_params, "param_names", None) or [str(i) for i in range(len(params))]
+    out = []
+    for name, p in zip(names, params):
+        dt = dtype or (torch.float64 if p.dtype == torch.float64 else torch.float32)
+        dev = _dist.local(p).device
+        gen_dev = dev if dev.type == "cuda" else torch.device("cpu")
+        g = torch.Generator(device=gen_dev)
+        g.manual_seed(_seed_for(seed, name))
+        shape = tuple(p.shape)  # global shape (DTensor.shape is global)
+        if kind == "gaussian":
+            full = torch.randn(shape, generator=g, device=gen_dev, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+        else:
+            full = torch.randint(0, 2, shape, generator=g, device=gen_dev, dtype=torch.int8)
+            full = full.to(torch.float32) * 2 - 1
+        out.append(_dist.local_piece(full, p).to(device=dev, dtype=dt))
+    return out
+
+
+def check_vector(v, params: Sequence[torch.Tensor], what: str = "vector") -> Vector:
+    """Raise a clear error unless ``v`` is a list of tensors shaped like ``params``' local data."""
+    if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)):
+        raise TypeError(
+            f"{what} must be a list of tensors, one per entry of op.params "
+            f"({len(params)} tensors), got {type(v).__name__}. "
+            "Build one with hessian_spectra.random_probe(op) or [torch.zeros_like(p) for p in op.params]."
+        )
+    if len(v) != len(params):
+        raise ValueError(f"{what} has {len(v)} tensors but the operator has {len(params)} parameters")
+    for i, (t, p) in enumerate(zip(v, params)):
+        loc = _dist.local(p)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(loc.shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{what}[{i}] has shape {got} but parameter {i} has (local) shape {tuple(loc.shape)}"
+            )
+    return list(v)
