@@ -4,10 +4,12 @@ Faithful (the true Hessian: exact double-backward / forward-over-reverse HVPs, o
 central finite differences), fast (an HVP costs about two gradients) and scalable (FSDP2).
 """
 
+from .blockdiag import BlockDiagReport, BlockRow, block_diagonal_test, default_blocks
 from .density import SpectralDensity, slq
 from .estimators import EigResult, TraceEstimate, top_eigenvalues, trace
 from .lanczos import LanczosResult, lanczos
 from .operators import DenseOperator, FDError, HessianOperator, as_operator, default_eps_scale
+from .solvers import CGInfo, cg_solve
 from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, zeros_like
 
 __version__ = "0.1.0"
@@ -40,4 +42,11 @@ __all__ = [
     "EigResult",
     "trace",
     "TraceEstimate",
+    # analyses
+    "block_diagonal_test",
+    "BlockDiagReport",
+    "BlockRow",
+    "default_blocks",
+    "cg_solve",
+    "CGInfo",
 ]
