@@ -484,6 +484,32 @@ class HessianOperator:
         rn, dn = norm(ref), norm(diff)
         return FDError(eps=e, rel_error=dn / rn if rn > 0 else float("inf"), abs_error=dn, ref_norm=rn, reference=reference)
 
+    def eps_sweep(self, eps_values, v: Vector | None = None, *, seed: int = 0, reference: str = "exact") -> list[FDError]:
+        """``fd_error`` at each step in ``eps_values`` along one direction (default: a unit
+        Rademacher probe from ``seed``); the reference HVP is computed once."""
+        from .vectors import random_probe, scale
+
+        if v is None:
+            v = random_probe(self, seed, dtype=self.vector_dtype)
+            scale(1.0 / norm(v), v)
+        v = check_vector(v, self.params, "v")
+        eps_values = [float(e) for e in eps_values]
+        if not eps_values or any(not (e > 0 and math.isfinite(e)) for e in eps_values):
+            raise ValueError(f"eps_values must be positive finite numbers, got {eps_values}")
+        if reference == "exact":
+            ref = self.matvec(v, method="exact")
+        out = []
+        for e in eps_values:
+            if reference == "exact":
+                h = self.matvec(v, method="fd", eps=e)
+                diff = [a - b for a, b in zip(h, ref)]
+                rn, dn = norm(ref), norm(diff)
+                out.append(FDError(eps=e, rel_error=dn / rn if rn > 0 else float("inf"), abs_error=dn,
+                                   ref_norm=rn, reference=reference))
+            else:
+                out.append(self.fd_error(v, eps=e, reference=reference))
+        return out
+
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` on flat float64 numpy vectors (one process)."""
         import numpy as np
