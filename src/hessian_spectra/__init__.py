@@ -7,6 +7,7 @@ central finite differences), fast (an HVP costs about two gradients) and scalabl
 from .blockdiag import BlockDiagReport, BlockRow, block_diagonal_test, default_blocks
 from .density import SpectralDensity, slq
 from .estimators import EigResult, TraceEstimate, top_eigenvalues, trace
+from .influence import InfluenceResult, influence
 from .lanczos import LanczosResult, lanczos
 from .operators import DenseOperator, FDError, HessianOperator, as_operator, default_eps_scale
 from .solvers import CGInfo, cg_solve
@@ -49,4 +50,6 @@ __all__ = [
     "default_blocks",
     "cg_solve",
     "CGInfo",
+    "influence",
+    "InfluenceResult",
 ]
