@@ -98,9 +98,13 @@ def perturb_(model: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
 
 # --------------------------------------------------------------------------- losses
 def mse_loss(model, batch):
-    """Mean squared error with the batch size as weight (so the dataset loss is a per-example mean)."""
+    """Mean squared error with the batch size as weight (so the dataset loss is a per-example mean).
+
+    Written by hand: ``F.mse_loss`` breaks torch.func forward-over-reverse on torch 2.13
+    ("ZeroTensors are immutable"; see test_operators.test_jvp_mse_loss_error_is_explained).
+    """
     x, y = batch
-    return F.mse_loss(model(x), y), x.shape[0]
+    return ((model(x) - y) ** 2).mean(), x.shape[0]
 
 
 def ce_loss(model, batch):
@@ -118,15 +122,20 @@ def lm_loss(model, batch):
 
 
 def hf_loss(model, batch):
-    """Hugging Face causal LM loss (labels = inputs), weight = number of predicted tokens."""
-    out = model(input_ids=batch, labels=batch)
-    return out.loss, batch[:, 1:].numel()
+    """Next-token cross-entropy of a Hugging Face causal LM, computed here from the logits.
+
+    Not ``model(..., labels=...).loss``: transformers' ``ForCausalLMLoss`` upcasts logits with
+    ``.float()``, i.e. *down*casts float64 to float32, which limits every float64 check to ~1e-7.
+    """
+    logits = model(input_ids=batch).logits[:, :-1]  # (B, T-1, V)
+    tgt = batch[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)), tgt.numel()
 
 
 def plain_loss(model, batch):
     """Unweighted loss (loss_fn returning a bare scalar: every batch has weight 1)."""
     x, y = batch
-    return F.mse_loss(model(x), y)
+    return ((model(x) - y) ** 2).mean()
 
 
 # --------------------------------------------------------------------------- problems
@@ -231,11 +240,14 @@ class _Bound:
         return torch.func.functional_call(self.model, self.pd, args, kwargs)
 
 
-def dense_hessian(model, loss_fn, batches, names=None, how: str = "func") -> torch.Tensor:
+def dense_hessian(model, loss_fn, batches, names=None, how: str = "autograd") -> torch.Tensor:
     """Dense Hessian of the dataset-averaged loss w.r.t. the flat parameters (float64 in, float64 out).
 
-    how="func": ``torch.func.hessian`` (jacfwd over jacrev); how="autograd":
-    ``torch.autograd.functional.hessian`` (reverse over reverse), as an independent check.
+    how="autograd" (the reference everywhere): ``torch.autograd.functional.hessian``, reverse over
+    reverse, one row per backward pass, no vmap. how="func": ``torch.func.hessian``
+    (``jacfwd(jacrev)``, i.e. vmap of jvp-over-vjp): right on MLP/CNN, but on torch 2.13 wrong by
+    up to ~8% (relative, in ``H @ v``) on models with LayerNorm + attention, so not used as truth
+    (``test_operators.test_reference_hessian_is_right`` shows both facts).
     """
     f, theta0, _, _ = flat_loss_fn(model, loss_fn, batches, names)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -244,7 +256,7 @@ def dense_hessian(model, loss_fn, batches, names=None, how: str = "func") -> tor
         if how == "func":
             H = torch.func.hessian(f)(theta0)
         elif how == "autograd":
-            H = torch.autograd.functional.hessian(f, theta0)
+            H = torch.autograd.functional.hessian(f, theta0, vectorize=False)
         else:
             raise ValueError(how)
     H = H.detach()
@@ -274,7 +286,25 @@ def known_spectrum_matrix(eigs, seed=0, dtype=torch.float64):
     return (0.5 * (H + H.T)).to(dtype)
 
 
-@pytest.fixture(scope="session")
+_CACHE: dict = {}
+
+
+def problem_with_hessian(kind: str):
+    """(model, loss_fn, batches, H) in float64, the dense reference cached per session.
+
+    ``kind``: a ``make_problem`` kind, or ``hf-<arch>-<attn>`` (e.g. ``hf-gpt2-sdpa``)."""
+    if kind not in _CACHE:
+        if kind.startswith("hf-"):
+            _, arch, attn = kind.split("-")
+            m, l, b = make_hf_problem(arch, attn)
+        else:
+            m, l, b = make_problem(kind)
+        _CACHE[kind] = (m, l, b, dense_hessian(m, l, b))
+    return _CACHE[kind]
+
+
+@pytest.fixture
 def mlp64():
-    model, loss, batches = make_problem("mlp")
-    return model, loss, batches, dense_hessian(model, loss, batches)
+    """A fresh float64 MLP problem and its dense Hessian."""
+    m, l, b = make_problem("mlp")
+    return m, l, b, problem_with_hessian("mlp")[3]

@@ -242,6 +242,13 @@ def lanczos(
     state = None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if ckpt is not None:  # per-rank files: every rank must resume from the same step
+        _dist.check_agree(
+            -1 if state is None else len(state["alpha"]),
+            f"the Lanczos checkpoint step ({ckpt}; -1: no file)",
+            "A run stopped while the ranks were writing it: delete the checkpoint files to restart.",
+        )
+    if state is not None:
         if state["config"] != config:
             raise ValueError(
                 f"the checkpoint {ckpt} was written by a run with other settings "

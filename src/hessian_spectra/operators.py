@@ -211,7 +211,9 @@ class HessianOperator:
                 stacklevel=2,
             )
         self._theta_norm = None
-        self._grad_scale = float(_dist.world_size()) if self.sharded else 1.0
+        # FSDP2 divides reduced gradients by the data-parallel size (or a user-set factor);
+        # multiplying back gives the sum over ranks, normalised by the global weight below.
+        self._grad_scale = _dist.gradient_scale(model) if self.sharded else 1.0
         self.stats = {"matvecs": 0, "matvec_seconds": 0.0, "gradients": 0, "gradient_seconds": 0.0}
 
     # ------------------------------------------------------------------ validation
@@ -229,6 +231,12 @@ class HessianOperator:
             raise TypeError(
                 "batches is a one-shot iterator (e.g. a generator): every matvec is a full pass "
                 "over the data, so wrap it in list(...) or pass a DataLoader"
+            )
+        sampler = getattr(getattr(batches, "batch_sampler", None), "sampler", getattr(batches, "sampler", None))
+        if isinstance(sampler, torch.utils.data.RandomSampler):
+            raise ValueError(
+                "batches is a DataLoader with shuffle=True (a RandomSampler): every matvec must see "
+                "the same data in the same order. Use shuffle=False or a list of batches."
             )
         try:
             next(iter(batches))
@@ -255,13 +263,21 @@ class HessianOperator:
         for item in params:
             if isinstance(item, str):
                 if item not in by_name:
-                    near = [n for n in by_name if item in n][:5]
-                    hint = f" Names containing it: {near}" if near else ""
-                    raise ValueError(f"no parameter named {item!r} in the model.{hint}")
+                    import difflib
+
+                    near = [n for n in by_name if item in n][:5] or difflib.get_close_matches(item, list(by_name), n=5)
+                    hint = f" Did you mean one of {near}?" if near else ""
+                    raise ValueError(
+                        f"no parameter named {item!r} in the model.{hint} The names are those of "
+                        "model.named_parameters()."
+                    )
                 names.append(item)
             elif isinstance(item, torch.Tensor):
                 if id(item) not in by_id:
-                    raise ValueError("a tensor in params is not a parameter of the model")
+                    raise ValueError(
+                        "a tensor in params is not a parameter of the model (a copy, or taken before "
+                        "model.to(...)?): pass names from model.named_parameters() or the model's own tensors"
+                    )
                 names.append(by_id[id(item)])
             else:
                 raise TypeError(f"params entries must be names or tensors, got {type(item).__name__}")
@@ -363,6 +379,8 @@ class HessianOperator:
         others = [(p, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
         for p in self.params:
             p.grad = None
+        for p, _ in others:  # else backward would accumulate into the user's tensors in place
+            p.grad = None
         try:
             yield
         finally:
@@ -377,6 +395,8 @@ class HessianOperator:
                     p.grad = None
 
     def _first_use(self):
+        if not self._checked and self.sharded:
+            self._check_same_num_batches()
         if self._checked or not self._check_determinism:
             self._checked = True
             return
@@ -414,6 +434,23 @@ class HessianOperator:
             )
         self._checked = True
 
+    def _check_same_num_batches(self):
+        """Under FSDP2 every rank must run the same number of forward/backward passes (each one
+        all-gathers and reduce-scatters with all ranks): raise on every rank, not hang, if not."""
+        try:
+            n = len(self.batches)
+        except TypeError:
+            n = sum(1 for _ in self.batches)
+        mm = _dist.all_reduce_max(torch.tensor([n, -n], dtype=torch.float64))
+        hi, lo = int(mm[0]), -int(mm[1])
+        if hi != lo:
+            raise ValueError(
+                f"rank {_dist.rank()} has {n} batches, but the ranks have between {lo} and {hi}: "
+                "under FSDP2 every rank must run the same number of batches (each forward/backward "
+                "is a collective). Give each rank an equal share of batches; unequal numbers of "
+                "target tokens (labels -100) are fine, the global token weights are all-reduced."
+            )
+
     def _theta_norm_value(self) -> float:
         if self._theta_norm is None:
             self._theta_norm = norm([_dist.local(p).detach() for p in self.params])
@@ -437,7 +474,10 @@ class HessianOperator:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if self.sharded and method != "fd":
-            raise NotImplementedError(f"method={method!r} is not available on an FSDP2-sharded model; use 'fd'")
+            raise NotImplementedError(
+                f"method={method!r} is not available on an FSDP2-sharded model (no double backward / "
+                "forward AD through FSDP2's hooks, PyTorch issue 172543); use method='fd'"
+            )
         self._first_use()
         t0 = time.perf_counter()
         if method == "fd":
@@ -567,9 +607,13 @@ class HessianOperator:
             snapshot = [p.detach().clone() for p in locs]
         try:
             with self._stash_grads(), self._mode():
+                # FSDP2 may still hold gathered copies (root after a no_grad forward, blocks with
+                # reshard_after_forward=False) that the next forward would reuse unperturbed.
+                _dist.reshard(self.model)
                 with torch.no_grad():
                     torch._foreach_add_(locs, vs, alpha=eps)
                 lp, wp = self._grad_pass(1.0, "HVP θ+εv")
+                _dist.reshard(self.model)
                 with torch.no_grad():
                     torch._foreach_copy_(locs, snapshot)
                     torch._foreach_add_(locs, vs, alpha=-eps)
@@ -583,6 +627,7 @@ class HessianOperator:
                 torch._foreach_mul_(hv, self._grad_scale / (2.0 * eps * W))
                 return hv
         finally:
+            _dist.reshard(self.model)  # no gathered copy of perturbed parameters survives
             with torch.no_grad():
                 torch._foreach_copy_(locs, snapshot)
 
@@ -590,7 +635,7 @@ class HessianOperator:
         out = self._zero_like_local()
         weights = []
         losses = []
-        with self._mode(), _sdpa_math(), self._explain_double_backward():
+        with self._mode(), _sdpa_math(), self._explain_double_backward("exact"):
             for i, batch in self._iter_batches("HVP exact"):
                 loss, w = self._forward(batch, i)
                 g = torch.autograd.grad(loss * w.to(loss.dtype), self.params, create_graph=True, allow_unused=True)
@@ -624,7 +669,7 @@ class HessianOperator:
 
         out = self._zero_like_local()
         weights, losses = [], []
-        with self._mode(), _sdpa_math(), self._explain_double_backward():
+        with self._mode(), _sdpa_math(), self._explain_double_backward("jvp"):
             for i, batch in self._iter_batches("HVP jvp"):
                 g_fn = grad(lambda pd: weighted_loss(pd, batch, i), has_aux=True)
                 _, hv, (loss, w) = jvp(g_fn, (primals,), (tangents,), has_aux=True)
@@ -637,17 +682,26 @@ class HessianOperator:
         return out
 
     @contextlib.contextmanager
-    def _explain_double_backward(self):
+    def _explain_double_backward(self, method: str):
         try:
             yield
         except RuntimeError as e:
             msg = str(e)
+            if method == "jvp" and "ZeroTensors are immutable" in msg:
+                # torch.func forward-over-reverse bug in some backward formulas (e.g. F.mse_loss)
+                raise RuntimeError(
+                    "method='jvp' (torch.func forward-over-reverse) failed inside PyTorch on an op of "
+                    f"this model or loss ({msg.splitlines()[0]}; F.mse_loss triggers it on torch 2.13). "
+                    "Use method='exact' (double backward) or method='fd', or write that loss by hand, "
+                    "e.g. ((out - y) ** 2).mean() instead of F.mse_loss."
+                ) from e
             keys = ("derivative for", "not implemented", "forward AD", "double backward", "_efficient_attention", "flash")
             if any(k in msg for k in keys):
+                other = "'exact' or 'fd'" if method == "jvp" else "'fd'"
                 raise RuntimeError(
-                    f"method={self.method!r} needs second derivatives through every op of the model, "
+                    f"method={method!r} needs second derivatives through every op of the model, "
                     f"and one op has none: {msg.splitlines()[0]}. For Hugging Face models load with "
-                    "attn_implementation='eager' (or --attn-implementation eager), or use method='fd'."
+                    f"attn_implementation='eager' (or --attn-implementation eager), or use method={other}."
                 ) from e
             raise
 

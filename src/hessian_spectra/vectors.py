@@ -6,10 +6,14 @@ otherwise). Every reduction here (``dot``, ``norm``) is accumulated in float64 a
 *global*: under ``torch.distributed`` with more than one rank, the local float64 sums are
 all-reduced as one small tensor, so callers never need to know whether they run sharded.
 
-Random probes are drawn with one ``torch.Generator`` per parameter, seeded from
-``(seed, parameter name)``. Each parameter's *full* tensor is drawn and the rank keeps its
-own piece, so a probe is the same vector at every world size (temporary memory: the largest
-single parameter, not the model).
+Random probes: each parameter's flattened tensor is cut into fixed blocks of
+``_PROBE_BLOCK`` (2^22) entries and block ``k`` is drawn from a ``torch.Generator`` seeded from
+``(seed, parameter name, k)``. A rank draws only the blocks that overlap its own shard (FSDP2's
+``Shard(0)`` rows are one contiguous span of the flattened tensor), so a probe is the same
+vector at every world size and costs at most one block (16 MiB in float32) of temporary
+memory beyond the local shard, however large the parameter. (The CPU generator, Mersenne
+Twister, cannot skip ahead, hence blocks rather than an offset into one stream.) For any
+other sharding layout the whole parameter is drawn and the local piece kept.
 """
 
 from __future__ import annotations
@@ -128,6 +132,35 @@ def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + h * 2_654_435_761) % (2**63 - 1)
 
 
+_PROBE_BLOCK = 1 << 22  # entries per independently seeded block of a probe (fixed: part of the definition)
+
+
+def _block_seed(seed: int, name: str, k: int) -> int:
+    return (_seed_for(seed, name) + k * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+def _draw_span(seed: int, name: str, numel: int, start: int, stop: int, kind: str, device, dtype) -> torch.Tensor:
+    """Entries ``[start, stop)`` of a parameter's flattened probe (``numel`` entries in all).
+
+    Block ``k`` (entries ``[kB, min((k+1)B, numel))``) is always drawn whole, at its fixed size,
+    so its values do not depend on which part of it a rank keeps.
+    """
+    B = _PROBE_BLOCK
+    out = torch.empty(stop - start, dtype=dtype, device=device)
+    for k in range(start // B, -(-stop // B)):
+        b0, b1 = k * B, min((k + 1) * B, numel)
+        g = torch.Generator(device=device)
+        g.manual_seed(_block_seed(seed, name, k))
+        if kind == "gaussian":
+            blk = torch.randn(b1 - b0, generator=g, device=device, dtype=dtype)
+        else:
+            blk = torch.randint(0, 2, (b1 - b0,), generator=g, device=device, dtype=torch.int8)
+        lo, hi = max(start, b0), min(stop, b1)
+        piece = blk[lo - b0 : hi - b0]
+        out[lo - start : hi - start] = piece if kind == "gaussian" else piece.to(dtype) * 2 - 1
+    return out
+
+
 def random_probe(
     op_or_params,
     seed: int = 0,
@@ -155,15 +188,15 @@ def random_probe(
         dt = dtype or (torch.float64 if p.dtype == torch.float64 else torch.float32)
         dev = _dist.local(p).device
         gen_dev = dev if dev.type == "cuda" else torch.device("cpu")
-        g = torch.Generator(device=gen_dev)
-        g.manual_seed(_seed_for(seed, name))
-        shape = tuple(p.shape)  # global shape (DTensor.shape is global)
-        if kind == "gaussian":
-            full = torch.randn(shape, generator=g, device=gen_dev, dtype=torch.float64 if dt == torch.float64 else torch.float32)
-        else:
-            full = torch.randint(0, 2, shape, generator=g, device=gen_dev, dtype=torch.int8)
-            full = full.to(torch.float32) * 2 - 1
-        out.append(_dist.local_piece(full, p).to(device=dev, dtype=dt))
+        draw_dt = torch.float64 if dt == torch.float64 else torch.float32
+        numel = p.numel()  # global (DTensor.numel() is global)
+        span = _dist.local_flat_range(p)
+        if span is not None:  # draw only the blocks overlapping this rank's rows
+            flat = _draw_span(seed, name, numel, span[0], span[1], kind, gen_dev, draw_dt)
+            out.append(flat.reshape(_dist.local(p).shape).to(device=dev, dtype=dt))
+        else:  # another layout: the whole parameter, then this rank's piece
+            full = _draw_span(seed, name, numel, 0, numel, kind, gen_dev, draw_dt).reshape(p.shape)
+            out.append(_dist.local_piece(full, p).to(device=dev, dtype=dt))
     return out
 
 
@@ -176,7 +209,10 @@ def check_vector(v, params: Sequence[torch.Tensor], what: str = "vector") -> Vec
             "Build one with hessian_spectra.random_probe(op) or [torch.zeros_like(p) for p in op.params]."
         )
     if len(v) != len(params):
-        raise ValueError(f"{what} has {len(v)} tensors but the operator has {len(params)} parameters")
+        raise ValueError(
+            f"{what} has {len(v)} tensors but the operator has {len(params)} parameters: "
+            "a vector holds one tensor per entry of op.params, in that order"
+        )
     for i, (t, p) in enumerate(zip(v, params)):
         loc = _dist.local(p)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(loc.shape):

@@ -1,0 +1,298 @@
+"""One gradient and one FD HVP under FSDP2 at several world sizes: time, memory, bytes moved.
+
+    python benchmarks/scaling.py                       # world sizes 1 and 2, prints a table
+    python benchmarks/scaling.py --world-sizes 1 2 4 --hidden 512 --layers 8 --out scaling.json
+
+Every world size is a ``torchrun --standalone`` launch of this file (``--worker``) on the same
+GLOBAL data (``--rows`` sequences per batch, split by rows over the ranks), with
+OMP_NUM_THREADS=1 per rank. The model is a Llama built from a config (float32, random
+weights, seed 0) and sharded with ``hessian_spectra.distributed.shard_model`` (FSDP2 per
+decoder layer, then the root). Measured per rank, after one warm-up call of each:
+
+- seconds of ``op.gradient()`` and of ``op.matvec(v)`` (median of ``--repeats``);
+- bytes handed to ``torch.distributed`` collectives during one call, by kind: every
+  collective function is wrapped (outermost call counted once); an all-gather counts its
+  gathered output, a reduce-scatter its full input, an all-reduce its tensor. A ring moves
+  about (N-1)/N of that per rank. The claim checked: an FD HVP moves exactly what two
+  gradient passes move, plus a few float64 scalars (global dot products / weights);
+- peak resident memory of the rank (``ru_maxrss``) above what it used before building the
+  model, and the bytes of its local parameter shards.
+
+On CPU ranks share the machine's cores: timings say what the cores allow, not what GPUs
+would; the bytes and their ratios do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+_COLLECTIVES = (
+    "all_gather_single", "all_gather_into_tensor", "all_gather", "_all_gather_base",
+    "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base",
+    "all_reduce", "broadcast", "all_to_all_single", "all_gather_object", "broadcast_object_list",
+)
+
+
+class CollectiveCounter:
+    """Wraps ``torch.distributed`` collectives and adds up the bytes each call hands over."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.local = threading.local()
+        self.reset()
+        self._orig = {}
+        for name in _COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._orig[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+
+    def reset(self):
+        self.bytes, self.calls = {}, {}
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            depth = getattr(self.local, "depth", 0)
+            if depth == 0:
+                n = self._payload(name, args, kwargs)
+                kind = self._kind(name)
+                self.bytes[kind] = self.bytes.get(kind, 0) + n
+                self.calls[kind] = self.calls.get(kind, 0) + 1
+            self.local.depth = depth + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.local.depth = depth
+
+        return wrapper
+
+    @staticmethod
+    def _kind(name):
+        for k in ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "all_to_all"):
+            if k in name:
+                return k
+        return name
+
+    @staticmethod
+    def _nbytes(t):
+        import torch
+
+        if isinstance(t, torch.Tensor):
+            return t.numel() * t.element_size()
+        if isinstance(t, (list, tuple)):
+            return sum(CollectiveCounter._nbytes(x) for x in t)
+        return 0
+
+    def _payload(self, name, args, kwargs):
+        if name.startswith("all_gather") or name == "_all_gather_base":
+            return self._nbytes(args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list")))
+        if name.startswith("reduce_scatter") or name == "_reduce_scatter_base":
+            return self._nbytes(args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_list")))
+        return self._nbytes(args[0] if args else next(iter(kwargs.values()), None))
+
+    def snapshot(self):
+        return {"bytes": dict(self.bytes), "calls": dict(self.calls)}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    from hessian_spectra import HessianOperator, random_probe
+    from hessian_spectra import distributed as D
+
+    def main():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        counter = CollectiveCounter()
+        rss0 = _rss_bytes()  # after the imports: what the model, data and calls add
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+            num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
+            num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=args.seq,
+            tie_word_embeddings=False, attn_implementation="sdpa",
+        )
+        model = D.shard_model(LlamaForCausalLM(cfg).float().eval())
+        g = torch.Generator().manual_seed(1)
+        ws, r = D.world_size(), D.rank()
+        if args.rows % ws:
+            raise ValueError(f"--rows {args.rows} must be divisible by the world size {ws}")
+        lo, hi = args.rows * r // ws, args.rows * (r + 1) // ws
+        batches = []
+        for _ in range(args.batches):
+            ids = torch.randint(0, args.vocab, (args.rows, args.seq), generator=g)
+            batches.append(ids[lo:hi])  # (rows / ws, seq): this rank's rows of the global batch
+
+        def loss_fn(model, ids):
+            logits = model(input_ids=ids).logits  # (B, T, V)
+            tgt = ids[:, 1:].reshape(-1)
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt), tgt.numel()
+
+        op = HessianOperator(model, loss_fn, batches)
+        v = random_probe(op, 0)
+        rss_built = _rss_bytes() - rss0  # model shards, data, one probe
+        op.gradient()  # warm-up (and the operator's one-time checks)
+        op.matvec(v)
+        out = {"rank": r, "world_size": ws}
+        for what, call in (("gradient", op.gradient), ("hvp", lambda: op.matvec(v))):
+            times = []
+            for i in range(args.repeats):
+                counter.reset()
+                D.barrier()
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+                if i == 0:
+                    out[f"{what}_comm"] = counter.snapshot()
+            out[f"{what}_seconds"] = statistics.median(times)
+        out["local_param_bytes"] = sum(D.local(p).numel() * D.local(p).element_size() for p in op.params)
+        out["num_params"] = op.num_params
+        out["rss_after_build_bytes"] = rss_built
+        if torch.cuda.is_available():  # the allocator's own peak, where there is one
+            out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_rss_above_start_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        per_rank = D.all_gather_object(out)
+        D.write_json0(args.worker_out, per_rank)
+        return 0
+
+    return D.launch(main)
+
+
+def _fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def launcher(args) -> int:
+    results = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    passthrough = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
+                   "--seq", str(args.seq), "--rows", str(args.rows), "--batches", str(args.batches),
+                   "--repeats", str(args.repeats)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for ws in args.world_sizes:
+            out = Path(tmp) / f"ws{ws}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ws}",
+                   "--max-restarts=0", __file__, "--worker", "--worker-out", str(out), *passthrough]
+            print(f"world size {ws}: {' '.join(cmd[1:4])} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+                return proc.returncode
+            results[ws] = json.loads(out.read_text())
+
+    import torch
+
+    rows, base = [], None
+    for ws, ranks in results.items():
+        gb = [sum(rk["gradient_comm"]["bytes"].values()) for rk in ranks]
+        hb = [sum(rk["hvp_comm"]["bytes"].values()) for rk in ranks]
+        g_big = [sum(b for k, b in rk["gradient_comm"]["bytes"].items() if k != "all_reduce") for rk in ranks]
+        h_big = [sum(b for k, b in rk["hvp_comm"]["bytes"].items() if k != "all_reduce") for rk in ranks]
+        h_small = [rk["hvp_comm"]["bytes"].get("all_reduce", 0) for rk in ranks]
+        g_small = [rk["gradient_comm"]["bytes"].get("all_reduce", 0) for rk in ranks]
+        h_ar_calls = [rk["hvp_comm"]["calls"].get("all_reduce", 0) for rk in ranks]
+        row = {
+            "world_size": ws,
+            "gradient_s": max(rk["gradient_seconds"] for rk in ranks),
+            "hvp_s": max(rk["hvp_seconds"] for rk in ranks),
+            "gradient_comm_bytes_per_rank": max(gb),
+            "hvp_comm_bytes_per_rank": max(hb),
+            "fsdp_bytes_gradient": max(g_big),
+            "fsdp_bytes_hvp": max(h_big),
+            "scalar_allreduce_bytes_gradient": max(g_small),
+            "scalar_allreduce_bytes_hvp": max(h_small),
+            "scalar_allreduce_calls_hvp": max(h_ar_calls),
+            "scalar_allreduce_calls_gradient": max(rk["gradient_comm"]["calls"].get("all_reduce", 0) for rk in ranks),
+            "peak_rss_above_start_bytes": max(rk["peak_rss_above_start_bytes"] for rk in ranks),
+            "rss_after_build_bytes": max(rk["rss_after_build_bytes"] for rk in ranks),
+            "local_param_bytes": max(rk["local_param_bytes"] for rk in ranks),
+            "per_rank": ranks,
+        }
+        row["hvp_over_gradient_time"] = row["hvp_s"] / row["gradient_s"]
+        row["hvp_over_gradient_fsdp_bytes"] = (row["fsdp_bytes_hvp"] / row["fsdp_bytes_gradient"]) if row["fsdp_bytes_gradient"] else None
+        if base is None:
+            base = row
+        row["hvp_speedup_vs_first"] = base["hvp_s"] / row["hvp_s"]
+        rows.append(row)
+
+    num_params = results[args.world_sizes[0]][0]["num_params"]
+    print(f"\nLlama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {num_params / 1e6:.2f} M params (fp32); "
+          f"{args.batches} batches x {args.rows} rows x {args.seq} tokens, global; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS=1 per rank\n")
+    hdr = ("ws", "grad s", "HVP s", "HVP/grad", "speedup", "FSDP bytes grad", "FSDP bytes HVP", "HVP/grad bytes",
+           "scalar all-reduce grad", "scalar all-reduce HVP", "local params", "RSS+ built", "peak RSS+")
+    lines = [hdr]
+    for r in rows:
+        lines.append((
+            str(r["world_size"]), f"{r['gradient_s']:.3f}", f"{r['hvp_s']:.3f}", f"{r['hvp_over_gradient_time']:.2f}",
+            f"{r['hvp_speedup_vs_first']:.2f}", _fmt_bytes(r["fsdp_bytes_gradient"]), _fmt_bytes(r["fsdp_bytes_hvp"]),
+            "-" if r["hvp_over_gradient_fsdp_bytes"] is None else f"{r['hvp_over_gradient_fsdp_bytes']:.4f}",
+            f"{r['scalar_allreduce_bytes_gradient']} B / {r['scalar_allreduce_calls_gradient']} calls",
+            f"{r['scalar_allreduce_bytes_hvp']} B / {r['scalar_allreduce_calls_hvp']} calls",
+            _fmt_bytes(r["local_param_bytes"]), _fmt_bytes(r["rss_after_build_bytes"]),
+            _fmt_bytes(r["peak_rss_above_start_bytes"]),
+        ))
+    widths = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
+    for i, l in enumerate(lines):
+        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("\nbytes: per rank, per call, handed to collectives (all-gather: gathered output; reduce-scatter: input);\n"
+          f"time: slowest rank, median of {args.repeats}; speedup: HVP time of the first world size / this one;\n"
+          "RSS+: resident memory of the busiest rank above its size after imports (built: model, data, probe;"
+          " peak: during the calls)")
+    record = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")},
+              "num_params": num_params, "torch": torch.__version__, "cpu_count": os.cpu_count(), "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rows", type=int, default=4, help="sequences per global batch (split over ranks)")
+    ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--out", default="benchmarks/results/scaling.json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    return worker(args) if args.worker else launcher(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Text data: from a source to a list of token batches and a causal-LM ``loss_fn``.
+
+Sources (``DataConfig.path``):
+
+- ``None``: the embedded default, English prose from Python's own documentation
+  (``pydoc_data.topics``, the help texts of the language reference: 79 topics, ≈ 465k
+  characters, ≈ 110k SmolLM2 tokens), in sorted topic order;
+- a ``.txt``/``.md`` file, or a folder of them (read in sorted path order);
+- a ``.jsonl`` file: one JSON object per line with a text field (``text_field``), or with
+  prompt/completion fields for ``loss_on="completion"``;
+- otherwise a Hugging Face ``datasets`` name or path (needs the ``datasets`` package).
+
+Documents are tokenised, joined with the EOS token and packed into blocks of ``seq_len``
+tokens (the last partial block is padded: ``attention_mask`` 0 and ``labels`` −100). With
+``loss_on="completion"`` each prompt/completion pair is one row, the prompt's labels −100
+(loss on the completion only, as in FSHP's code fine-tuning experiment). Blocks are grouped
+into batches of ``batch_size`` rows; ``num_batches`` keeps the first ones, ``subsample`` a
+fraction of them, evenly spaced over the data.
+
+A batch is a dict of (batch_size, seq_len) tensors ``input_ids``, ``attention_mask``,
+``labels``; ``causal_lm_loss(model, batch)`` returns ``(mean loss over target tokens, number
+of target tokens)`` so the operator weights batches by their token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DataConfig", "DataError", "default_texts", "load_documents", "make_batches", "causal_lm_loss"]
+
+TEXT_SUFFIXES = (".txt", ".md")
+IGNORE = -100
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message says what to do (one line)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How to turn a text source into batches.
+
+    Fields:
+        path: a text file, folder of .txt/.md, .jsonl file or HF dataset; None: embedded prose.
+        text_field: the JSONL / dataset field holding the text.
+        seq_len: tokens per row (block).
+        batch_size: rows per batch.
+        num_batches: keep the first this many batches (None: all, or see subsample).
+        subsample: keep this fraction (0, 1] of the batches, evenly spaced (None: all).
+        loss_on: ``"all"`` tokens, or ``"completion"`` tokens only (JSONL prompt/completion).
+        prompt_field / completion_field: the JSONL fields for ``loss_on="completion"``.
+        split: the split of a Hugging Face dataset.
+    """
+
+    path: str | None = None
+    text_field: str = "text"
+    seq_len: int = 128
+    batch_size: int = 1
+    num_batches: int | None = None
+    subsample: float | None = None
+    loss_on: str = "all"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    split: str = "train"
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DataError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.seq_len < 2:
+            raise DataError(f"seq-len must be at least 2 (a next-token loss needs two tokens), got {self.seq_len}")
+        if self.num_batches is not None and (isinstance(self.num_batches, bool) or self.num_batches < 1):
+            raise DataError(f"num-batches must be a positive integer, got {self.num_batches!r}")
+        if self.subsample is not None and not (0 < self.subsample <= 1):
+            raise DataError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
+        if self.num_batches is not None and self.subsample is not None:
+            raise DataError("give either num-batches or subsample, not both")
+        if self.loss_on not in ("all", "completion"):
+            raise DataError(f"loss-on must be 'all' or 'completion', got {self.loss_on!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_texts() -> list[str]:
+    """The embedded English prose: the values of ``pydoc_data.topics.topics`` in key order."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{i} is a JSON {type(obj).__name__}, expected an object")
+            rows.append(obj)
+    return rows
+
+
+def _field(rows, field: str, where: str, flag: str) -> list[str]:
+    out = []
+    for i, r in enumerate(rows):
+        if field not in r:
+            keys = sorted(r)[:8]
+            raise DataError(f"{where}: record {i} has no field {field!r} (fields: {keys}); choose one with {flag}")
+        out.append(str(r[field]))
+    return out
+
+
+def load_documents(cfg: DataConfig):
+    """The documents of ``cfg.path``: a list of strings, or of (prompt, completion) pairs when
+    ``cfg.loss_on == "completion"``."""
+    if cfg.path is None:
+        if cfg.loss_on == "completion":
+            raise DataError("loss-on completion needs --data with a JSONL file of prompt/completion records")
+        return default_texts()
+    p = Path(cfg.path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
+        if not files:
+            raise DataError(f"folder {str(p)!r} has no .txt, .md or .jsonl files")
+        docs = []
+        for f in files:
+            docs.extend(load_documents(DataConfig(**{**cfg.to_dict(), "path": str(f)})))
+        return docs
+    if p.is_file():
+        if p.suffix.lower() in (".jsonl", ".ndjson"):
+            rows = _read_jsonl(p)
+            if cfg.loss_on == "completion":
+                return list(zip(_field(rows, cfg.prompt_field, str(p), "--prompt-field"),
+                                _field(rows, cfg.completion_field, str(p), "--completion-field")))
+            return _field(rows, cfg.text_field, str(p), "--text-field")
+        if cfg.loss_on == "completion":
+            raise DataError(f"loss-on completion needs a JSONL file of prompt/completion records, got {str(p)!r}")
+        try:
+            return [p.read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise DataError(f"{str(p)!r} is not UTF-8 text") from None
+    # not a local path: a Hugging Face dataset
+    if cfg.path.startswith(("/", ".", "~")) or cfg.path.endswith(TEXT_SUFFIXES + (".jsonl", ".json")):
+        raise DataError(f"data file {cfg.path!r} does not exist: check the path")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"--data {cfg.path!r} is not a local file or folder; to read a Hugging Face dataset by name "
+            "install the datasets package (pip install datasets)"
+        ) from None
+    try:
+        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; report one line
+        raise DataError(f"cannot load dataset {cfg.path!r} (split {cfg.split!r}): {str(e).splitlines()[0]}") from e
+    if cfg.loss_on == "completion":
+        return list(zip(_field(ds, cfg.prompt_field, cfg.path, "--prompt-field"),
+                        _field(ds, cfg.completion_field, cfg.path, "--completion-field")))
+    if cfg.text_field not in ds.column_names:
+        raise DataError(f"dataset {cfg.path!r} has no column {cfg.text_field!r} (columns: {ds.column_names}); use --text-field")
+    return [str(t) for t in ds[cfg.text_field]]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _pad_id(tokenizer) -> int:
+    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _pack(tokenizer, docs: list[str], seq_len: int):
+    """Rows of exactly ``seq_len`` token ids (the last padded) and their target masks."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for d in docs:
+        stream.extend(_encode(tokenizer, d))
+        if eos is not None:
+            stream.append(int(eos))
+    if len(stream) < seq_len:
+        raise DataError(
+            f"the data has {len(stream)} tokens, fewer than one block of --seq-len {seq_len}: "
+            "use a smaller --seq-len or more text"
+        )
+    rows = []
+    for i in range(0, len(stream), seq_len):
+        chunk = stream[i : i + seq_len]
+        if len(chunk) < 2:
+            break
+        rows.append((chunk, [True] * len(chunk)))
+    return rows
+
+
+def _completion_rows(tokenizer, pairs, seq_len: int):
+    rows = []
+    eos = tokenizer.eos_token_id
+    for prompt, completion in pairs:
+        p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion)
+        if eos is not None:
+            c = c + [int(eos)]
+        ids = (p + c)[:seq_len]
+        mask = ([False] * len(p) + [True] * len(c))[:seq_len]
+        if sum(mask[1:]) > 0:  # at least one completion token is a next-token target
+            rows.append((ids, mask))
+    if not rows:
+        raise DataError(
+            f"no prompt/completion record has a completion token within --seq-len {seq_len}: "
+            "use a larger --seq-len or check the completion field"
+        )
+    return rows
+
+
+def _to_batch(rows, seq_len: int, pad_id: int) -> dict:
+    B = len(rows)
+    input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, seq_len), dtype=torch.long)
+    labels = torch.full((B, seq_len), IGNORE, dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
+        n = len(ids)
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[r, :n] = t
+        attention[r, :n] = 1
+        labels[r, :n] = torch.where(torch.tensor(mask), t, torch.full_like(t, IGNORE))
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def make_batches(tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Tokenise, pack and batch ``cfg``'s data; return this rank's batches.
+
+    Batch ``i`` of the selected ones goes to rank ``i % world_size``; the number of batches is
+    cut to a multiple of ``world_size`` so every rank runs the same number of passes (FSDP2
+    collectives must line up). ``docs`` overrides ``load_documents(cfg)``.
+    """
+    if tokenizer is None:
+        raise DataError("this model has no tokenizer: a factory spec must return its own batches")
+    if not (0 <= rank < world_size):
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+    docs = load_documents(cfg) if docs is None else docs
+    if not docs or all(not (d if isinstance(d, str) else "".join(d)).strip() for d in docs):
+        raise DataError(f"the data {cfg.path or '(embedded)'!r} is empty: no text to compute a loss on")
+    rows = _completion_rows(tokenizer, docs, cfg.seq_len) if cfg.loss_on == "completion" else _pack(tokenizer, docs, cfg.seq_len)
+    groups = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    if cfg.num_batches is not None:
+        if cfg.num_batches > len(groups):
+            raise DataError(
+                f"--num-batches {cfg.num_batches} asks for more than the {len(groups)} batches of "
+                f"{cfg.batch_size} x {cfg.seq_len} tokens the data holds"
+            )
+        groups = groups[: cfg.num_batches]
+    elif cfg.subsample is not None:
+        k = max(1, math.ceil(cfg.subsample * len(groups)))
+        idx = sorted({int(round(i * (len(groups) - 1) / max(k - 1, 1))) for i in range(k)}) if k > 1 else [0]
+        groups = [groups[i] for i in idx]
+    n = (len(groups) // world_size) * world_size
+    if n == 0:
+        raise DataError(f"{len(groups)} batch(es) cannot be split over {world_size} ranks: use more data or more batches")
+    pad = _pad_id(tokenizer)
+    return [_to_batch(g, cfg.seq_len, pad) for g in groups[:n][rank::world_size]]
+
+
+def causal_lm_loss(model, batch):
+    """``(mean next-token cross-entropy over target tokens, number of target tokens)``.
+
+    Targets are ``labels[:, 1:]`` (positions with −100 are ignored); the loss is computed in
+    float32 whatever the model's dtype. Shapes: logits (B, T, V), targets (B, T−1).
+    """
+    dev = next(model.parameters()).device
+    ids = batch["input_ids"].to(dev)
+    mask = batch["attention_mask"].to(dev)
+    labels = batch["labels"].to(dev)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    count = (targets != IGNORE).sum()
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss / count.clamp(min=1), count

@@ -1,0 +1,171 @@
+"""Figures drawn from saved results only (``result.json`` dicts), with matplotlib's Agg backend.
+
+- ``plot_density``: the SLQ spectral density in two panels, linear and logarithmic density
+  against λ (as in the FSHP / HessFormer figures), one curve per run when overlaying.
+- ``plot_ritz``: quadrature weights against Ritz values (nodes), a stem plot per probe on a
+  log weight axis (as FSHP Fig. 8).
+- ``plot_eigs``: the extreme Ritz values of an ``eigs`` run with their residual bounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plot_density", "plot_ritz", "plot_eigs", "plot_result", "label_for"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _density(result: dict):
+    from .density import SpectralDensity
+
+    if not result.get("density"):
+        raise ValueError("this result has no spectral density (only `density` runs do)")
+    return SpectralDensity.from_dict(result["density"])
+
+
+def label_for(result: dict) -> str:
+    """A short legend label: model, method, eps, basis dtype, probes x steps."""
+    c = result.get("config", {})
+    model = str(result.get("model", {}).get("spec", "?"))
+    model = model.rsplit("/", 1)[-1] or model
+    parts = [model, c.get("method", "?")]
+    if c.get("eps") is not None:
+        parts.append(f"eps={c['eps']:g}")
+    if c.get("basis_dtype"):
+        parts.append(f"basis {c['basis_dtype']}")
+    d = result.get("density") or {}
+    runs = d.get("runs") or []
+    if runs:
+        parts.append(f"{len(runs)}x{len(runs[0]['alpha'])}")
+    return ", ".join(parts)
+
+
+def plot_density(results, path, *, labels=None, sigma=None, num: int = 2001, title=None):
+    """Two-panel density figure (linear, log) for one result or an overlay of several.
+
+    All curves share one grid covering every run's nodes; ``sigma`` (the Gaussian width) is
+    each run's default (1% of its spectral range) unless given.
+    """
+    plt = _plt()
+    results = [results] if isinstance(results, dict) else list(results)
+    dens = [_density(r) for r in results]
+    labels = labels or [label_for(r) for r in results]
+    sig = [d.default_sigma() if sigma is None else sigma for d in dens]
+    lo = min(d.lambda_min - 5 * s for d, s in zip(dens, sig))
+    hi = max(d.lambda_max + 5 * s for d, s in zip(dens, sig))
+    grid = np.linspace(lo, hi, num)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for d, s, lab in zip(dens, sig, labels):
+        y = d.density(grid, sigma=s)
+        a1.plot(grid, y, lw=1.4, label=lab)
+        a2.semilogy(grid, np.maximum(y, 1e-300), lw=1.4, label=lab)
+    peaks = [float(d.density(grid, sigma=s).max()) for d, s in zip(dens, sig)]
+    a2.set_ylim(max(min(peaks) * 1e-10, 1e-300), max(peaks) * 3)
+    for a, name in ((a1, "density"), (a2, "density (log scale)")):
+        a.set_xlabel("eigenvalue λ")
+        a.set_ylabel(name)
+        a.axvline(0.0, color="0.6", lw=0.8, ls=":")
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=8, loc="upper right")
+    s0 = results[0].get("summary", {})
+    ttl = title or (
+        f"Hessian spectral density (SLQ): λ_max={s0.get('lambda_max', float('nan')):.4g}, "
+        f"λ_min={s0.get('lambda_min', float('nan')):.4g}, negative mass={s0.get('negative_mass', float('nan')):.3f}"
+        if len(results) == 1 else "Hessian spectral densities (SLQ)"
+    )
+    fig.suptitle(ttl, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ritz(results, path, *, labels=None, title=None):
+    """Stem plot of quadrature weights against Ritz values, every probe of every run."""
+    plt = _plt()
+    results = [results] if isinstance(results, dict) else list(results)
+    labels = labels or [label_for(r) for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    allw = np.concatenate([_density(r).weights.reshape(-1) for r in results])
+    pos = allw[allw > 0]
+    bottom = max(float(pos.min()) / 3 if pos.size else 1e-12, 1e-16)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (r, lab) in enumerate(zip(results, labels)):
+        d = _density(r)
+        c = colors[i % len(colors)]
+        for s in range(d.num_probes):
+            x, w = d.nodes[s], np.maximum(d.weights[s], bottom)
+            ml, sl, _ = ax.stem(x, w, bottom=bottom, basefmt=" ")
+            plt.setp(sl, color=c, alpha=0.5, lw=0.8)
+            plt.setp(ml, color=c, markersize=3.5, label=lab if s == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("Ritz value θ (node)")
+    ax.set_ylabel("quadrature weight w")
+    ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    n = sum(_density(r).num_probes for r in results)
+    ax.set_title(title or f"SLQ nodes and weights ({n} probe(s))", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_eigs(result: dict, path, *, title=None):
+    """Extreme Ritz values of an ``eigs`` run with their residual bounds as error bars."""
+    plt = _plt()
+    e = result.get("eigs")
+    if not e:
+        raise ValueError("this result has no eigenvalues (only `eigs` runs do)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, res, lab, c in (("largest", "residuals", "largest", "C0"), ("smallest", "residuals_smallest", "smallest", "C3")):
+        v = np.asarray(e[key], dtype=float)
+        r = np.asarray(e[res], dtype=float)
+        ax.errorbar(np.arange(1, v.size + 1), v, yerr=r, fmt="o", color=c, capsize=3, label=f"{lab} (± residual bound)")
+    ax.axhline(0.0, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("index k")
+    ax.set_ylabel("eigenvalue estimate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"Extreme Hessian eigenvalues ({label_for(result)})", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_result(result: dict, out_dir) -> list[Path]:
+    """The standard figures of one run, written into ``out_dir``."""
+    out = Path(out_dir)
+    if result.get("density"):
+        return [plot_density(result, out / "density.png"), plot_ritz(result, out / "ritz.png")]
+    if result.get("eigs"):
+        return [plot_eigs(result, out / "eigs.png")]
+    return []
+
+
+def _save(fig, path):
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

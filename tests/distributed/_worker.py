@@ -1,0 +1,227 @@
+"""One run of the distributed checks, launched by ``test_fsdp.py`` (not collected by pytest).
+
+    python _worker.py main OUT.json                         # plain single process, unsharded
+    torchrun --standalone --nproc-per-node N _worker.py main OUT.json   # FSDP2, N ranks
+    torchrun ... _worker.py fail OUT.json                    # rank 1 raises inside an HVP
+    torchrun ... _worker.py hang OUT.json                    # rank 1 never joins (timeout)
+
+The model is a tiny float64 Llama (2 decoder layers, vocab 61 so that rows shard unevenly)
+built from a config with a fixed seed, so every run holds the same parameters. The GLOBAL data
+is 3 batches of 2 sequences; with N ranks, rank r reads rows [2r/N, 2(r+1)/N) of each batch,
+and the labels (-100 = no target) give the ranks unequal numbers of target tokens. The loss of
+a batch is its mean token cross-entropy with weight = its number of target tokens, so the
+operator's objective is the mean over all target tokens of the global data at every N.
+
+Rank 0 writes everything as full (gathered) flat vectors to OUT.json; the test compares runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+from hessian_spectra import HessianOperator, lanczos, random_probe, slq, top_eigenvalues, trace  # noqa: E402
+from hessian_spectra import distributed as D  # noqa: E402
+from hessian_spectra import vectors as V  # noqa: E402
+
+VOCAB, SEQ, ROWS, NUM_BATCHES = 61, 10, 2, 3
+
+
+def build_model(dtype=torch.float64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
+        tie_word_embeddings=False, attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def global_data():
+    """3 batches of (input_ids (2, SEQ), labels (2, SEQ)); row 1 has few targets."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (NUM_BATCHES, ROWS, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, 1, : SEQ - 3] = -100  # row 1: 2 targets per batch (after the shift) vs row 0: 9
+    labels[1, 0, :4] = -100  # and batch 1's row 0 only 5
+    return [(ids[b], labels[b]) for b in range(NUM_BATCHES)]
+
+
+def local_data(batches):
+    n, r = D.world_size(), D.rank()
+    lo, hi = ROWS * r // n, ROWS * (r + 1) // n
+    return [(ids[lo:hi], lab[lo:hi]) for ids, lab in batches]
+
+
+def loss_fn(model, batch):
+    ids, labels = batch  # (B, T)
+    logits = model(input_ids=ids).logits  # (B, T, V)
+    tgt = labels[:, 1:].reshape(-1)
+    n = (tgt != -100).sum()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt, ignore_index=-100, reduction="sum")
+    return loss / n.clamp_min(1), n
+
+
+def full(op, vec):
+    """The whole vector (concatenated, flattened, float64) from its local shards."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for p, t in zip(op.params, vec):
+        if D.is_sharded(p):
+            t = DTensor.from_local(t.to(p.dtype), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        out.append(t.detach().double().reshape(-1).cpu())
+    return torch.cat(out).tolist()
+
+
+def run_main(out_path):
+    res = {"world_size": D.world_size(), "initialized": D.is_initialized()}
+    t0 = time.perf_counter()
+    model = D.shard_model(build_model())
+    batches = local_data(global_data())
+    op = HessianOperator(model, loss_fn, batches)
+    res["sharded"] = op.sharded
+    res["param_names"] = op.param_names
+    res["num_params"] = op.num_params
+    res["grad_scale"] = op._grad_scale
+    res["local_numel"] = D.all_gather_object(sum(D.local(p).numel() for p in op.params))
+
+    # -- probes: the same global vector at every world size (also with tiny blocks that
+    #    straddle shard boundaries)
+    res["probe_rademacher"] = full(op, random_probe(op, 5))
+    res["probe_gaussian"] = full(op, random_probe(op, 6, kind="gaussian", dtype=torch.float64))
+    saved_block = V._PROBE_BLOCK
+    V._PROBE_BLOCK = 7
+    res["probe_block7"] = full(op, random_probe(op, 5))
+    V._PROBE_BLOCK = saved_block
+
+    # -- HVPs and gradient; parameters bit-identical afterwards (local shards on every rank,
+    #    and the loss of a forward pass, which all-gathers them again)
+    before = [D.local(p).detach().clone() for p in op.params]
+    with torch.no_grad():
+        loss_before = float(loss_fn(model, batches[0])[0])
+    v = random_probe(op, 11, dtype=torch.float64)
+    res["hvp_eps1e-4"] = full(op, op.matvec(v, eps=1e-4))
+    res["hvp_default"] = full(op, op.matvec(v))
+    res["eps_default"] = op.eps_for(v)
+    loss, g = op.gradient()
+    res["loss"], res["grad"] = loss, full(op, g)
+    same = all(torch.equal(a, D.local(p)) for a, p in zip(before, op.params))
+    with torch.no_grad():
+        loss_after = float(loss_fn(model, batches[0])[0])
+    res["params_identical"] = D.all_gather_object(bool(same and loss_after == loss_before))
+    if not op.sharded:
+        res["hvp_exact"] = full(op, op.matvec(v, method="exact"))
+
+    # -- blocks kept gathered after forward: the FD step must still reach them
+    model2 = D.shard_model(build_model(), reshard_after_forward=False)
+    op2 = HessianOperator(model2, loss_fn, batches)
+    res["hvp_no_reshard"] = full(op2, op2.matvec(v, eps=1e-4))
+    del model2, op2
+
+    # -- Lanczos (full / window 2 + bf16 basis), checkpoint resume, SLQ, trace, eigs
+    r = lanczos(op, 6, seed=3)
+    res["lanczos_full"] = [r.alpha.tolist(), r.beta.tolist()]
+    r = lanczos(op, 6, seed=3, reorth=2, basis_dtype=torch.bfloat16)
+    res["lanczos_window_bf16"] = [r.alpha.tolist(), r.beta.tolist()]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = D.broadcast_object(tmp)  # the same path on every rank (rank 0's directory)
+        ck = os.path.join(tmp, "lz.pt")
+
+        class Stop(Exception):
+            pass
+
+        def stop_at_3(j, a, b):
+            if j == 3:
+                raise Stop
+
+        try:
+            lanczos(op, 6, seed=3, checkpoint=ck, callback=stop_at_3)
+        except Stop:
+            pass
+        res["checkpoint_files"] = D.all_gather_object(sorted(os.listdir(tmp)) if os.path.isdir(tmp) else [])
+        r = lanczos(op, 6, seed=3, checkpoint=ck)
+        res["lanczos_resumed"] = [r.alpha.tolist(), r.beta.tolist()]
+        D.barrier()  # every rank is done with rank 0's directory before it goes
+    dens = slq(op, 5, 2, seed=7)
+    res["slq_nodes"], res["slq_weights"] = dens.nodes.tolist(), dens.weights.tolist()
+    res["trace"] = float(trace(op, 2, seed=9)[0])
+    res["eigs"] = top_eigenvalues(op, 2, num_steps=8, seed=1).largest.tolist()
+
+    # -- what must fail, and fail clearly on every rank
+    if op.sharded:
+        try:
+            HessianOperator(model, loss_fn, batches, method="exact")
+            res["exact_error"] = None
+        except NotImplementedError as e:
+            res["exact_error"] = str(e)
+        try:
+            op.matvec(v, method="jvp")
+            res["jvp_error"] = None
+        except NotImplementedError as e:
+            res["jvp_error"] = str(e)
+        uneven = batches + batches[:1] if D.rank() == 1 else batches
+        try:
+            HessianOperator(model, loss_fn, uneven).matvec(v)
+            res["uneven_error"] = None
+        except ValueError as e:
+            res["uneven_error"] = str(e)
+        res["uneven_errors_all_ranks"] = D.all_gather_object(res["uneven_error"] is not None)
+        # a user-chosen FSDP2 gradient divide factor (here: plain sums) is accounted for
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+        op3 = HessianOperator(model, loss_fn, batches)
+        res["grad_scale_factor1"] = op3._grad_scale
+        res["hvp_factor1"] = full(op3, op3.matvec(v, eps=1e-4))
+
+    res["seconds"] = time.perf_counter() - t0
+    D.write_json0(out_path, res)
+
+
+def run_fail(out_path):
+    """Rank 1 raises in the middle of the second HVP while rank 0 is inside a collective."""
+    model = D.shard_model(build_model())
+    batches = local_data(global_data())
+    calls = {"n": 0}
+
+    def bad_loss(model, batch):
+        calls["n"] += 1
+        if D.rank() == 1 and calls["n"] == 8:
+            raise RuntimeError("deliberate failure on rank 1")
+        return loss_fn(model, batch)
+
+    op = HessianOperator(model, bad_loss, batches)
+    v = random_probe(op, 1)
+    for _ in range(3):
+        op.matvec(v)
+    D.write_json0(out_path, {"finished": True})  # must not get here
+
+
+def run_hang(out_path):
+    """Rank 1 never reaches the first collective: rank 0 must time out, not wait forever."""
+    model = D.shard_model(build_model())
+    batches = local_data(global_data())
+    if D.rank() == 1:
+        time.sleep(300)
+    op = HessianOperator(model, loss_fn, batches)
+    op.matvec(random_probe(op, 1))
+    D.write_json0(out_path, {"finished": True})
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    fn = {"main": run_main, "fail": run_fail, "hang": run_hang}[mode]
+    sys.exit(D.launch(fn, out))

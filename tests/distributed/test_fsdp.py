@@ -1,0 +1,181 @@
+"""FSDP2 under torchrun (CPU, gloo) gives what one plain process gives on the same global data.
+
+Three runs of ``_worker.py main`` (each checks many things and writes one JSON):
+a plain single process (unsharded), ``torchrun --nproc-per-node 1`` (sharded by FSDP2 on one
+rank) and ``--nproc-per-node 2`` (every parameter split by rows, unevenly; the two ranks hold
+unequal numbers of target tokens). Two more runs check that a failing or missing rank ends
+the job with a clear error in bounded time instead of hanging.
+
+Every launch sets OMP_NUM_THREADS=1 (2 ranks x N threads on a small machine was 9x slower),
+uses ``--standalone`` (a free port) and a timeout; the file takes well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).with_name("_worker.py")
+LAUNCH_TIMEOUT_S = 240
+
+
+def _launch(mode: str, out: Path, nproc: int | None, extra_env: dict | None = None, timeout: float = LAUNCH_TIMEOUT_S):
+    """Run the worker (under torchrun when ``nproc``); return (returncode, seconds, output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60", **(extra_env or {})}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # a plain run must not think it is under torchrun
+    cmd = [sys.executable]
+    if nproc is not None:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0"]
+    cmd += [str(WORKER), mode, str(out)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (hang?). Output:\n{output[-4000:]}")
+    return proc.returncode, time.monotonic() - t0, output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{'plain': ..., 'ws1': ..., 'ws2': ...}: the JSON each main run wrote."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    out = {}
+    for key, nproc in (("plain", None), ("ws1", 1), ("ws2", 2)):
+        path = tmp / f"{key}.json"
+        rc, _, log = _launch("main", path, nproc)
+        assert rc == 0, f"{key} run failed (rc={rc}):\n{log[-6000:]}"
+        out[key] = json.loads(path.read_text())
+    return out
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+SHARDED = ("ws1", "ws2")
+
+
+def test_runs_are_what_they_claim(runs):
+    """The plain run is unsharded in one process; the torchrun runs are FSDP2-sharded with the
+    right world size, and at world size 2 each rank holds only part of the parameters."""
+    assert runs["plain"]["world_size"] == 1 and not runs["plain"]["sharded"]
+    assert runs["ws1"]["world_size"] == 1 and runs["ws1"]["sharded"]
+    assert runs["ws2"]["world_size"] == 2 and runs["ws2"]["sharded"]
+    total = runs["plain"]["num_params"]
+    assert runs["ws2"]["num_params"] == total == runs["ws1"]["num_params"]
+    local = runs["ws2"]["local_numel"]
+    assert sum(local) == total and all(n < total for n in local) and local[0] != local[1]  # uneven rows
+    assert runs["ws2"]["grad_scale"] == 2.0  # FSDP2 averages over 2 ranks; the operator undoes it
+
+
+@pytest.mark.parametrize("key", ["probe_rademacher", "probe_gaussian", "probe_block7"])
+def test_probes_identical_at_every_world_size(runs, key):
+    """random_probe gives bit-identical global vectors at world sizes 1 and 2 (each rank draws
+    only the blocks overlapping its rows; block7 makes blocks straddle shard boundaries)."""
+    for ws in SHARDED:
+        assert runs[ws][key] == runs["plain"][key], ws
+
+
+def test_hvp_and_gradient_match_single_process(runs):
+    """FD HVPs (fixed and default eps), the gradient and the loss agree with the plain run on
+    the same global data to float64 rounding, although the ranks hold unequal token counts."""
+    P = runs["plain"]
+    for ws in SHARDED:
+        R = runs[ws]
+        assert R["eps_default"] == pytest.approx(P["eps_default"], rel=1e-12)
+        assert _rel(R["hvp_eps1e-4"], P["hvp_eps1e-4"]) < 1e-10, ws
+        assert _rel(R["hvp_default"], P["hvp_default"]) < 1e-8, ws
+        assert _rel(R["grad"], P["grad"]) < 1e-12, ws
+        assert R["loss"] == pytest.approx(P["loss"], rel=1e-13)
+    # and the FD HVP is the Hessian's: against exact double backward in the plain run
+    assert _rel(P["hvp_eps1e-4"], P["hvp_exact"]) < 1e-3
+
+
+def test_user_gradient_divide_factor(runs):
+    """After model.set_gradient_divide_factor(1.0) (FSDP2 then sums instead of averaging) the
+    operator scales by 1 instead of the world size and the HVP is unchanged."""
+    for ws in SHARDED:
+        assert runs[ws]["grad_scale_factor1"] == 1.0
+        assert _rel(runs[ws]["hvp_factor1"], runs["plain"]["hvp_eps1e-4"]) < 1e-10, ws
+
+
+def test_fd_reaches_parameters_fsdp_keeps_gathered(runs):
+    """With reshard_after_forward=False FSDP2 keeps gathered copies after forward; the FD step
+    must still perturb what the forward uses (the operator reshards before perturbing)."""
+    for ws in SHARDED:
+        assert _rel(runs[ws]["hvp_no_reshard"], runs["plain"]["hvp_eps1e-4"]) < 1e-10, ws
+    assert _rel(runs["plain"]["hvp_no_reshard"], runs["plain"]["hvp_eps1e-4"]) == 0.0
+
+
+def test_parameters_bit_identical_after_hvps(runs):
+    """After HVPs and a gradient every rank's local shards are bit-for-bit unchanged, and a
+    forward pass (which all-gathers them again) gives exactly the loss it gave before."""
+    for key in ("plain",) + SHARDED:
+        assert all(runs[key]["params_identical"]), key
+
+
+def test_lanczos_slq_trace_eigs_match_single_process(runs):
+    """Lanczos tridiagonals (full reorth; window 2 with a bf16 basis; resumed from per-rank
+    checkpoints), SLQ nodes and weights, Hutchinson trace and top eigenvalues are the same
+    sharded as in one process."""
+    P = runs["plain"]
+    for ws in SHARDED:
+        R = runs[ws]
+        for key in ("lanczos_full", "lanczos_window_bf16", "lanczos_resumed"):
+            (a, b), (a0, b0) = R[key], P[key]
+            assert _rel(a, a0) < 1e-8 and _rel(b, b0) < 1e-8, (ws, key)
+        assert _rel(R["slq_nodes"], P["slq_nodes"]) < 1e-8, ws
+        assert _rel(R["slq_weights"], P["slq_weights"]) < 1e-8, ws
+        assert R["trace"] == pytest.approx(P["trace"], rel=1e-8)
+        assert _rel(R["eigs"], P["eigs"]) < 1e-8, ws
+    # resuming from the checkpoint reproduces the uninterrupted run
+    assert _rel(P["lanczos_resumed"][0], P["lanczos_full"][0]) < 1e-12
+    assert runs["ws2"]["checkpoint_files"] == [["lz.pt.rank0", "lz.pt.rank1"]] * 2
+
+
+def test_sharded_errors_are_clear(runs):
+    """On a sharded model: exact/jvp raise NotImplementedError pointing to method='fd'
+    (PyTorch issue 172543); ranks with different numbers of batches raise on every rank
+    instead of deadlocking in FSDP's collectives."""
+    for ws in SHARDED:
+        R = runs[ws]
+        for key in ("exact_error", "jvp_error"):
+            assert R[key] and "method='fd'" in R[key] and "172543" in R[key], (ws, key)
+    R = runs["ws2"]
+    assert "same number of batches" in R["uneven_error"]
+    assert R["uneven_errors_all_ranks"] == [True, True]
+
+
+def test_failing_rank_ends_the_job(tmp_path):
+    """Rank 1 raises inside an HVP while rank 0 waits in a collective: the job exits non-zero
+    in bounded time and the output shows rank 1's error."""
+    rc, seconds, out = _launch("fail", tmp_path / "fail.json", 2, timeout=120)
+    assert rc != 0
+    assert "deliberate failure on rank 1" in out
+    assert not (tmp_path / "fail.json").exists()
+    assert seconds < 90, seconds
+
+
+def test_missing_rank_times_out(tmp_path):
+    """Rank 1 never joins a collective: rank 0 raises after HESSIAN_SPECTRA_DIST_TIMEOUT
+    seconds (here 5) and the job ends instead of waiting forever."""
+    rc, seconds, out = _launch("hang", tmp_path / "hang.json", 2, {"HESSIAN_SPECTRA_DIST_TIMEOUT": "5"}, timeout=120)
+    assert rc != 0
+    assert "Timed out" in out or "timed out" in out
+    assert seconds < 90, seconds

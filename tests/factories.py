@@ -1,0 +1,98 @@
+"""Tiny ``package.module:factory`` models for the command-line tests.
+
+Each factory returns ``(model, loss_fn, batches)``: a float64 two-layer MLP regression with a
+fixed seed, small enough that a dense Hessian is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CALLS = {"loss": 0}
+
+
+def _mlp(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.7)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        y = torch.randn(5, 2, generator=g, dtype=torch.float64)
+        batches.append((x, y))
+    return model, batches
+
+
+def _loss(model, batch):
+    CALLS["loss"] += 1
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y), x.shape[0]
+
+
+def mlp():
+    """A float64 MLP with 44 parameters and 3 batches of 5 examples."""
+    model, batches = _mlp()
+    return model, _loss, batches
+
+
+def _interrupting_loss(model, batch):
+    """Counts calls; raises KeyboardInterrupt on call number $HS_INTERRUPT_AT (like Ctrl-C)."""
+    CALLS["loss"] += 1
+    at = int(os.environ.get("HS_INTERRUPT_AT", "0"))
+    if at and CALLS["loss"] == at:
+        raise KeyboardInterrupt
+    return _plain_loss(model, batch)
+
+
+def _plain_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y), x.shape[0]
+
+
+def interrupting_mlp():
+    """The MLP of ``mlp`` whose loss raises KeyboardInterrupt on the $HS_INTERRUPT_AT-th call."""
+    model, batches = _mlp()
+    return model, _interrupting_loss, batches
+
+
+def nan_mlp():
+    """An MLP whose loss is NaN: the CLI must report a numerical failure (exit 3)."""
+    model, batches = _mlp()
+
+    def loss(model, batch):
+        return _plain_loss(model, batch)[0] * float("nan")
+
+    return model, loss, batches
+
+
+def not_a_triple():
+    return "nope"
+
+
+def tiny_hf_checkpoint(folder, *, vocab_size: int = 320, seed: int = 0):
+    """Save a tiny Llama (hidden 32, 2 layers) and a byte-level BPE tokenizer trained on the
+    embedded prose to ``folder``: a local Hugging Face checkpoint for ``--model FOLDER``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from hessian_spectra.data import default_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(default_texts()[:8], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    eos = fast.eos_token_id
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder

@@ -1,0 +1,193 @@
+"""Every bad input raises a clear error that says what was wrong and what to do instead.
+
+Each row of ``CASES`` is (id, a thunk that must raise, the exception type, a regex the message
+must match). The regexes check for the *remedy* part of the message, not just the complaint.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hessian_spectra as hs
+from conftest import known_spectrum_matrix, make_problem
+
+
+def _mlp():
+    return make_problem("mlp")
+
+
+def _op(**kw):
+    m, l, b = _mlp()
+    return hs.HessianOperator(m, l, b, **kw)
+
+
+def _nan_batch_loss(bad: int):
+    m, l, b = _mlp()
+
+    def f(model, batch):
+        loss, w = l(model, batch)
+        return (loss * float("nan"), w) if batch is b[bad] else (loss, w)
+
+    return m, f, b
+
+
+def _nan_on(method, bad=1):
+    m, f, b = _nan_batch_loss(bad)
+    return lambda: hs.HessianOperator(m, f, b, method=method).matvec(hs.random_probe(list(m.parameters()), 0, dtype=torch.float64))
+
+
+def _frozen_model():
+    m, l, b = _mlp()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m, l, b
+
+
+def _one_frozen():
+    m, l, b = _mlp()
+    m.fc1.bias.requires_grad_(False)
+    return hs.HessianOperator(m, l, b, params=["fc1.weight", "fc1.bias"])
+
+
+def _dropout_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    b = [(torch.randn(16, 4), torch.randn(16, 1))]
+    op = hs.HessianOperator(model, lambda m, x: ((m(x[0]) - x[1]) ** 2).mean(), b, train_mode=True)
+    return op.matvec(hs.random_probe(op))
+
+
+def _shuffled_loader():
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(40, 4), torch.randn(40, 3))
+    m, l, _ = _mlp()
+    loader = DataLoader(ds, batch_size=4, shuffle=True)
+    op = hs.HessianOperator(m.float(), l, loader)
+    return op.matvec(hs.random_probe(op))
+
+
+def _batchnorm_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
+    b = [(torch.randn(8, 4), torch.randn(8, 1))]
+    op = hs.HessianOperator(model, lambda m, x: ((m(x[0]) - x[1]) ** 2).mean(), b, train_mode=True)
+    return op.matvec(hs.random_probe(op))
+
+
+def _bf16_fd():
+    m, l, b = _mlp()
+    return hs.HessianOperator(m.to(torch.bfloat16), l, [(x.bfloat16(), y.bfloat16()) for x, y in b], method="fd")
+
+
+def _vec(op, v):
+    return lambda: op.matvec(v)
+
+
+_OP = _op()
+_P = [torch.zeros_like(p) for p in _OP.params]
+_H = known_spectrum_matrix(torch.linspace(0, 1, 10))
+
+CASES = [
+    # --- data
+    ("empty-batches", lambda: _op().__class__(*_mlp()[:2], []), ValueError, r"batches is empty.*Check"),
+    ("none-batches", lambda: hs.HessianOperator(*_mlp()[:2], None), ValueError, r"pass a list of batches"),
+    ("generator", lambda: hs.HessianOperator(*_mlp()[:2], (b for b in _mlp()[2])), TypeError, r"one-shot iterator.*list\(\.\.\.\)"),
+    ("not-iterable", lambda: hs.HessianOperator(*_mlp()[:2], 3), TypeError, r"re-iterable \(a list or a DataLoader\)"),
+    ("shuffling-dataloader", _shuffled_loader, ValueError, r"shuffle=False"),
+    # --- loss
+    ("nan-loss-fd", _nan_on("fd"), FloatingPointError, r"batch 1.*Check that batch"),
+    ("nan-loss-exact", _nan_on("exact"), FloatingPointError, r"batch 1.*Check that batch"),
+    ("nan-loss-jvp", _nan_on("jvp"), FloatingPointError, r"batch 1.*Check that batch"),
+    ("nan-loss-gradient", lambda: hs.HessianOperator(*_nan_batch_loss(2)).gradient(), FloatingPointError, r"batch 2"),
+    ("nan-loss-first-batch", _nan_on("exact", bad=0), FloatingPointError, r"batch 0"),
+    ("non-scalar-loss", lambda: hs.HessianOperator(_mlp()[0], lambda m, b: (m(b[0]) - b[1]) ** 2, _mlp()[2]).gradient(),
+     ValueError, r"must be a scalar \(reduce it with \.mean\(\)"),
+    ("loss-3-tuple", lambda: hs.HessianOperator(_mlp()[0], lambda m, b: (m(b[0]).sum(), 1, 2), _mlp()[2]).gradient(),
+     TypeError, r"expected a scalar loss or \(loss, weight\)"),
+    ("loss-float", lambda: hs.HessianOperator(_mlp()[0], lambda m, b: 1.0, _mlp()[2]).gradient(), TypeError, r"expected a scalar tensor"),
+    ("zero-weights", lambda: hs.HessianOperator(_mlp()[0], lambda m, b: (m(b[0]).sum(), 0.0), _mlp()[2], check_determinism=False).gradient(),
+     ValueError, r"must be positive"),
+    ("loss-fn-not-callable", lambda: hs.HessianOperator(_mlp()[0], 3, _mlp()[2]), TypeError, r"loss_fn\(model, batch\)"),
+    ("model-not-module", lambda: hs.HessianOperator(lambda x: x, _mlp()[1], _mlp()[2]), TypeError, r"torch\.nn\.Module"),
+    # --- parameters
+    ("no-params-with-grad", lambda: hs.HessianOperator(*_frozen_model()), ValueError, r"requires_grad_\(True\)"),
+    ("named-param-without-grad", _one_frozen, ValueError, r"'fc1\.bias' has requires_grad=False.*requires_grad_\(True\)"),
+    ("unknown-param-name", lambda: _op(params=["fc1.wieght"]), ValueError, r"no parameter named 'fc1\.wieght'.*fc1\.weight"),
+    ("empty-params", lambda: _op(params=[]), ValueError, r"name at least one parameter"),
+    ("param-twice", lambda: _op(params=["fc1.weight", "fc1.weight"]), ValueError, r"twice"),
+    ("foreign-tensor-param", lambda: _op(params=[torch.zeros(3, requires_grad=True)]), ValueError, r"not a parameter of the model.*named_parameters"),
+    ("param-entry-int", lambda: _op(params=[3]), TypeError, r"names or tensors"),
+    # --- vectors
+    ("vector-is-tensor", _vec(_OP, torch.zeros(_OP.num_params)), TypeError, r"list of tensors.*random_probe"),
+    ("vector-wrong-count", _vec(_OP, _P[:-1]), ValueError, r"has 3 tensors but the operator has 4 parameters.*op\.params"),
+    ("vector-wrong-shape", _vec(_OP, [_P[0].T] + _P[1:]), ValueError, r"v\[0\] has shape \(4, 6\) but parameter 0.*\(6, 4\)"),
+    ("lanczos-v0-zero", lambda: hs.lanczos(_H, 3, v0=[torch.zeros(10, dtype=torch.float64)]), ValueError, r"nonzero and finite"),
+    # --- methods and settings
+    ("bad-method", lambda: _op(method="hvp"), ValueError, r"one of \('fd', 'exact', 'jvp'\)"),
+    ("bad-method-per-call", lambda: _OP.matvec(_P, method="autograd"), ValueError, r"one of \('fd', 'exact', 'jvp'\)"),
+    ("eps-zero", lambda: _op(eps=0.0), ValueError, r"positive finite number or None"),
+    ("eps-negative", lambda: _op(eps=-1e-3), ValueError, r"positive finite number or None"),
+    ("eps-nan", lambda: _op(eps=float("nan")), ValueError, r"positive finite number or None"),
+    ("eps-string", lambda: _op(eps="1e-3"), ValueError, r"positive finite number or None"),
+    ("fd-bf16", _bf16_fd, ValueError, r"allow_low_precision_fd=True|method='exact'"),
+    ("dropout-train-mode", _dropout_train, ValueError, r"not deterministic.*train_mode=False"),
+    ("batchnorm-train-mode", _batchnorm_train, ValueError, r"changed model buffers.*train_mode=False"),
+    ("fd-error-bad-reference", lambda: _OP.fd_error(hs.random_probe(_OP), reference="exact2"), ValueError, r"'exact' or 'richardson'"),
+    # --- Lanczos / SLQ / estimators
+    ("reorth-negative", lambda: hs.lanczos(_H, 3, reorth=-2), ValueError, r"window must be ≥ 0"),
+    ("reorth-unknown", lambda: hs.lanczos(_H, 3, reorth="partial"), ValueError, r"'full', 'none' or a window size"),
+    ("steps-exceed-params", lambda: hs.lanczos(_H, 11), ValueError, r"exceeds the operator's dimension 10.*fewer steps"),
+    ("steps-zero", lambda: hs.lanczos(_H, 0), ValueError, r"positive integer"),
+    ("basis-dtype-unknown", lambda: hs.lanczos(_H, 3, basis_dtype="fp8"), ValueError, r"basis_dtype must be one of"),
+    ("return-basis-without-full", lambda: hs.lanczos(_H, 3, reorth=2, return_basis=True), ValueError, r"needs reorth='full'"),
+    ("slq-probes-zero", lambda: hs.slq(_H, 3, 0), ValueError, r"num_probes must be a positive integer"),
+    ("trace-probes-zero", lambda: hs.trace(_H, 0), ValueError, r"num_probes must be a positive integer"),
+    ("top-k-zero", lambda: hs.top_eigenvalues(_H, 0), ValueError, r"k must be a positive integer"),
+    ("top-k-too-big", lambda: hs.top_eigenvalues(_H, 11), ValueError, r"exceeds the operator's dimension"),
+    ("not-an-operator", lambda: hs.lanczos("H", 3), TypeError, r"HessianOperator.*square matrix"),
+    ("non-square-matrix", lambda: hs.lanczos(torch.zeros(3, 4), 2), ValueError, r"square matrix"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_clear_error(thunk, exc, match):
+    """The bad input raises ``exc`` whose message matches ``match`` (what to do about it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(exc, match=match):
+            thunk()
+
+
+def test_allow_low_precision_fd_warns_instead():
+    """allow_low_precision_fd=True accepts bf16 parameters with method='fd' but warns."""
+    m, l, b = _mlp()
+    with pytest.warns(UserWarning, match="prefer float32"):
+        hs.HessianOperator(m.to(torch.bfloat16), l, [(x.bfloat16(), y.bfloat16()) for x, y in b],
+                           method="fd", allow_low_precision_fd=True)
+
+
+def test_refused_batchnorm_leaves_buffers_unchanged():
+    """When the buffer-change check refuses a train-mode BatchNorm model, the running statistics
+    it touched are put back bit-for-bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
+    before = {n: t.clone() for n, t in model.named_buffers()}
+    b = [(torch.randn(8, 4), torch.randn(8, 1))]
+    op = hs.HessianOperator(model, lambda m, x: ((m(x[0]) - x[1]) ** 2).mean(), b, train_mode=True)
+    with pytest.raises(ValueError):
+        op.matvec(hs.random_probe(op))
+    assert all(torch.equal(before[n], t) for n, t in model.named_buffers())
+
+
+def test_batchnorm_in_eval_mode_is_fine():
+    """The same BatchNorm model in the default eval mode is accepted (running stats fixed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1)).train()
+    b = [(torch.randn(8, 4), torch.randn(8, 1))]
+    op = hs.HessianOperator(model, lambda m, x: ((m(x[0]) - x[1]) ** 2).mean(), b)
+    assert len(op.matvec(hs.random_probe(op))) == 6

