@@ -244,7 +244,8 @@ def dense_hessian(model, loss_fn, batches, names=None, how: str = "autograd") ->
     """Dense Hessian of the dataset-averaged loss w.r.t. the flat parameters (float64 in, float64 out).
 
     how="autograd" (the reference everywhere): ``torch.autograd.functional.hessian``, reverse over
-    reverse, one row per backward pass, no vmap. how="func": ``torch.func.hessian``
+    reverse with the rows batched (``vectorize=True``); how="autograd-loop": the same, one row per
+    backward pass, no vmap (slow; equal to the batched one to ~1e-15). how="func": ``torch.func.hessian``
     (``jacfwd(jacrev)``, i.e. vmap of jvp-over-vjp): right on MLP/CNN, but on torch 2.13 wrong by
     up to ~8% (relative, in ``H @ v``) on models with LayerNorm + attention, so not used as truth
     (``test_operators.test_reference_hessian_is_right`` shows both facts).
@@ -256,6 +257,8 @@ def dense_hessian(model, loss_fn, batches, names=None, how: str = "autograd") ->
         if how == "func":
             H = torch.func.hessian(f)(theta0)
         elif how == "autograd":
+            H = torch.autograd.functional.hessian(f, theta0, vectorize=True)
+        elif how == "autograd-loop":
             H = torch.autograd.functional.hessian(f, theta0, vectorize=False)
         else:
             raise ValueError(how)

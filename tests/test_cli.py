@@ -17,7 +17,7 @@ from hessian_spectra.results import RunResult, load_result
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
-import factories  # noqa: E402
+import factories
 
 FAST = ["--quiet", "--model", "factories:mlp"]
 
@@ -27,7 +27,7 @@ def run(args):
 
 
 def _dense_hessian():
-    model, loss, batches = factories.mlp()
+    model, _, batches = factories.mlp()
     params = list(model.parameters())
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
@@ -290,3 +290,31 @@ def test_embedded_default_density_end_to_end(tmp_path):
     assert r["model"]["num_params"] == 134_515_008 and r["data"]["target_tokens"] == 15
     assert r["summary"]["lambda_max"] > 0
     assert (out / "density.png").exists() and (out / "ritz.png").exists()
+
+
+@pytest.mark.distributed
+def test_torchrun_density_equals_one_process(tiny_hf, tmp_path):
+    """`torchrun --nproc-per-node 2 -m hessian_spectra density` shards the tiny Llama with FSDP2,
+    gives each rank its slice of the batches, writes from rank 0 only (world_size 2 recorded),
+    and matches the one-process run of the same command."""
+    import os
+    import subprocess
+
+    folder, text = tiny_hf
+    common = ["density", "--quiet", "--model", str(folder), "--data", str(text), "--seq-len", "32",
+              "--batch-size", "1", "--num-batches", "2", "--steps", "4", "--probes", "1"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == EXIT_OK
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+           "-m", "hessian_spectra", *common, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = load_result(tmp_path / "one"), load_result(tmp_path / "two")
+    assert two["world_size"] == 2 and two["data"]["num_batches"] == 2
+    assert two["data"]["target_tokens"] == one["data"]["target_tokens"]
+    assert two["model"]["num_params"] == one["model"]["num_params"]
+    assert two["operator"]["loss"] == pytest.approx(one["operator"]["loss"], rel=1e-5)
+    np.testing.assert_allclose(two["density"]["runs"][0]["alpha"], one["density"]["runs"][0]["alpha"], rtol=2e-2)
+    assert proc.stdout.count("lambda_max") == 1  # the summary table is printed by rank 0 only

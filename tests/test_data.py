@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from hessian_spectra.data import DataConfig, DataError, causal_lm_loss, default_texts, load_documents, make_batches
+from hessian_spectra.data import (
+    DataConfig,
+    DataError,
+    causal_lm_loss,
+    default_texts,
+    load_documents,
+    make_batches,
+)
 
 torch.set_num_threads(1)
 

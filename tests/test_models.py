@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from hessian_spectra.models import ModelError, ModelSpec, load_model, parse_mode
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from factories import tiny_hf_checkpoint  # noqa: E402
+from factories import tiny_hf_checkpoint
 
 
 @pytest.mark.parametrize(

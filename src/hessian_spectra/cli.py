@@ -23,7 +23,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NUMERICAL", "EXIT_INTERRUPTED"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NUMERICAL", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NUMERICAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 PROG = "hessian-spectra"
@@ -36,7 +36,7 @@ DEFAULTS = {
     "batch_size": 2,
     "num_batches": 1,
     "density_steps": 16,
-    "density_probes": 3,
+    "density_probes": 2,
     "eigs_k": 3,
     "eigs_steps": 16,
     "trace_probes": 10,
@@ -125,28 +125,28 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     d.add_argument("--data", default=None, metavar="PATH",
                    help="text file, folder of .txt/.md, .jsonl file, or Hugging Face dataset name "
                         "(default: English prose from Python's pydoc_data, about 110k tokens)")
-    d.add_argument("--text-field", default="text", help="JSONL/dataset field with the text (default: text)")
+    d.add_argument("--text-field", default="text", metavar="FIELD", help="JSONL/dataset field with the text (default: text)")
     d.add_argument("--split", default="train", help="Hugging Face dataset split (default: train)")
-    d.add_argument("--seq-len", type=_positive_int, default=DEFAULTS["seq_len"],
+    d.add_argument("--seq-len", type=_positive_int, default=DEFAULTS["seq_len"], metavar="TOKENS",
                    help=f"tokens per row (default: {DEFAULTS['seq_len']})")
-    d.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
+    d.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"], metavar="ROWS",
                    help=f"rows per batch (default: {DEFAULTS['batch_size']})")
     g = d.add_mutually_exclusive_group()
-    g.add_argument("--num-batches", type=_positive_int, default=None,
+    g.add_argument("--num-batches", type=_positive_int, default=None, metavar="N",
                    help=f"use the first N batches (default: {DEFAULTS['num_batches']}, i.e. "
                         f"{DEFAULTS['batch_size'] * DEFAULTS['seq_len']} tokens, unless --subsample)")
     g.add_argument("--subsample", type=_fraction, default=None, metavar="FRACTION",
                    help="use this fraction (0, 1] of all batches, evenly spaced over the data")
     d.add_argument("--loss-on", choices=["all", "completion"], default="all",
                    help="'completion': loss on completion tokens only (JSONL with --prompt-field/--completion-field)")
-    d.add_argument("--prompt-field", default="prompt", help="JSONL prompt field (default: prompt)")
-    d.add_argument("--completion-field", default="completion", help="JSONL completion field (default: completion)")
+    d.add_argument("--prompt-field", default="prompt", metavar="FIELD", help="JSONL prompt field (default: prompt)")
+    d.add_argument("--completion-field", default="completion", metavar="FIELD", help="JSONL completion field (default: completion)")
 
     o = p.add_argument_group("operator")
     o.add_argument("--method", choices=["fd", "exact", "jvp"], default="fd",
                    help="HVP: fd = central finite differences of gradients (default), exact = double backward, "
                         "jvp = forward-over-reverse")
-    o.add_argument("--eps", type=_positive_float, default=None,
+    o.add_argument("--eps", type=_positive_float, default=None, metavar="E",
                    help="fd step: parameters move to θ ± eps·v (default: 0.1·ε_mach^(1/3)·||θ||/||v||)")
     o.add_argument("--train-mode", action="store_true", help="analyse the train-mode objective (default: eval mode)")
     o.add_argument("--params", nargs="+", default=None, metavar="NAME",
@@ -155,7 +155,7 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="probe s uses seed + s (default: 0)")
     r.add_argument("--out", default=out_default, metavar="DIR", help=f"output folder (default: {out_default})")
-    r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--debug", action="store_true", help="full tracebacks and library logging")
 
@@ -174,12 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Spectral density of the Hessian by SLQ. Writes result.json, density.png, "
                                    "ritz.png and log.txt to --out, after every probe.")
     _common(d, "runs/density")
-    d.add_argument("--steps", type=_positive_int, default=DEFAULTS["density_steps"],
+    d.add_argument("--steps", type=_positive_int, default=DEFAULTS["density_steps"], metavar="M",
                    help=f"Lanczos steps per probe = HVPs per probe (default: {DEFAULTS['density_steps']})")
-    d.add_argument("--probes", type=_positive_int, default=DEFAULTS["density_probes"],
+    d.add_argument("--probes", type=_positive_int, default=DEFAULTS["density_probes"], metavar="S",
                    help=f"number of random probes (default: {DEFAULTS['density_probes']})")
-    d.add_argument("--reorth", type=_reorth, default="full",
-                   help="full (memory: steps parameter-sized vectors), none, or a window size INT (default: full)")
+    d.add_argument("--reorth", type=_reorth, default="full", metavar="full|none|INT",
+                   help="reorthogonalisation: full (keeps M parameter-sized vectors: M x 4 bytes x parameters, 8.6 GB for the 135M default), none (2 vectors; ghost eigenvalues), or a window of the last INT vectors (default: full)")
     d.add_argument("--basis-dtype", choices=["float32", "bfloat16", "float64", "float16"], default=None,
                    help="storage dtype of the Lanczos vectors, bfloat16 halves their memory (default: the HVP dtype)")
     d.add_argument("--resume", action="store_true",
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reorthogonalisation, with residual bounds.")
     _common(e, "runs/eigs")
     e.add_argument("-k", "--k", type=_positive_int, default=DEFAULTS["eigs_k"], help=f"how many at each end (default: {DEFAULTS['eigs_k']})")
-    e.add_argument("--steps", type=_positive_int, default=DEFAULTS["eigs_steps"],
+    e.add_argument("--steps", type=_positive_int, default=DEFAULTS["eigs_steps"], metavar="M",
                    help=f"Lanczos steps = HVPs (default: {DEFAULTS['eigs_steps']}; more for accuracy)")
     e.add_argument("--basis-dtype", choices=["float32", "bfloat16", "float64", "float16"], default=None,
                    help="storage dtype of the Lanczos vectors (default: the HVP dtype)")
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="Hutchinson estimate of tr(H) with Rademacher probes",
                        description="Hutchinson's estimate of the Hessian trace, mean of z^T H z over Rademacher probes z.")
     _common(t, "runs/trace")
-    t.add_argument("--probes", type=_positive_int, default=DEFAULTS["trace_probes"],
+    t.add_argument("--probes", type=_positive_int, default=DEFAULTS["trace_probes"], metavar="S",
                    help=f"number of probes = HVPs (default: {DEFAULTS['trace_probes']})")
 
     pl = sub.add_parser("plot", help="re-draw one saved run, or overlay several (density runs)",
@@ -265,8 +265,8 @@ def _quiet_libraries(debug: bool) -> None:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as e:  # noqa: BLE001 - quieter logs are a nicety, never a failure
+        log.debug("could not quiet transformers: %s", e)
 
 
 def _first_line(e: BaseException) -> str:
@@ -329,8 +329,8 @@ def _classify(e: BaseException) -> tuple[int, str]:
     if isinstance(e, (ValueError, TypeError, NotImplementedError, FileNotFoundError)):
         return EXIT_USAGE, _first_line(e)
     if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        return EXIT_ERROR, f"out of memory: {_first_line(e)} (use fewer --steps, --reorth none or an INT window, " \
-                           "--basis-dtype bfloat16, or less data per batch)"
+        return EXIT_ERROR, (f"out of memory: {_first_line(e)} (use fewer --steps, --reorth none or an INT window, "
+                            "--basis-dtype bfloat16, or less data per batch)")
     return EXIT_ERROR, f"{type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)"
 
 
@@ -396,14 +396,17 @@ def _load(args, rank0: bool):
     """(LoadedModel, loss_fn, batches, data info) for the options in ``args``."""
     from . import distributed
     from .data import DataConfig, causal_lm_loss, make_batches
-    from .models import load_model
+    from .models import load_model, parse_model_spec
 
     if not args.allow_download:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ws = distributed.world_size()
     if ws > 1 and args.device_map:
         raise CliError("--device-map spreads one process over devices; under torchrun the model is sharded with FSDP2 instead")
-    lm = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation, device=_device(args),
+    spec = parse_model_spec(args.model)
+    # a factory's batches live where the factory put them: move its model only when asked to
+    device = args.device if spec.kind == "factory" else _device(args)
+    lm = load_model(spec, dtype=args.dtype, attn_implementation=args.attn_implementation, device=device,
                     device_map=args.device_map, trust_remote_code=args.trust_remote_code,
                     allow_download=args.allow_download)
     log.info("model: %s (%s, %s parameters, %s) loaded in %.1f s", lm.spec, lm.source, f"{lm.num_params:,}",
@@ -614,8 +617,8 @@ def _print_summary(result, out: Path) -> None:
         return "n/a" if x is None else format(x, spec)
 
     rows = [("result", str(out / "result.json")),
-            ("model", f"{result.model['spec']} ({result.model['num_params']:,} parameters, {result.model['dtype']}, "
-                      f"{result.model['device']})"),
+            ("model", (f"{result.model['spec']} ({result.model['num_params']:,} parameters, "
+                       f"{result.model['dtype']}, {result.model['device']})")),
             ("data", f"{result.data.get('source')}, {result.data.get('num_batches')} batch(es)"
                      + (f", {result.data['target_tokens']:,} target tokens" if result.data.get("target_tokens") else "")),
             ("loss at θ", f(result.operator.get("loss")))]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DataConfig", "DataError", "default_texts", "load_documents", "make_batches", "causal_lm_loss"]
+__all__ = ["DataConfig", "DataError", "causal_lm_loss", "default_texts", "load_documents", "make_batches"]
 
 TEXT_SUFFIXES = (".txt", ".md")
 IGNORE = -100
@@ -163,7 +163,7 @@ def load_documents(cfg: DataConfig):
         ) from None
     try:
         ds = datasets.load_dataset(cfg.path, split=cfg.split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; report one line
+    except Exception as e:
         raise DataError(f"cannot load dataset {cfg.path!r} (split {cfg.split!r}): {str(e).splitlines()[0]}") from e
     if cfg.loss_on == "completion":
         return list(zip(_field(ds, cfg.prompt_field, cfg.path, "--prompt-field"),
@@ -264,7 +264,7 @@ def make_batches(tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_
         groups = groups[: cfg.num_batches]
     elif cfg.subsample is not None:
         k = max(1, math.ceil(cfg.subsample * len(groups)))
-        idx = sorted({int(round(i * (len(groups) - 1) / max(k - 1, 1))) for i in range(k)}) if k > 1 else [0]
+        idx = sorted({round(i * (len(groups) - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [0]
         groups = [groups[i] for i in idx]
     n = (len(groups) // world_size) * world_size
     if n == 0:

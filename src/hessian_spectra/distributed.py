@@ -168,6 +168,12 @@ def teardown(exit_code: int | None = None, *, hard_exit: bool = False) -> None:
                 barrier()
             if ok or not hard_exit:
                 dist.destroy_process_group()
+        except Exception:
+            if not hard_exit:
+                raise
+            # a rank died before the final barrier: report it, and fail this rank too
+            sys.stderr.write(f"[rank {rank()}] teardown: " + traceback.format_exc())
+            exit_code = exit_code or 1
         finally:
             _OWNS_GROUP = False
     _flush()
@@ -188,7 +194,12 @@ def launch(main: Callable[..., int | None], *args, hard_exit: bool | None = None
         code = main(*args, **kwargs)
         code = 0 if code is None else int(code)
     except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"[rank {rank()}] interrupted\n" if world_size() > 1 else "interrupted\n")
+        code = 130
     except BaseException:
         where = f"[rank {rank()}] " if world_size() > 1 else ""
         sys.stderr.write(where + traceback.format_exc())  # one write: ranks' lines do not interleave
@@ -390,6 +401,8 @@ def gradient_scale(model: torch.nn.Module) -> float:
             return float(world_size())
         for g in groups:
             f = getattr(g, "gradient_divide_factor", None)
+            if f is None:  # torch < 2.8 named it after the reduce-scatter
+                f = getattr(g, "reduce_scatter_divide_factor", None)
             if f is None:
                 try:
                     f = g.mesh_info.mesh.size()

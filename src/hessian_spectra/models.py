@@ -230,7 +230,7 @@ def _hub_cached(repo_id: str) -> bool:
 
         r = try_to_load_from_cache(repo_id, "config.json")
         return isinstance(r, str)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no hub library or a broken cache: treat as not cached
         return False
 
 
@@ -299,7 +299,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local_only = not allow_download
-    kw = dict(dtype=dt, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    kw = {"dtype": dt, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     if device_map:

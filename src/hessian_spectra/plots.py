@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_density", "plot_ritz", "plot_eigs", "plot_result", "label_for"]
+__all__ = ["label_for", "plot_density", "plot_eigs", "plot_result", "plot_ritz"]
 
 
 def _plt():
@@ -134,6 +134,9 @@ def plot_eigs(result: dict, path, *, title=None):
         r = np.asarray(e[res], dtype=float)
         ax.errorbar(np.arange(1, v.size + 1), v, yerr=r, fmt="o", color=c, capsize=3, label=f"{lab} (± residual bound)")
     ax.axhline(0.0, color="0.6", lw=0.8, ls=":")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index k")
     ax.set_ylabel("eigenvalue estimate")
     ax.grid(alpha=0.3)

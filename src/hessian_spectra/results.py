@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["RunResult", "atomic_write_text", "load_result", "peak_memory", "versions", "RESULT_FILE"]
+__all__ = ["RESULT_FILE", "RunResult", "atomic_write_text", "load_result", "peak_memory", "versions"]
 
 RESULT_FILE = "result.json"
 SUMMARY_KEYS = ("lambda_max", "lambda_min", "trace", "negative_mass")
@@ -90,7 +90,7 @@ def peak_memory() -> dict:
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
-    except Exception:  # noqa: BLE001 - memory reporting must never fail a run
+    except Exception:  # noqa: BLE001, S110 - memory reporting must never fail a run
         pass
     return out
 

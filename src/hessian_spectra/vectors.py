@@ -10,10 +10,11 @@ Random probes: each parameter's flattened tensor is cut into fixed blocks of
 ``_PROBE_BLOCK`` (2^22) entries and block ``k`` is drawn from a ``torch.Generator`` seeded from
 ``(seed, parameter name, k)``. A rank draws only the blocks that overlap its own shard (FSDP2's
 ``Shard(0)`` rows are one contiguous span of the flattened tensor), so a probe is the same
-vector at every world size and costs at most one block (16 MiB in float32) of temporary
-memory beyond the local shard, however large the parameter. (The CPU generator, Mersenne
-Twister, cannot skip ahead, hence blocks rather than an offset into one stream.) For any
-other sharding layout the whole parameter is drawn and the local piece kept.
+vector at every world size and needs one block (4 MiB of int8 for Rademacher, 16 MiB of
+float32 for Gaussian) of temporary memory beyond the local shard, however large the
+parameter. (The CPU generator, Mersenne Twister, cannot skip ahead, hence blocks rather than
+an offset into one stream.) For any other sharding layout the whole parameter is drawn and
+the local piece kept.
 """
 
 from __future__ import annotations
@@ -45,13 +46,29 @@ __all__ = [
 ]
 
 
+_DOT_CHUNK = 1 << 16
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a · b`` accumulated in float64. On CPU, non-float64 tensors are converted in chunks of
+    64k entries that stay in cache: 10× faster than converting whole tensors (measured 25 vs
+    254 ms for 28M float32 entries, one thread), and no float64 copies of a whole parameter."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        return torch.dot(a, b)
+    if a.device.type != "cpu" or a.numel() <= _DOT_CHUNK:
+        return torch.dot(a.double(), b.double())
+    parts = [torch.dot(x.double(), y.double()) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))]
+    return torch.stack(parts).sum()
+
+
 def _local_sums(pairs) -> torch.Tensor:
     """Stack float64 local sums of elementwise products, one entry per pair of vectors."""
     sums = []
     for u, v in pairs:
         s = None
         for a, b in zip(u, v):
-            t = torch.dot(a.reshape(-1).double(), b.reshape(-1).double()) if a.numel() else None
+            t = _dot64(a, b) if a.numel() else None
             if t is not None:
                 s = t if s is None else s + t
         if s is None:
@@ -156,8 +173,9 @@ def _draw_span(seed: int, name: str, numel: int, start: int, stop: int, kind: st
         else:
             blk = torch.randint(0, 2, (b1 - b0,), generator=g, device=device, dtype=torch.int8)
         lo, hi = max(start, b0), min(stop, b1)
-        piece = blk[lo - b0 : hi - b0]
-        out[lo - start : hi - start] = piece if kind == "gaussian" else piece.to(dtype) * 2 - 1
+        out[lo - start : hi - start].copy_(blk[lo - b0 : hi - b0])  # (converts in place)
+    if kind != "gaussian":
+        out.mul_(2).sub_(1)  # {0, 1} -> {-1, +1}
     return out
 
 

@@ -17,7 +17,6 @@ Rank 0 writes everything as full (gathered) flat vectors to OUT.json; the test c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -28,9 +27,18 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
-from hessian_spectra import HessianOperator, lanczos, random_probe, slq, top_eigenvalues, trace  # noqa: E402
-from hessian_spectra import distributed as D  # noqa: E402
-from hessian_spectra import vectors as V  # noqa: E402
+from hessian_spectra import (
+    HessianOperator,
+    block_diagonal_test,
+    cg_solve,
+    lanczos,
+    random_probe,
+    slq,
+    top_eigenvalues,
+    trace,
+)
+from hessian_spectra import distributed as D
+from hessian_spectra import vectors as V
 
 VOCAB, SEQ, ROWS, NUM_BATCHES = 61, 10, 2, 3
 
@@ -157,6 +165,10 @@ def run_main(out_path):
     res["slq_nodes"], res["slq_weights"] = dens.nodes.tolist(), dens.weights.tolist()
     res["trace"] = float(trace(op, 2, seed=9)[0])
     res["eigs"] = top_eigenvalues(op, 2, num_steps=8, seed=1).largest.tolist()
+    rep = block_diagonal_test(op, num_probes=1, seed=2)
+    res["blockdiag"] = [[row.block, row.num_params, row.rel_error, row.cosine] for row in rep.blocks]
+    x, _ = cg_solve(op, g, damping=1.0, max_iter=4)
+    res["cg_x"] = full(op, x)
 
     # -- what must fail, and fail clearly on every rank
     if op.sharded:

@@ -149,6 +149,17 @@ def test_lanczos_slq_trace_eigs_match_single_process(runs):
     assert runs["ws2"]["checkpoint_files"] == [["lz.pt.rank0", "lz.pt.rank1"]] * 2
 
 
+def test_blockdiag_and_cg_match_single_process(runs):
+    """The analyses built on the operator (block-diagonal test, CG inverse-HVP) run unchanged
+    on the sharded operator and give the plain run's numbers."""
+    P = runs["plain"]
+    for ws in SHARDED:
+        R = runs[ws]
+        assert [r[:2] for r in R["blockdiag"]] == [r[:2] for r in P["blockdiag"]], ws
+        assert _rel([r[2:] for r in R["blockdiag"]], [r[2:] for r in P["blockdiag"]]) < 1e-6, ws
+        assert _rel(R["cg_x"], P["cg_x"]) < 1e-8, ws
+
+
 def test_sharded_errors_are_clear(runs):
     """On a sharded model: exact/jvp raise NotImplementedError pointing to method='fd'
     (PyTorch issue 172543); ranks with different numbers of batches raise on every rank

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from hessian_spectra import distributed as D
 from hessian_spectra import vectors as V
