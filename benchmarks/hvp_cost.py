@@ -47,7 +47,7 @@ MEASUREMENTS = ("grad", "fd", "exact", "jvp", "lanczos-none", "lanczos-full")
 # --------------------------------------------------------------------------- memory probes
 def _status(key: str) -> int:
     """A ``/proc/self/status`` field in bytes (Linux)."""
-    m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     return int(m.group(1)) * 1024
 
 
@@ -240,7 +240,7 @@ def _setup(args):
 
 def worker_memory(args) -> dict:
     """Peak extra memory of the first call of one measurement, in this fresh process."""
-    device, call, sync, info = _setup(args)
+    device, call, _, info = _setup(args)
     mem = _Mem(device)
     mem.start()
     call(args.measure)
@@ -250,7 +250,7 @@ def worker_memory(args) -> dict:
 def worker_time(args) -> dict:
     """Median wall time of every measurement, interleaved round by round (one warm-up round) so
     that a noisy machine slows them all alike and the ratios stay fair."""
-    device, call, sync, info = _setup(args)
+    _, call, sync, info = _setup(args)
     measures = args.measures
     for m in measures:
         call(m)
@@ -280,7 +280,7 @@ def _subprocess(args, problem: str, mode: str, measures) -> dict:
             cmd += [f"--{k.replace('_', '-')}", str(val)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         return {"problem": problem, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
@@ -342,7 +342,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4, help="Lanczos steps per run")
     ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)))
     ap.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS)
-    ap.add_argument("--json", default="benchmarks/hvp_cost.json", help="where to write the results")
+    ap.add_argument("--json", default="benchmarks/results/hvp_cost.json", help="where to write the results")
     ap.add_argument("--_worker", choices=["time", "memory"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--problem", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

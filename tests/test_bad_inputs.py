@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hessian_spectra as hs
@@ -94,7 +94,7 @@ _H = known_spectrum_matrix(torch.linspace(0, 1, 10))
 
 CASES = [
     # --- data
-    ("empty-batches", lambda: _op().__class__(*_mlp()[:2], []), ValueError, r"batches is empty.*Check"),
+    ("empty-batches", lambda: hs.HessianOperator(*_mlp()[:2], []), ValueError, r"batches is empty.*Check"),
     ("none-batches", lambda: hs.HessianOperator(*_mlp()[:2], None), ValueError, r"pass a list of batches"),
     ("generator", lambda: hs.HessianOperator(*_mlp()[:2], (b for b in _mlp()[2])), TypeError, r"one-shot iterator.*list\(\.\.\.\)"),
     ("not-iterable", lambda: hs.HessianOperator(*_mlp()[:2], 3), TypeError, r"re-iterable \(a list or a DataLoader\)"),

@@ -54,7 +54,7 @@ def test_moments_exact_per_probe(H):
     op = hs.as_operator(H)
     for run, v in zip(dens.runs, _probes(op, 10, 3)):
         Hk_v = v.clone()
-        for k in range(0, 2 * m + 1):
+        for k in range(2 * m + 1):
             exact = float(v @ Hk_v)
             quad = float(np.sum(run.ritz_weights * run.ritz_values**k))
             if k <= 2 * m - 1:

@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import hessian_spectra as hs
 from conftest import (
@@ -129,7 +129,7 @@ def test_weights_matter():
     """The (loss, weight) pairs are honoured: the operator on unequal batches with weights equals
     the weighted reference and differs (by more than 1e-3) from the unweighted one."""
     m, loss_fn, batches, H = problem_with_hessian("mlp")
-    unweighted = lambda model, b: loss_fn(model, b)[0]  # noqa: E731
+    unweighted = lambda model, b: loss_fn(model, b)[0]
     H_unw = dense_hessian(m, unweighted, batches)
     v = _direction(H.shape[0])
     hv = flatten(hs.HessianOperator(m, loss_fn, batches, method="exact").matvec(unflatten(v, list(m.parameters()))))
@@ -140,7 +140,7 @@ def test_weights_matter():
 @pytest.mark.parametrize("method", METHODS)
 def test_symmetry(method):
     """u·Hv == v·Hu for random u, v (exact/jvp to 1e-12 relative to ||u||·||Hv||; fd to 1e-8)."""
-    m, loss_fn, batches, H = problem_with_hessian("transformer")
+    m, loss_fn, batches, _ = problem_with_hessian("transformer")
     op = hs.HessianOperator(m, loss_fn, batches, method=method)
     u, v = hs.random_probe(op, 1, kind="gaussian"), hs.random_probe(op, 2, kind="gaussian")
     Hu, Hv = op @ u, op @ v
@@ -369,7 +369,7 @@ def test_eval_mode_by_default_and_train_mode_opt_in():
     drop = nn.Sequential(base[0], nn.Dropout(0.5), base[1], base[2]).train()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64))]
-    loss = lambda model, b: ((model(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    loss = lambda model, b: ((model(b[0]) - b[1]) ** 2).mean()
     v = hs.random_probe(list(base.parameters()), 0)
     a = hs.HessianOperator(base, loss, batches, method="exact").matvec(v)
     b = hs.HessianOperator(drop, loss, batches, method="exact").matvec(v)
@@ -377,3 +377,42 @@ def test_eval_mode_by_default_and_train_mode_opt_in():
     assert drop.training and drop[1].training
     with pytest.raises(ValueError, match="not deterministic"):
         hs.HessianOperator(drop, loss, batches, method="exact", train_mode=True).matvec(v)
+
+
+class _W(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+
+def test_nonfinite_hvp_is_caught_and_blamed_on_its_batch():
+    """A NaN in the gradient/HVP with finite losses raises FloatingPointError naming the first
+    batch whose own gradient is not finite (here batch 1: sqrt(|w·0|) has gradient inf·0)."""
+    m = _W(torch.ones(5))
+    batches = [torch.ones(5), torch.zeros(5)]
+    loss = lambda model, b: (model.w * b).abs().sqrt().sum()
+    op = hs.HessianOperator(m, loss, batches, method="fd")
+    with pytest.raises(FloatingPointError, match="first from batch 1"):
+        op.gradient()
+    with pytest.raises(FloatingPointError, match="first from batch 1"):
+        op.matvec(hs.random_probe(op))
+
+
+def test_huge_finite_gradient_is_not_reported_as_nonfinite():
+    """Entries of 1e37 (finite in float32) whose sum overflows are not mistaken for NaN/inf: the
+    fast sum screen falls back to an entry-by-entry check."""
+    m = _W(torch.full((100,), 1.1))
+    loss = lambda model, b: 1e38 * ((model.w - 1) ** 2).sum() / 2
+    _, g = hs.HessianOperator(m, loss, [0]).gradient()
+    assert torch.isfinite(g[0]).all() and float(g[0][0]) == pytest.approx(1e37, rel=1e-5)
+    assert not torch.isfinite(g[0].sum())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_linear_in_params_gives_zero_hvp(method):
+    """A loss linear in θ (its gradient does not depend on θ) has H = 0: every method returns an
+    exact zero vector (up to fd rounding) instead of failing on a gradient with no graph."""
+    m = _W(torch.ones(4, dtype=torch.float64))
+    op = hs.HessianOperator(m, lambda model, b: (model.w * b).sum(), [torch.arange(4.0, dtype=torch.float64)], method=method)
+    (hv,) = op.matvec(hs.random_probe(op, kind="gaussian"))
+    assert float(hv.abs().max()) <= (1e-6 if method == "fd" else 0.0)

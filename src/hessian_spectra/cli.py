@@ -41,6 +41,7 @@ DEFAULTS = {
     "eigs_steps": 16,
     "trace_probes": 10,
 }
+NEGATIVE_MASS_REL_TOL = 1e-3  # summary["negative_mass_tol"]: mass below -1e-3 * max|λ| (see _density_summary)
 FIGURE_REFRESH_S = 60.0  # redraw the figures after a probe at most this often (always at the end)
 # options whose values must match for --resume to continue a run
 RESUME_KEYS = (
@@ -225,6 +226,7 @@ class _TqdmHandler(logging.Handler):
         except Exception:  # noqa: BLE001
             self.handleError(record)
 
+
 @contextlib.contextmanager
 def _logging(out_dir: Path | None, write: bool, debug: bool):
     """Log to stderr and (rank 0) to ``out_dir/log.txt``; undone on exit."""
@@ -239,6 +241,13 @@ def _logging(out_dir: Path | None, write: bool, debug: bool):
             fh = logging.FileHandler(out_dir / "log.txt", encoding="utf-8")
             fh.setFormatter(fmt)
             handlers.append(fh)
+    else:  # other ranks: errors only, marked with the rank
+        from . import distributed
+
+        eh = logging.StreamHandler(sys.stderr)
+        eh.setLevel(logging.ERROR)
+        eh.setFormatter(logging.Formatter(f"[rank {distributed.rank()}] %(message)s"))
+        handlers.append(eh)
     old_level, old_prop = log.level, log.propagate
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
@@ -558,7 +567,7 @@ def _density(args, op, result, save, previous, out, rank0):
 
     def on_probe(i, dens):
         result.density = dens.to_dict()
-        result.summary = dict(dens.summary())
+        result.summary = _density_summary(dens)
         save("running")
         now = time.perf_counter()
         log.info("probe %d/%d done in %.1f s: lambda_max %.5g, lambda_min %.5g, trace %.5g", i + 1, args.probes,
@@ -573,7 +582,19 @@ def _density(args, op, result, save, previous, out, rank0):
     dens = slq(op, args.steps, args.probes, seed=args.seed, reorth=args.reorth, basis_dtype=args.basis_dtype,
                runs=runs, on_probe=on_probe, progress=not args.quiet)
     result.density = dens.to_dict()
-    result.summary = dict(dens.summary())
+    result.summary = _density_summary(dens)
+
+
+def _density_summary(dens) -> dict:
+    """``dens.summary()`` plus ``negative_mass_tol``: the mass below ``−negative_mass_threshold``
+    = −1e-3·max(|λ_max|, |λ_min|). On LLMs nearly all weight sits on one node at ≈ 0 whose
+    sign is rounding noise (−2e-4 next to λ_max ≈ 500 on SmolLM2-135M), so ``negative_mass``
+    (threshold 0) can read ≈ 1 where the curvature is not negative at all."""
+    s = dict(dens.summary())
+    tol = NEGATIVE_MASS_REL_TOL * max(abs(s["lambda_max"]), abs(s["lambda_min"]))
+    s["negative_mass_threshold"] = tol
+    s["negative_mass_tol"] = dens.negative_mass(threshold=tol)
+    return s
 
 
 def _eigs(args, op, result, save, previous, out, rank0):
@@ -628,7 +649,9 @@ def _print_summary(result, out: Path) -> None:
         se = s.get("trace_std_error")
         rows.append(("trace", f(s.get("trace")) + (f" ± {se:.3g}" if se is not None and math.isfinite(se) else "")))
     if result.command == "density":
-        rows.append(("negative_mass", f(s.get("negative_mass"), ".4f")))
+        rows.append(("negative_mass", f(s.get("negative_mass"), ".4f") + " (mass of nodes < 0)"))
+        if s.get("negative_mass_tol") is not None:
+            rows.append(("negative_mass_tol", f"{s['negative_mass_tol']:.3g} (mass of nodes < -{s['negative_mass_threshold']:.3g})"))
     if result.command == "eigs":
         rows += [("largest", ", ".join(f"{x:.5g}" for x in s["largest"])),
                  ("smallest", ", ".join(f"{x:.5g}" for x in s["smallest"]))]

@@ -158,7 +158,8 @@ def teardown(exit_code: int | None = None, *, hard_exit: bool = False) -> None:
     FSDP2 on gloo, about 1 run in 6 (world size 2) aborted at interpreter shutdown after all
     work was done (``terminate called without an active exception``: a gloo worker thread
     released during finalisation); barrier + destroy alone left 1 in 30, and the flush plus
-    ``os._exit`` 0 in 50. Use it at the end of a script or CLI run under torchrun.
+    ``os._exit`` 0 in 50 (and 0 in 55 runs of ``tests/distributed/_worker.py``). Use it at the
+    end of a script or CLI run under torchrun.
     """
     global _OWNS_GROUP
     ok = exit_code in (None, 0)
@@ -401,7 +402,7 @@ def gradient_scale(model: torch.nn.Module) -> float:
             return float(world_size())
         for g in groups:
             f = getattr(g, "gradient_divide_factor", None)
-            if f is None:  # torch < 2.8 named it after the reduce-scatter
+            if f is None:  # the name in older torch (set_reduce_scatter_divide_factor)
                 f = getattr(g, "reduce_scatter_divide_factor", None)
             if f is None:
                 try:

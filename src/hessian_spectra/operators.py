@@ -571,9 +571,15 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ methods
     def _check_finite(self, hv: Vector, what: str = "HVP"):
-        bad = torch.zeros((), dtype=torch.float64, device=hv[0].device if hv else "cpu")
-        for t in hv:
-            bad = bad + (~torch.isfinite(t)).sum().to(bad.device, torch.float64)
+        dev = hv[0].device if hv else "cpu"
+        # Screen with plain sums (one fast pass; any NaN/inf entry makes its sum non-finite) and
+        # count entry by entry only where a sum is not finite (finite entries can overflow a sum).
+        # isfinite on every entry cost 0.85 s of a 4.6 s fd HVP on SmolLM2-135M (CPU).
+        sums = [t.sum() for t in hv]
+        bad = torch.zeros((), dtype=torch.float64, device=dev)
+        if sums and not bool(torch.isfinite(torch.stack([s.to(dev) for s in sums])).all()):
+            for t in hv:
+                bad = bad + (~torch.isfinite(t)).sum().to(bad.device, torch.float64)
         if float(_dist.all_reduce_sum(bad.reshape(1))[0]) > 0:
             culprit = self._find_bad_batch()
             where = f" (first from batch {culprit})" if culprit is not None else ""
@@ -639,10 +645,17 @@ class HessianOperator:
             for i, batch in self._iter_batches("HVP exact"):
                 loss, w = self._forward(batch, i)
                 g = torch.autograd.grad(loss * w.to(loss.dtype), self.params, create_graph=True, allow_unused=True)
-                terms = [(gi * vi.to(gi.dtype)).sum() for gi, vi in zip(g, v) if gi is not None]
-                if not terms:
+                if all(gi is None for gi in g):
                     raise ValueError("the loss does not depend on any of op.params")
-                hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
+                # ∇(g · v) as a vector-Jacobian product with grad_outputs=v: no elementwise g*v
+                # products and their backward (~15% of an exact HVP on SmolLM2-135M, CPU).
+                # A g_i that does not require grad is constant in θ (its rows of H are 0).
+                pairs = [(gi, vi.to(gi.dtype)) for gi, vi in zip(g, v) if gi is not None and gi.requires_grad]
+                hv = (
+                    torch.autograd.grad([gi for gi, _ in pairs], self.params, grad_outputs=[vi for _, vi in pairs],
+                                        allow_unused=True)
+                    if pairs else [None] * len(self.params)
+                )
                 for o, h in zip(out, hv):
                     if h is not None:
                         o.add_(h.detach().to(o.dtype))

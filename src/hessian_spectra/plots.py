@@ -70,19 +70,19 @@ def plot_density(results, path, *, labels=None, sigma=None, num: int = 2001, tit
         a1.plot(grid, y, lw=1.4, label=lab)
         a2.semilogy(grid, np.maximum(y, 1e-300), lw=1.4, label=lab)
     peaks = [float(d.density(grid, sigma=s).max()) for d, s in zip(dens, sig)]
-    a2.set_ylim(max(min(peaks) * 1e-10, 1e-300), max(peaks) * 3)
+    a2.set_ylim(max(peaks) * 1e-16, max(peaks) * 3)  # 16 decades: weights below 1e-16 are rounding-level
     for a, name in ((a1, "density"), (a2, "density (log scale)")):
         a.set_xlabel("eigenvalue λ")
         a.set_ylabel(name)
         a.axvline(0.0, color="0.6", lw=0.8, ls=":")
         a.grid(alpha=0.3)
     a1.legend(fontsize=8, loc="upper right")
-    s0 = results[0].get("summary", {})
-    ttl = title or (
-        f"Hessian spectral density (SLQ): λ_max={s0.get('lambda_max', float('nan')):.4g}, "
-        f"λ_min={s0.get('lambda_min', float('nan')):.4g}, negative mass={s0.get('negative_mass', float('nan')):.3f}"
-        if len(results) == 1 else "Hessian spectral densities (SLQ)"
-    )
+    if title is None and len(results) == 1:
+        d0 = dens[0]
+        tol = 1e-3 * max(abs(d0.lambda_max), abs(d0.lambda_min))
+        title = (f"Hessian spectral density (SLQ): λ_max={d0.lambda_max:.4g}, λ_min={d0.lambda_min:.4g}, "
+                 f"trace={d0.trace():.4g}, mass below −{tol:.2g}: {d0.negative_mass(threshold=tol):.2g}")
+    ttl = title or "Hessian spectral densities (SLQ)"
     fig.suptitle(ttl, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -110,7 +110,7 @@ def plot_ritz(results, path, *, labels=None, title=None):
             plt.setp(ml, color=c, markersize=3.5, label=lab if s == 0 else None)
     ax.set_yscale("log")
     ax.set_xlabel("Ritz value θ (node)")
-    ax.set_ylabel("quadrature weight w")
+    ax.set_ylabel(f"quadrature weight w (< {bottom:.0e} drawn at {bottom:.0e})" if bottom <= 1e-16 else "quadrature weight w")
     ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

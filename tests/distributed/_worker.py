@@ -43,14 +43,14 @@ from hessian_spectra import vectors as V
 VOCAB, SEQ, ROWS, NUM_BATCHES = 61, 10, 2, 3
 
 
-def build_model(dtype=torch.float64):
+def build_model(dtype=torch.float64, tied=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
-        tie_word_embeddings=False, attn_implementation="eager",
+        tie_word_embeddings=tied, attn_implementation="eager",
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
@@ -136,6 +136,13 @@ def run_main(out_path):
     op2 = HessianOperator(model2, loss_fn, batches)
     res["hvp_no_reshard"] = full(op2, op2.matvec(v, eps=1e-4))
     del model2, op2
+
+    # -- tied input/output embeddings (SmolLM2 and most small LLMs): one shared parameter
+    model3 = D.shard_model(build_model(tied=True))
+    op3 = HessianOperator(model3, loss_fn, batches)
+    res["tied_num_tensors"] = len(op3.params)
+    res["hvp_tied"] = full(op3, op3.matvec(random_probe(op3, 11, dtype=torch.float64), eps=1e-4))
+    del model3, op3
 
     # -- Lanczos (full / window 2 + bf16 basis), checkpoint resume, SLQ, trace, eigs
     r = lanczos(op, 6, seed=3)

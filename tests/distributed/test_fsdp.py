@@ -107,6 +107,14 @@ def test_hvp_and_gradient_match_single_process(runs):
     assert _rel(P["hvp_eps1e-4"], P["hvp_exact"]) < 1e-3
 
 
+def test_tied_embeddings(runs):
+    """A model whose input and output embeddings share one parameter (tie_word_embeddings)
+    gives the plain run's HVP when sharded."""
+    for ws in SHARDED:
+        assert runs[ws]["tied_num_tensors"] == runs["plain"]["tied_num_tensors"]
+        assert _rel(runs[ws]["hvp_tied"], runs["plain"]["hvp_tied"]) < 1e-10, ws
+
+
 def test_user_gradient_divide_factor(runs):
     """After model.set_gradient_divide_factor(1.0) (FSDP2 then sums instead of averaging) the
     operator scales by 1 instead of the world size and the HVP is unchanged."""
