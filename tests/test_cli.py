@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import factories
 
-FAST = ["--quiet", "--model", "factories:mlp"]
+FAST = ["--quiet", "--model", "factories:mlp", "--method", "fd"]
 
 
 def run(args):
@@ -127,7 +127,7 @@ def test_interrupted_run_keeps_finished_probes_and_resumes(tmp_path, monkeypatch
     """Ctrl-C (KeyboardInterrupt from the loss) mid-run exits 130 with the finished probes saved;
     --resume completes it to the same numbers as an uninterrupted run."""
     out, ref = tmp_path / "int", tmp_path / "ref"
-    common = ["--quiet", "--steps", 4, "--probes", 3]
+    common = ["--quiet", "--method", "fd", "--steps", 4, "--probes", 3]
     factories.CALLS["loss"] = 0
     assert run(["density", "--model", "factories:mlp", *common, "--out", ref]) == EXIT_OK
     calls_ref = factories.CALLS["loss"]
@@ -301,7 +301,7 @@ def test_torchrun_density_equals_one_process(tiny_hf, tmp_path):
     import subprocess
 
     folder, text = tiny_hf
-    common = ["density", "--quiet", "--model", str(folder), "--data", str(text), "--seq-len", "32",
+    common = ["density", "--quiet", "--method", "fd", "--model", str(folder), "--data", str(text), "--seq-len", "32",
               "--batch-size", "1", "--num-batches", "2", "--steps", "4", "--probes", "1"]
     assert main([*common, "--out", str(tmp_path / "one")]) == EXIT_OK
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60"}
