@@ -150,7 +150,7 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
                         "process, fd under torchrun. On SmolLM2-135M in fp32, fd with the default eps gave "
                         "Lanczos coefficients 50-90%% off from exact after step 1 (spurious ±500 Ritz values)")
     o.add_argument("--eps", type=_positive_float, default=None, metavar="E",
-                   help="fd step: parameters move to θ ± eps·v (default: 0.1·ε_mach^(1/3)·||θ||/||v||)")
+                   help="fd step: parameters move to θ ± eps·v (default, per direction: 0.1·ε_mach^(1/3) / max over tensors of ||v_i||/||θ_i||)")
     o.add_argument("--train-mode", action="store_true", help="analyse the train-mode objective (default: eval mode)")
     o.add_argument("--params", nargs="+", default=None, metavar="NAME",
                    help="analyse only these parameters (names as in model.named_parameters())")
@@ -534,13 +534,17 @@ def _execute(args, argv, out: Path, rank0: bool) -> int:
 
 
 def _eps_unit(op):
-    """The default fd step for a unit-norm direction (what Lanczos vectors get)."""
+    """The default fd step for the first (unit, seed-0 Rademacher) probe. Later Lanczos vectors
+    get their own step from the per-tensor rule (``HessianOperator`` docstring)."""
     if op.method != "fd":
         return None
-    from .operators import default_eps_scale
+    if op.eps is not None:
+        return op.eps
+    import hessian_spectra as hs
 
-    theta = getattr(op, "_theta_norm_value", None)
-    return default_eps_scale(op.param_dtype) * theta() if callable(theta) else None
+    v = hs.random_probe(op, 0, dtype=op.vector_dtype)
+    hs.scale(1.0 / hs.norm(v), v)
+    return op.eps_for(v)
 
 
 def _check_resume(previous: dict, config: dict) -> None:

@@ -13,11 +13,19 @@ vectors laid out like ``op.params``, by one of three methods:
 - ``"exact"``: Pearlmutter's double backward (HessFormer): ``∇(∇l_b · v)`` per batch.
 - ``"jvp"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``.
 
-Default step (``eps=None``), from Thm 3.1 (ε* ∝ ε_mach^{1/3}) made scale-aware:
-``ε = 0.1 · ε_mach^{1/3} · ||θ|| / ||v||`` where ε_mach is that of the lowest-precision
-parameter dtype, i.e. the perturbation ``εv`` has norm ``0.1 ε_mach^{1/3} ||θ||``
-(5e-4 ||θ|| in float32, 6e-7 ||θ|| in float64). Measured on SmolLM2-135M (fp32, unit
-random v): relative FD error 3e-4 with this rule vs 0.28 with a fixed ε = 1e-3.
+Default step (``eps=None``), from Thm 3.1 (ε* ∝ ε_mach^{1/3}) made scale- and
+direction-aware: no parameter tensor moves by more than ``c = 0.1 · ε_mach^{1/3}`` of its own
+norm (5e-4 in float32, 6e-7 in float64; ε_mach of the lowest-precision parameter dtype):
+
+    ε = c / max_i ( ||v_i|| / ||θ_i|| )      over the tensors i with θ_i ≠ 0.
+
+Why per tensor: Lanczos vectors after the first concentrate on a few sharp tensors (on
+SmolLM2-135M: the layer-0 RMSNorm weights), and the best step along them is 1000× smaller
+than along a random probe. The earlier global rule ``c ||θ|| / ||v||`` was right for a random
+probe (relative error 3e-4) but had relative error ≈ 1 on the second and third Lanczos vectors
+(measured on SmolLM2-135M, fp32, 64 tokens, against exact HVPs). With this rule the
+relative error along the first five Lanczos vectors there was 1.1e-3, 2.6e-3, 3.2e-3, 4.6e-3,
+3.0e-3 (steps 0.23 down to 1.4e-3).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as _dist
-from .vectors import Vector, check_vector, dot, norm
+from .vectors import Vector, check_vector, dot, norm, tensor_norms
 
 __all__ = ["HessianOperator", "DenseOperator", "as_operator", "FDError", "default_eps_scale"]
 
@@ -210,7 +218,7 @@ class HessianOperator:
                 "rounding error (relative error ≥ 1 measured); prefer float32",
                 stacklevel=2,
             )
-        self._theta_norm = None
+        self._theta_norms = None
         # FSDP2 divides reduced gradients by the data-parallel size (or a user-set factor);
         # multiplying back gives the sum over ranks, normalised by the global weight below.
         self._grad_scale = _dist.gradient_scale(model) if self.sharded else 1.0
@@ -451,10 +459,10 @@ class HessianOperator:
                 "target tokens (labels -100) are fine, the global token weights are all-reduced."
             )
 
-    def _theta_norm_value(self) -> float:
-        if self._theta_norm is None:
-            self._theta_norm = norm([_dist.local(p).detach() for p in self.params])
-        return self._theta_norm
+    def _theta_norms_value(self) -> list[float]:
+        if self._theta_norms is None:
+            self._theta_norms = tensor_norms([_dist.local(p).detach() for p in self.params])
+        return self._theta_norms
 
     def eps_for(self, v: Vector) -> float:
         """The FD step used for direction ``v`` (``self.eps``, or the default rule)."""
@@ -463,8 +471,10 @@ class HessianOperator:
         vn = norm(v)
         if vn == 0:
             return 0.0
-        theta = self._theta_norm_value() or 1.0
-        return default_eps_scale(self.param_dtype) * theta / vn
+        c = default_eps_scale(self.param_dtype)
+        ratios = [a / b for a, b in zip(tensor_norms(v), self._theta_norms_value()) if b > 0]
+        s = max(ratios, default=0.0)
+        return c / s if s > 0 else c / vn  # v lives only on zero tensors: treat them as of norm 1
 
     # ------------------------------------------------------------------ public API
     def matvec(self, v: Vector, *, method: str | None = None, eps: float | None = None) -> Vector:

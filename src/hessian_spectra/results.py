@@ -7,7 +7,7 @@
 - ``versions`` (python, torch, transformers, numpy, hessian_spectra, platform);
 - ``model`` (spec, source, dtype, device, ``num_params``), ``data`` (source, tokens, batches),
   ``world_size``;
-- ``operator`` (method, requested ``eps``, ``eps_unit``: the step for a unit-norm direction,
+- ``operator`` (method, requested ``eps``, ``eps_unit``: the default step for the first unit probe,
   ``loss`` and ``grad_norm`` at θ);
 - ``timings`` (``seconds_per_hvp``, ``seconds_per_gradient``, counts, load and total seconds)
   and ``memory`` (``peak_rss_bytes`` of this process, ``cuda_peak_bytes``);

@@ -94,6 +94,14 @@ def dot(u: Vector, v: Vector) -> float:
     return float(dots([u], v)[0])
 
 
+def tensor_norms(v: Vector) -> list[float]:
+    """Global norm of each tensor of ``v`` (one all-reduce for all of them)."""
+    if not v:
+        return []
+    sq = _dist.all_reduce_sum(_local_sums([([t], [t]) for t in v]))
+    return [float(x) ** 0.5 for x in sq.tolist()]
+
+
 def norm(v: Vector) -> float:
     """Global Euclidean norm ``||v||`` accumulated in float64."""
     return dot(v, v) ** 0.5
