@@ -210,6 +210,126 @@ def test_tiny_hf_folder_end_to_end(tiny_hf, tmp_path):
     assert 0 < r2["data"]["target_tokens"] < 4 * 23
 
 
+def _factory_op(method="exact"):
+    import hessian_spectra as hs
+
+    model, loss, batches = factories.mlp()
+    return hs.HessianOperator(model, loss, batches, method=method), batches
+
+
+def test_blockdiag_equals_the_api(tmp_path, capsys):
+    """`blockdiag` writes result.json, blockdiag.png and log.txt, prints a per-block table, and its
+    rows and summary equal hs.block_diagonal_test with the default blocks on the same model."""
+    import hessian_spectra as hs
+
+    out = tmp_path / "bd"
+    assert run(["blockdiag", *FAST, "--method", "exact", "--probes", 2, "--seed", 3, "--out", out]) == EXIT_OK
+    for f in ("result.json", "blockdiag.png", "log.txt"):
+        assert (out / f).stat().st_size > 0, f
+    printed = capsys.readouterr().out
+    assert "rel_error" in printed and "cosine" in printed
+    r = load_result(out)
+    assert r["status"] == "complete" and r["command"] == "blockdiag" and r["world_size"] == 1
+    op, _ = _factory_op()
+    rep = hs.block_diagonal_test(op, num_probes=2, seed=3)
+    ref = rep.to_dict()
+    assert [b["block"] for b in r["blockdiag"]["blocks"]] == [b["block"] for b in ref["blocks"]] == ["0", "2", "0", "2"]
+    assert len(r["blockdiag"]["blocks"]) == len(ref["blocks"]) == 2 * 2
+    for x, y in zip(r["blockdiag"]["blocks"], ref["blocks"]):
+        assert x["block"] == y["block"] and x["probe"] == y["probe"] and x["num_params"] == y["num_params"]
+        for k in ("rel_error", "cosine", "abs_error"):
+            assert x[k] == pytest.approx(y[k], rel=1e-10), k
+    s, rs = r["summary"], rep.summary()
+    assert s["num_blocks"] == rs["num_blocks"] == 2
+    for k in ("rel_error", "cosine", "abs_error"):
+        assert s[f"{k}_mean"] == pytest.approx(rs[k]["mean"], rel=1e-10)
+        assert s[f"{k}_std"] == pytest.approx(rs[k]["std"], rel=1e-8, abs=1e-14)
+    assert r["timings"]["num_hvps"] == 2 * 3
+    (out / "blockdiag.png").unlink()  # `plot` re-draws it from result.json
+    assert run(["plot", out]) == EXIT_OK and (out / "blockdiag.png").exists()
+
+
+def test_eps_sweep_equals_the_api(tmp_path):
+    """`eps-sweep` uses fd whatever --method says, defaults to the 1e-5..1e0 grid against exact
+    HVPs, equals op.eps_sweep on the same probe, and supports the Richardson reference."""
+    out = tmp_path / "sw"
+    assert run(["eps-sweep", "--quiet", "--model", "factories:mlp", "--method", "exact", "--seed", 1,
+                "--out", out]) == EXIT_OK
+    for f in ("result.json", "eps_sweep.png", "log.txt"):
+        assert (out / f).stat().st_size > 0, f
+    r = load_result(out)
+    assert r["command"] == "eps-sweep" and r["status"] == "complete" and r["config"]["method"] == "fd"
+    e = r["eps_sweep"]
+    op, _ = _factory_op()
+    ref = op.eps_sweep([row["eps"] for row in e["rows"]], seed=1, reference="exact")
+    assert [row["eps"] for row in e["rows"]] == pytest.approx([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
+    assert e["reference"] == "exact" and r["summary"]["reference"] == "exact"
+    for x, y in zip(e["rows"], ref):
+        assert x["rel_error"] == pytest.approx(y.rel_error, rel=1e-8, abs=1e-14)
+        assert x["reference"] == "exact"
+    # error O(eps^2) at large steps: 100x the step, ~1e4x the error
+    big = {row["eps"]: row["rel_error"] for row in e["rows"]}
+    assert 3e3 < big[1e-1] / big[1e-3] < 3e4
+    assert r["summary"]["best_eps"] in big and r["summary"]["default_eps"] > 0
+    out2 = tmp_path / "sw2"
+    assert run(["eps-sweep", *FAST, "--eps-values", "1e-3", "1e-2", "--reference", "richardson", "--out", out2]) == EXIT_OK
+    r2 = load_result(out2)
+    ref2 = op.eps_sweep([1e-3, 1e-2], seed=0, reference="richardson")
+    assert [row["reference"] for row in r2["eps_sweep"]["rows"]] == ["richardson"] * 2
+    for x, y in zip(r2["eps_sweep"]["rows"], ref2):
+        assert x["rel_error"] == pytest.approx(y.rel_error, rel=1e-6, abs=1e-14)
+
+
+def test_influence_equals_the_api_and_the_dense_solve(tmp_path, capsys):
+    """`influence` scores every factory batch against the first one as the query; the scores equal
+    hs.influence on the same model and -g_q^T (H + λI)^{-1} g_z from the dense Hessian."""
+    import hessian_spectra as hs
+
+    H = _dense_hessian()
+    damping = float(-torch.linalg.eigvalsh(H)[0]) + 1.0  # makes H + λI positive definite
+    out = tmp_path / "inf"
+    assert run(["influence", *FAST, "--method", "exact", "--damping", damping, "--cg-tol", 1e-10,
+                "--cg-max-iter", 200, "--out", out]) == EXIT_OK
+    for f in ("result.json", "log.txt"):
+        assert (out / f).stat().st_size > 0, f
+    r = load_result(out)
+    assert r["command"] == "influence" and r["status"] == "complete"
+    op, batches = _factory_op()
+    res = hs.influence(op, [batches[0]], batches, damping=damping, tol=1e-10, max_iter=200)
+    np.testing.assert_allclose(r["influence"]["scores"], res.scores, rtol=1e-8)
+    s = r["summary"]
+    assert s["cg_converged"] and not s["cg_negative_curvature"] and s["num_candidates"] == 3
+    assert s["query_loss"] == pytest.approx(res.query_loss, rel=1e-12)
+    assert s["most_helpful"] == int(np.argmin(res.scores)) and s["most_harmful"] == int(np.argmax(res.scores))
+
+    def grad(bs):
+        m, loss, _ = factories.mlp()
+        return torch.cat([t.reshape(-1) for t in hs.HessianOperator(m, loss, bs).gradient()[1]])
+
+    gq = grad([batches[0]])
+    x = torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), gq)
+    dense = [-float(x @ grad([b])) for b in batches]
+    np.testing.assert_allclose(r["influence"]["scores"], dense, rtol=1e-6)
+    assert "most helpful" in capsys.readouterr().out
+    # a factory has no tokenizer for --query-data; damping must be ≥ 0
+    assert run(["influence", *FAST, "--query-data", tmp_path / "q.txt", "--out", tmp_path / "x"]) == EXIT_USAGE
+    assert "--query-data needs a text model" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert run(["influence", *FAST, "--damping", "-1", "--out", tmp_path / "y"]) == EXIT_USAGE
+
+
+def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path):
+    """--query-data is read like --data (same options); each --data batch gets a score."""
+    folder, text = tiny_hf
+    q = tmp_path / "query.txt"
+    q.write_text(" ".join(["A lazy dog sleeps under the quick brown fox."] * 20))
+    out = tmp_path / "hfinf"
+    assert run(["influence", "--quiet", "--model", folder, "--data", text, "--query-data", q, "--seq-len", 16,
+                "--batch-size", 1, "--num-batches", 2, "--damping", 1.0, "--cg-max-iter", 3, "--out", out]) == EXIT_OK
+    r = load_result(out)
+    assert r["influence"]["query"] == {"source": str(q), "num_batches": 2}
+    assert len(r["influence"]["scores"]) == 2 and r["summary"]["cg_iterations"] <= 3
+
+
 @pytest.mark.parametrize(
     "args, code, message",
     [
@@ -223,6 +343,8 @@ def test_tiny_hf_folder_end_to_end(tiny_hf, tmp_path):
         (["density", "--subsample", "2"], EXIT_USAGE, "fraction"),
         (["density", "--model", "factories:nan_mlp", "--steps", "2"], EXIT_NUMERICAL, "numerical failure"),
         (["frobnicate"], EXIT_USAGE, "invalid choice"),
+        (["eps-sweep", "--eps-values", "0"], EXIT_USAGE, "expected a positive finite number"),
+        (["influence", "--cg-max-iter", "0"], EXIT_USAGE, "expected a positive integer"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(args, code, message, tmp_path, capsys):

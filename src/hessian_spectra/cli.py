@@ -3,6 +3,9 @@
     hessian-spectra density [options] --out DIR    SLQ spectral density (default command of the demo)
     hessian-spectra eigs    [options] --out DIR    extreme eigenvalues (Lanczos, full reorth)
     hessian-spectra trace   [options] --out DIR    Hutchinson trace estimate
+    hessian-spectra blockdiag [options] --out DIR  block-diagonal test per transformer layer (FSHP §6)
+    hessian-spectra eps-sweep [options] --out DIR  finite-difference HVP error against eps
+    hessian-spectra influence [options] --out DIR  influence scores of the --data batches (inverse HVP by CG)
     hessian-spectra plot DIR [DIR ...]             re-draw / overlay saved runs
 
 With no model/data options every command runs on the embedded default (SmolLM2-135M-Instruct
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -40,6 +44,12 @@ DEFAULTS = {
     "eigs_k": 3,
     "eigs_steps": 16,
     "trace_probes": 10,
+    "blockdiag_probes": 1,
+    # 1e-5 ... 1e0, two points per decade
+    "eps_values": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1e0],
+    "influence_damping": 0.01,
+    "cg_tol": 1e-4,
+    "cg_max_iter": 50,
 }
 NEGATIVE_MASS_REL_TOL = 1e-3  # summary["negative_mass_tol"]: mass below -1e-3 * max|λ| (see _density_summary)
 FIGURE_REFRESH_S = 60.0  # redraw the figures after a probe at most this often (always at the end)
@@ -204,6 +214,47 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--probes", type=_positive_int, default=DEFAULTS["trace_probes"], metavar="S",
                    help=f"number of probes = HVPs (default: {DEFAULTS['trace_probes']})")
 
+    b = sub.add_parser("blockdiag", help="block-diagonal test: Hv against H v_b, one block per transformer layer",
+                       description="Block-diagonal hypothesis test (FSHP §6): for a unit Gaussian probe v and each "
+                                   "block b (one per transformer layer, the other parameters grouped by module), "
+                                   "compares (Hv)_b with (H v_b)_b: rel_error, cosine, abs_error. Costs "
+                                   "probes x (blocks + 1) HVPs. Writes result.json, blockdiag.png and log.txt.")
+    _common(b, "runs/blockdiag")
+    b.add_argument("--probes", type=_positive_int, default=DEFAULTS["blockdiag_probes"], metavar="S",
+                   help=f"number of random probes (default: {DEFAULTS['blockdiag_probes']})")
+
+    w = sub.add_parser("eps-sweep", help="finite-difference HVP error against the step eps",
+                       description="Relative error of the central finite-difference HVP along one unit Rademacher "
+                                   "probe (from --seed) at each step in --eps-values, against the exact HVP "
+                                   "(double backward) or a Richardson estimate. Always uses method fd for the "
+                                   "swept HVPs (--method and --eps are ignored). Writes result.json, "
+                                   "eps_sweep.png and log.txt.")
+    _common(w, "runs/eps-sweep")
+    w.add_argument("--eps-values", type=_positive_float, nargs="+", default=None, metavar="E",
+                   help="fd steps to try (default: 1e-5 ... 1e0, two per decade)")
+    w.add_argument("--reference", choices=["exact", "richardson"], default=None,
+                   help="reference HVP: exact (double backward; one process only) or richardson "
+                        "((4 H_(eps/2) v - H_eps v) / 3, 2 fd HVPs per eps) (default: exact in one process, "
+                        "richardson under torchrun)")
+
+    f = sub.add_parser("influence", help="influence scores of the --data batches on a query loss",
+                       description="Influence functions (Koh & Liang): solves (H + damping I) s = grad L_query by CG "
+                                   "and scores each batch z of --data (the training batches, also those of H) by "
+                                   "-s . grad l_z: negative = helpful (up-weighting z lowers the query loss), "
+                                   "positive = harmful. One process only. Writes result.json and log.txt.")
+    _common(f, "runs/influence")
+    f.add_argument("--query-data", default=None, metavar="PATH",
+                   help="query data, same formats and data options (--seq-len, --batch-size, --num-batches, ...) "
+                        "as --data; the query loss is the average over all its batches (default: the first batch "
+                        "of --data; a factory model always uses its first batch)")
+    f.add_argument("--damping", type=float, default=DEFAULTS["influence_damping"], metavar="LAMBDA",
+                   help=f"damping λ ≥ 0 added to H (default: {DEFAULTS['influence_damping']}); raise it above "
+                        "-λ_min when CG reports negative curvature")
+    f.add_argument("--cg-tol", type=_positive_float, default=DEFAULTS["cg_tol"], metavar="TOL",
+                   help=f"CG stops at ||r|| <= TOL ||b|| (default: {DEFAULTS['cg_tol']:g})")
+    f.add_argument("--cg-max-iter", type=_positive_int, default=DEFAULTS["cg_max_iter"], metavar="N",
+                   help=f"at most N CG iterations = HVPs (default: {DEFAULTS['cg_max_iter']})")
+
     pl = sub.add_parser("plot", help="re-draw one saved run, or overlay several (density runs)",
                         description="Re-draw the figures of saved runs from their result.json only. One DIR: "
                                     "figures are rewritten in DIR (or --out). Several: an overlay in --out.")
@@ -298,7 +349,7 @@ def _human_bytes(n) -> str:
 
 
 def _config(args) -> dict:
-    skip = {"func", "debug", "quiet", "resume", "threads"}
+    skip = {"func", "debug", "quiet", "resume", "threads", "_lm", "_result"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -456,6 +507,20 @@ def _execute(args, argv, out: Path, rank0: bool) -> int:
     t_start = time.perf_counter()
     if args.method == "auto":  # exact where the model allows it; FSDP2 supports only fd
         args.method = "fd" if distributed.world_size() > 1 else "exact"
+    if args.command == "eps-sweep":  # the swept HVPs are fd whatever --method says
+        args.method, args.eps = "fd", None
+        if args.eps_values is None:
+            args.eps_values = list(DEFAULTS["eps_values"])
+        if args.reference is None:
+            args.reference = "richardson" if distributed.world_size() > 1 else "exact"
+        if args.reference == "exact" and distributed.world_size() > 1:
+            raise CliError("--reference exact needs double backward, unavailable on a sharded model: "
+                           "use --reference richardson under torchrun")
+    if args.command == "influence":
+        if distributed.world_size() > 1:
+            raise CliError("influence runs in one process only (not under torchrun)")
+        if not (args.damping >= 0 and math.isfinite(args.damping)):
+            raise CliError(f"--damping must be a finite number ≥ 0, got {args.damping}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True) if rank0 else None
@@ -473,6 +538,7 @@ def _execute(args, argv, out: Path, rank0: bool) -> int:
             _check_resume(previous, config)
 
     lm, loss_fn, batches, data_info = _load(args, rank0)
+    args._lm = lm
     model = lm.model
     if distributed.world_size() > 1:
         sharded = distributed.shard_model(model)
@@ -520,7 +586,8 @@ def _execute(args, argv, out: Path, rank0: bool) -> int:
         if rank0:
             result.save(out)
 
-    runner = {"density": _density, "eigs": _eigs, "trace": _trace}[args.command]
+    runner = {"density": _density, "eigs": _eigs, "trace": _trace, "blockdiag": _blockdiag,
+              "eps-sweep": _eps_sweep, "influence": _influence}[args.command]
     try:
         runner(args, op, result, save, previous, out, rank0)
     except KeyboardInterrupt:
@@ -630,6 +697,87 @@ def _trace(args, op, result, save, previous, out, rank0):
     result.summary.update({"trace": est.estimate, "trace_std_error": est.std_error})
 
 
+def _blockdiag(args, op, result, save, previous, out, rank0):
+    from . import block_diagonal_test
+    from .blockdiag import default_blocks
+
+    groups = default_blocks(op.param_names)
+    log.info("block-diagonal test: %d block(s), %d probe(s) = %d HVPs (method %s)", len(groups), args.probes,
+             args.probes * (len(groups) + 1), args.method)
+    if len(groups) < 2:
+        raise CliError(f"the block-diagonal test needs at least two blocks; the parameters form one "
+                       f"({next(iter(groups), '?')}): analyse more parameters (--params)")
+    rep = block_diagonal_test(op, groups, num_probes=args.probes, seed=args.seed)
+    result.blockdiag = rep.to_dict()
+    s = rep.summary()
+    result.summary.update({"num_blocks": s["num_blocks"], "num_probes": args.probes})
+    for k in ("rel_error", "cosine", "abs_error"):
+        result.summary[f"{k}_mean"], result.summary[f"{k}_std"] = s[k]["mean"], s[k]["std"]
+
+
+def _eps_sweep(args, op, result, save, previous, out, rank0):
+    from .vectors import norm, random_probe, scale
+
+    v = random_probe(op, args.seed, dtype=op.vector_dtype)  # the direction eps_sweep uses by default
+    scale(1.0 / norm(v), v)
+    default_eps = op.eps_for(v)
+    log.info("eps sweep: %d step(s) from %.3g to %.3g against the %s reference (default step %.3g)",
+             len(args.eps_values), min(args.eps_values), max(args.eps_values), args.reference, default_eps)
+    rows = op.eps_sweep(args.eps_values, v, seed=args.seed, reference=args.reference)
+    result.eps_sweep = {"reference": args.reference, "seed": args.seed, "default_eps": default_eps,
+                        "rows": [dataclasses.asdict(r) for r in rows]}
+    finite = [r for r in rows if math.isfinite(r.rel_error)]
+    best = min(finite, key=lambda r: r.rel_error) if finite else None
+    result.summary.update({"reference": args.reference, "default_eps": default_eps,
+                           "best_eps": best.eps if best else None, "best_rel_error": best.rel_error if best else None,
+                           "num_eps": len(rows)})
+
+
+def _influence(args, op, result, save, previous, out, rank0):
+    from .influence import influence
+
+    query, source = _query_batches(args, op)
+    cands = list(op.batches)
+    log.info("influence: query %s (%d batch(es)), %d candidate batch(es), damping %g, CG tol %g, at most %d iterations",
+             source, len(query), len(cands), args.damping, args.cg_tol, args.cg_max_iter)
+    res = influence(op, query, cands, damping=args.damping, tol=args.cg_tol, max_iter=args.cg_max_iter,
+                    progress=not args.quiet)
+    result.influence = {**res.to_dict(), "query": {"source": source, "num_batches": len(query)}}
+    sc = res.scores
+    result.summary.update({
+        "query_loss": res.query_loss, "cg_iterations": res.cg.iterations, "cg_converged": res.cg.converged,
+        "cg_negative_curvature": res.cg.negative_curvature,
+        "cg_relative_residual": (res.cg.residual_norms[-1] / res.cg.residual_norms[0]
+                                 if res.cg.residual_norms and res.cg.residual_norms[0] > 0 else None),
+        "damping": args.damping, "num_candidates": int(sc.size),
+        "most_helpful": int(sc.argmin()), "most_harmful": int(sc.argmax()),
+        "score_min": float(sc.min()), "score_max": float(sc.max()),
+    })
+    if not res.cg.converged:
+        log.warning("CG did not converge%s: the scores are approximate",
+                    " (negative curvature: raise --damping)" if res.cg.negative_curvature
+                    else f" in {res.cg.iterations} iterations (raise --cg-max-iter or --cg-tol)")
+
+
+def _query_batches(args, op):
+    """(query batches, source): --query-data with the data options of --data, else the first batch."""
+    lm = args._lm
+    if args.query_data is None:
+        return [next(iter(op.batches))], "first batch of the data"
+    if lm.loss_fn is not None:
+        raise CliError("--query-data needs a text model (Hugging Face / folder / .gguf); a factory model's "
+                       "query is its first batch")
+    from .data import DataConfig, make_batches
+
+    cfg = DataConfig(
+        path=args.query_data, text_field=args.text_field, seq_len=args.seq_len, batch_size=args.batch_size,
+        num_batches=args.num_batches if (args.num_batches or args.subsample) else DEFAULTS["num_batches"],
+        subsample=args.subsample, loss_on=args.loss_on, prompt_field=args.prompt_field,
+        completion_field=args.completion_field, split=args.split,
+    )
+    return make_batches(lm.tokenizer, cfg), str(args.query_data)
+
+
 def _figures(result, out: Path) -> None:
     from .plots import plot_result
 
@@ -663,6 +811,24 @@ def _print_summary(result, out: Path) -> None:
     if result.command == "eigs":
         rows += [("largest", ", ".join(f"{x:.5g}" for x in s["largest"])),
                  ("smallest", ", ".join(f"{x:.5g}" for x in s["smallest"]))]
+    if result.command == "blockdiag":
+        _print_block_table(result.blockdiag)
+        rows.append(("blocks", f"{s['num_blocks']} x {s['num_probes']} probe(s)"))
+        rows += [(k, f"{f(s[k + '_mean'], '.4g')} ± {f(s[k + '_std'], '.3g')}")
+                 for k in ("rel_error", "cosine", "abs_error")]
+    if result.command == "eps-sweep":
+        print("\n".join([f"{'eps':>10}  {'rel_error':>10}  {'abs_error':>10}"] +
+                         [f"{r['eps']:>10.3g}  {f(r['rel_error'], '>10.3g')}  {f(r['abs_error'], '>10.3g')}"
+                          for r in result.eps_sweep["rows"]]), flush=True)
+        rows += [("reference", s["reference"]), ("default eps", f(s["default_eps"], ".3g")),
+                 ("best eps", f"{f(s['best_eps'], '.3g')} (rel_error {f(s['best_rel_error'], '.3g')})")]
+    if result.command == "influence":
+        cg = ("converged" if s["cg_converged"] else "NOT converged") + (", negative curvature" if s["cg_negative_curvature"] else "")
+        rows += [("query loss", f(s["query_loss"])),
+                 ("CG", f"{s['cg_iterations']} iteration(s), {cg}, relative residual {f(s['cg_relative_residual'], '.3g')}"),
+                 ("damping", f(s["damping"], "g")),
+                 ("most helpful", f"batch {s['most_helpful']} (score {f(s['score_min'], '.4g')})"),
+                 ("most harmful", f"batch {s['most_harmful']} (score {f(s['score_max'], '.4g')})")]
     rows += [("HVPs", f"{t['num_hvps']} x {f(t['seconds_per_hvp'], '.2f')} s"),
              ("gradient", f"{f(t['seconds_per_gradient'], '.2f')} s"),
              ("peak memory", _human_bytes(m.get("peak_rss_bytes")) + (f" (CUDA {_human_bytes(m['cuda_peak_bytes'])})"
@@ -670,6 +836,20 @@ def _print_summary(result, out: Path) -> None:
              ("wall time", f"{t['total_seconds']:.1f} s")]
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), flush=True)
+
+
+def _print_block_table(bd: dict) -> None:
+    """One line per block (and probe): parameters, rel_error, cosine, abs_error."""
+    rows = bd["blocks"]
+    w = max([len("block")] + [len(r["block"]) for r in rows])
+
+    def g(x):
+        return "n/a" if x is None else f"{x:.4g}"
+
+    lines = [f"{'block':<{w}}  {'probe':>5}  {'params':>12}  {'rel_error':>10}  {'cosine':>10}  {'abs_error':>10}"]
+    lines += [f"{r['block']:<{w}}  {r['probe']:>5}  {r['num_params']:>12,}  {g(r['rel_error']):>10}  "
+              f"{g(r['cosine']):>10}  {g(r['abs_error']):>10}" for r in rows]
+    print("\n".join(lines), flush=True)
 
 
 def _cmd_plot(args) -> int:

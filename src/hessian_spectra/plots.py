@@ -5,6 +5,8 @@
 - ``plot_ritz``: quadrature weights against Ritz values (nodes), a stem plot per probe on a
   log weight axis (as FSHP Fig. 8).
 - ``plot_eigs``: the extreme Ritz values of an ``eigs`` run with their residual bounds.
+- ``plot_blockdiag``: per-block rel_error and cosine of a ``blockdiag`` run (mean over probes).
+- ``plot_eps_sweep``: FD relative error against the step eps, log-log, of an ``eps-sweep`` run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["label_for", "plot_density", "plot_eigs", "plot_result", "plot_ritz"]
+__all__ = ["label_for", "plot_blockdiag", "plot_density", "plot_eigs", "plot_eps_sweep", "plot_result", "plot_ritz"]
 
 
 def _plt():
@@ -148,6 +150,60 @@ def plot_eigs(result: dict, path, *, title=None):
     return Path(path)
 
 
+def plot_blockdiag(result: dict, path, *, title=None):
+    """Per-block rel_error (left) and cosine (right) of a ``blockdiag`` run, mean over probes."""
+    plt = _plt()
+    b = result.get("blockdiag")
+    if not b:
+        raise ValueError("this result has no block-diagonal test (only `blockdiag` runs do)")
+    names = list(dict.fromkeys(r["block"] for r in b["blocks"]))
+
+    def per_block(key):
+        return np.array([np.nanmean([np.nan if r[key] is None else r[key] for r in b["blocks"] if r["block"] == n])
+                         for n in names], dtype=float)
+
+    x = np.arange(len(names))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 0.35 * len(names) + 4), 4.2))
+    a1.bar(x, per_block("rel_error"), color="C3")
+    a1.set_ylabel("rel_error  ||(Hv)_b − (H v_b)_b|| / ||(Hv)_b||")
+    a2.bar(x, per_block("cosine"), color="C0")
+    a2.set_ylabel("cosine((Hv)_b, (H v_b)_b)")
+    a2.set_ylim(min(0.0, float(np.nanmin(per_block("cosine"))) - 0.05) if len(names) else 0.0, 1.05)
+    for a in (a1, a2):
+        a.set_xticks(x)
+        a.set_xticklabels(names, rotation=90, fontsize=7)
+        a.grid(alpha=0.3, axis="y")
+    n = b.get("config", {}).get("num_probes", 1)
+    fig.suptitle(title or f"Block-diagonal test ({len(names)} blocks, {n} probe(s); {label_for(result)})", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_eps_sweep(result: dict, path, *, title=None):
+    """Relative FD error against eps (log-log) of an ``eps-sweep`` run; the default step dashed."""
+    plt = _plt()
+    e = result.get("eps_sweep")
+    if not e:
+        raise ValueError("this result has no eps sweep (only `eps-sweep` runs do)")
+    eps = np.array([r["eps"] for r in e["rows"]], dtype=float)
+    err = np.array([np.nan if r["rel_error"] is None else r["rel_error"] for r in e["rows"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.loglog(eps, np.where(err > 0, err, np.nan), "o-", color="C0", label=f"reference: {e.get('reference')}")
+    if e.get("default_eps"):
+        ax.axvline(e["default_eps"], color="C3", ls="--", lw=1, label=f"default eps {e['default_eps']:.2g}")
+    ax.set_xlabel("fd step eps")
+    ax.set_ylabel("relative error ||H_eps v − ref|| / ||ref||")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"Finite-difference HVP error vs eps ({label_for(result)})", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_result(result: dict, out_dir) -> list[Path]:
     """The standard figures of one run, written into ``out_dir``."""
     out = Path(out_dir)
@@ -155,6 +211,10 @@ def plot_result(result: dict, out_dir) -> list[Path]:
         return [plot_density(result, out / "density.png"), plot_ritz(result, out / "ritz.png")]
     if result.get("eigs"):
         return [plot_eigs(result, out / "eigs.png")]
+    if result.get("blockdiag"):
+        return [plot_blockdiag(result, out / "blockdiag.png")]
+    if result.get("eps_sweep"):
+        return [plot_eps_sweep(result, out / "eps_sweep.png")]
     return []
 
 

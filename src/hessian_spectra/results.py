@@ -12,7 +12,9 @@
 - ``timings`` (``seconds_per_hvp``, ``seconds_per_gradient``, counts, load and total seconds)
   and ``memory`` (``peak_rss_bytes`` of this process, ``cuda_peak_bytes``);
 - the estimate: ``density`` (``SpectralDensity.to_dict()``: per-probe ``alpha``, ``beta``,
-  ``ritz_values`` = nodes, ``ritz_weights`` = weights), ``eigs`` or ``trace``;
+  ``ritz_values`` = nodes, ``ritz_weights`` = weights), ``eigs``, ``trace``, ``blockdiag``
+  (``BlockDiagReport.to_dict()``), ``eps_sweep`` (rows of ``FDError``) or ``influence``
+  (``InfluenceResult.to_dict()``);
 - ``summary``: ``lambda_max``, ``lambda_min``, ``trace``, ``negative_mass`` (None where the
   command does not estimate it) and more.
 """
@@ -33,6 +35,7 @@ from pathlib import Path
 __all__ = ["RESULT_FILE", "RunResult", "atomic_write_text", "load_result", "peak_memory", "versions"]
 
 RESULT_FILE = "result.json"
+COMMANDS = ("density", "eigs", "trace", "blockdiag", "eps-sweep", "influence")
 SUMMARY_KEYS = ("lambda_max", "lambda_min", "trace", "negative_mass")
 
 
@@ -137,11 +140,14 @@ class RunResult:
     density: dict | None = None
     eigs: dict | None = None
     trace: dict | None = None
+    blockdiag: dict | None = None
+    eps_sweep: dict | None = None
+    influence: dict | None = None
     summary: dict = field(default_factory=dict)
     error: str | None = None
 
     def __post_init__(self):
-        if self.command not in ("density", "eigs", "trace"):
+        if self.command not in COMMANDS:
             raise ValueError(f"unknown command {self.command!r} in a result")
         for k in SUMMARY_KEYS:
             self.summary.setdefault(k, None)
