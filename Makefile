@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/demo
-export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test bench clean
 
@@ -24,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/hessian-spectra density --out $(OUT)
 
+# one torch thread per process in tests: they launch torchrun ranks (oversubscription was 9x slower)
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/hvp_cost.py
