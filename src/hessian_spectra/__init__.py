@@ -11,7 +11,7 @@ from .influence import InfluenceResult, influence
 from .lanczos import LanczosResult, lanczos
 from .operators import DenseOperator, FDError, HessianOperator, as_operator, default_eps_scale
 from .solvers import CGInfo, cg_solve
-from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, zeros_like
+from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, unit_probe, zeros_like
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "clone",
     "zeros_like",
     "random_probe",
+    "unit_probe",
     # Lanczos and spectra
     "lanczos",
     "LanczosResult",

@@ -42,6 +42,7 @@ __all__ = [
     "clone",
     "cast",
     "random_probe",
+    "unit_probe",
     "check_vector",
 ]
 
@@ -224,6 +225,16 @@ def random_probe(
             full = _draw_span(seed, name, numel, 0, numel, kind, gen_dev, draw_dt).reshape(p.shape)
             out.append(_dist.local_piece(full, p).to(device=dev, dtype=dt))
     return out
+
+
+def unit_probe(op_or_params, seed: int = 0, *, kind: str = "rademacher", dtype: torch.dtype | None = None,
+               names: Sequence[str] | None = None) -> Vector:
+    """``random_probe(...)`` scaled to unit global norm (the direction of an FD error check, the
+    block-diagonal test and the CLI's reported default step). ``dtype`` defaults to the
+    operator's ``vector_dtype`` where it has one."""
+    dtype = dtype or getattr(op_or_params, "vector_dtype", None)
+    v = random_probe(op_or_params, seed, kind=kind, dtype=dtype, names=names)
+    return scale(1.0 / norm(v), v)
 
 
 def check_vector(v, params: Sequence[torch.Tensor], what: str = "vector") -> Vector:
