@@ -9,7 +9,8 @@ from .density import SpectralDensity, slq
 from .estimators import EigResult, TraceEstimate, top_eigenvalues, trace
 from .influence import InfluenceResult, influence
 from .lanczos import LanczosResult, lanczos
-from .operators import DenseOperator, FDError, HessianOperator, as_operator, default_eps_scale
+from .linop import DenseOperator, Operator, as_operator
+from .operators import FDError, HessianOperator, default_eps_scale
 from .solvers import CGInfo, cg_solve
 from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, unit_probe, zeros_like
 
@@ -19,6 +20,7 @@ __all__ = [
     # operators
     "HessianOperator",
     "DenseOperator",
+    "Operator",
     "as_operator",
     "FDError",
     "default_eps_scale",

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .operators import as_operator
+from .linop import as_operator
 from .vectors import dot, norm, random_probe, scale
 
 __all__ = ["BlockRow", "BlockDiagReport", "block_diagonal_test", "default_blocks"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .lanczos import LanczosResult, lanczos
-from .operators import as_operator
+from .linop import as_operator
 
 __all__ = ["SpectralDensity", "slq"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .lanczos import LanczosResult, lanczos
-from .operators import as_operator
+from .linop import as_operator
 from .vectors import Vector, dot, random_probe
 
 __all__ = ["EigResult", "TraceEstimate", "top_eigenvalues", "trace"]

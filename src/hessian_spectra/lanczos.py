@@ -31,7 +31,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from . import distributed as _dist
-from .operators import as_operator
+from .linop import as_operator
 from .vectors import Vector, axpy, cast, check_vector, dot, dots, norm, random_probe, scale
 
 __all__ = ["LanczosResult", "lanczos", "tridiagonal_eigh"]

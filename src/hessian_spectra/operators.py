@@ -39,9 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as _dist
+from .linop import DenseOperator, as_operator
 from .vectors import Vector, check_vector, dot, norm, tensor_norms
 
-__all__ = ["HessianOperator", "DenseOperator", "as_operator", "FDError", "default_eps_scale"]
+__all__ = ["HessianOperator", "FDError", "default_eps_scale"]
 
 METHODS = ("fd", "exact", "jvp")
 
@@ -64,39 +65,6 @@ class FDError:
     abs_error: float
     ref_norm: float
     reference: str
-
-
-class DenseOperator:
-    """A symmetric matrix as an operator on one-tensor vectors ``[x]`` (for tests and checks)."""
-
-    def __init__(self, H):
-        H = torch.as_tensor(H)
-        if H.ndim != 2 or H.shape[0] != H.shape[1]:
-            raise ValueError(f"a dense operator needs a square matrix, got shape {tuple(H.shape)}")
-        self.H = H
-        self.params = [torch.zeros(H.shape[0], dtype=H.dtype, device=H.device)]
-        self.param_names = ["x"]
-        self.num_params = H.shape[0]
-        self.vector_dtype = H.dtype
-
-    def matvec(self, v: Vector) -> Vector:
-        v = check_vector(v, self.params)
-        return [self.H @ v[0].to(self.H.dtype)]
-
-    __matmul__ = matvec
-
-
-def as_operator(obj):
-    """An operator from ``obj``: anything with ``matvec`` and ``params`` as is, a square matrix
-    (tensor or array) as a ``DenseOperator``."""
-    if hasattr(obj, "matvec") and hasattr(obj, "params"):
-        return obj
-    if isinstance(obj, torch.Tensor) or hasattr(obj, "__array__"):
-        return DenseOperator(obj)
-    raise TypeError(
-        f"expected a HessianOperator, an object with .matvec and .params, or a square matrix; "
-        f"got {type(obj).__name__}"
-    )
 
 
 class _LossModule(torch.nn.Module):

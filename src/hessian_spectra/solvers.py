@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .operators import as_operator
+from .linop import as_operator
 from .vectors import Vector, axpy, check_vector, clone, dot, zeros_like
 
 __all__ = ["CGInfo", "cg_solve"]
