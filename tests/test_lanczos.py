@@ -189,3 +189,24 @@ def test_result_round_trip():
     np.testing.assert_array_equal(r2.alpha, r.alpha)
     np.testing.assert_array_equal(r2.ritz_values, r.ritz_values)
     np.testing.assert_array_equal(r2.ritz_weights, r.ritz_weights)
+
+
+@pytest.mark.parametrize(
+    "d, exc, match",
+    [
+        ({}, ValueError, r"missing key\(s\) 'alpha', 'beta'"),
+        ({"alpha": [1.0, 2.0]}, ValueError, r"missing key\(s\) 'beta'"),
+        ({"alpha": [1.0, 2.0], "beta": []}, ValueError, "beta must have length len"),
+        ({"alpha": ["a"], "beta": []}, ValueError, "'alpha' must be a list of finite numbers"),
+        ({"alpha": [1.0, float("nan")], "beta": [1.0]}, ValueError, "'alpha' must be a list of finite"),
+        ({"alpha": [[1.0]], "beta": []}, ValueError, "'alpha' must be a list of finite numbers"),
+        ({"alpha": None, "beta": None}, ValueError, "'alpha' must be a list of finite numbers"),
+        ({"alpha": [1.0], "beta": [], "config": 3}, TypeError, "'config' must be a dict"),
+        ("alpha", TypeError, "expected a dict"),
+    ],
+)
+def test_result_from_malformed_dict_is_a_clear_error(d, exc, match):
+    """Issue 13 item 12: LanczosResult.from_dict on a malformed dict raises a ValueError/TypeError
+    naming the missing or wrong key, never a bare KeyError or a numpy/scipy message."""
+    with pytest.raises(exc, match=match):
+        hs.LanczosResult.from_dict(d)
