@@ -105,8 +105,8 @@ def _rewrite(ck, *, tensors=None, state=None):
 @pytest.mark.parametrize(
     "tensors, state, match",
     [
-        ({"q.0": torch.zeros(59, dtype=torch.float64)}, None, r"q\.0 has shape \(59,\)"),
-        ({"q.0": torch.zeros(60, dtype=torch.float32)}, None, r"q\.0 has dtype float32"),
+        ({"q.0": torch.zeros(59, dtype=torch.float64)}, None, r"q\.0 of shape \(59,\)"),
+        ({"q.0": torch.zeros(60, dtype=torch.float32)}, None, r"q\.0 in dtype float32"),
         (None, {"beta": [1.0]}, "3 alpha and 1 beta"),
         (None, {"alpha": [1.0, 2.0], "beta": [1.0, 2.0]}, "kept basis has 3 vectors"),
         (None, {"scale": "big"}, "scale"),
