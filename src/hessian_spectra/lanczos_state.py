@@ -24,11 +24,14 @@ ranks must resume from the same step.
 
 >>> import tempfile, pathlib, torch
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "lanczos.ckpt"
->>> q = [torch.tensor([0.6, 0.8], dtype=torch.float64)]
->>> state = LanczosState(alpha=[1.0], beta=[0.5], q=q, q_prev=None, kept=[q], scale=1.5, v0_norm=2.0)
+>>> q0 = [torch.tensor([0.6, 0.8], dtype=torch.float64)]
+>>> q1 = [torch.tensor([0.8, -0.6], dtype=torch.float64)]
+>>> state = LanczosState(alpha=[1.0], beta=[0.5], q=q1, q_prev=q0, kept=[q0], scale=1.5)
 >>> save_checkpoint(path, state, {"num_steps": 2})
->>> load_checkpoint(path, {"num_steps": 2}, params=q, dtype=torch.float64, num_kept=lambda n: n).alpha
-[1.0]
+>>> back = load_checkpoint(path, {"num_steps": 2}, params=q0, dtype=torch.float64,
+...                        num_kept=lambda n: n)
+>>> back.alpha, back.beta, back.q[0].tolist()
+([1.0], [0.5], [0.8, -0.6])
 """
 
 from __future__ import annotations
