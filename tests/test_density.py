@@ -161,8 +161,9 @@ def test_summary_headline_negative_mass_ignores_the_near_zero_bulk():
     −1e-3·max(|λ_max|, |λ_min|) and estimates the true 0.10 within 4 standard errors over 20
     probes, while ``negative_mass_below_zero`` (the raw mass of nodes < 0, the old headline)
     counts the bulk, whose node 40 steps resolve at −1e-8 (≥ 0.5); the threshold is reported."""
-    eigs = np.concatenate([np.full(340, -1e-8), np.linspace(-5.0, -1.0, 40),
-                           np.linspace(1.0, 10.0, 20)])
+    eigs = np.concatenate(
+        [np.full(340, -1e-8), np.linspace(-5.0, -1.0, 40), np.linspace(1.0, 10.0, 20)]
+    )
     dens = hs.slq(known_spectrum_matrix(eigs, seed=4), 40, 20, seed=0)
     s = dens.summary()
     thr = hs.density.NEGATIVE_MASS_REL_TOL * max(abs(dens.lambda_max), abs(dens.lambda_min))

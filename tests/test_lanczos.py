@@ -1,4 +1,5 @@
-"""Lanczos on dense matrices with known spectra and on an MLP Hessian, against numpy.linalg.eigvalsh."""
+"""Lanczos on dense matrices with known spectra and on an MLP Hessian, against
+numpy.linalg.eigvalsh."""
 
 from __future__ import annotations
 
@@ -116,7 +117,9 @@ def test_bf16_basis_close_to_fp32():
     scale = np.abs(lam).max()
     diff = np.abs(a.ritz_values[[0, -1]] - b.ritz_values[[0, -1]]) / scale
     assert diff.max() <= 1e-3, diff
-    assert np.abs(a.ritz_values[[0, -1]] - lam[[0, -1]]).max() <= 1e-5 * scale  # fp32 itself is close
+    assert (
+        np.abs(a.ritz_values[[0, -1]] - lam[[0, -1]]).max() <= 1e-5 * scale
+    )  # fp32 itself is close
     assert hs.lanczos(op, 5, basis_dtype="bfloat16").config["basis_dtype"] == "bfloat16"
 
 
@@ -147,7 +150,9 @@ def test_checkpoint_resume_gives_same_tridiagonal(tmp_path, reorth):
         hs.lanczos(op, 20, seed=4, reorth=reorth, checkpoint=ck, callback=stop)
     assert ck.exists()
     steps = []
-    res = hs.lanczos(op, 20, seed=4, reorth=reorth, checkpoint=ck, callback=lambda j, a, b: steps.append(j))
+    res = hs.lanczos(
+        op, 20, seed=4, reorth=reorth, checkpoint=ck, callback=lambda j, a, b: steps.append(j)
+    )
     assert steps[0] == 7  # resumed where it stopped, not from scratch
     np.testing.assert_array_equal(res.alpha, ref.alpha)
     np.testing.assert_array_equal(res.beta, ref.beta)
@@ -198,7 +203,11 @@ def test_result_round_trip():
         ({"alpha": [1.0, 2.0]}, ValueError, r"missing key\(s\) 'beta'"),
         ({"alpha": [1.0, 2.0], "beta": []}, ValueError, "beta must have length len"),
         ({"alpha": ["a"], "beta": []}, ValueError, "'alpha' must be a list of finite numbers"),
-        ({"alpha": [1.0, float("nan")], "beta": [1.0]}, ValueError, "'alpha' must be a list of finite"),
+        (
+            {"alpha": [1.0, float("nan")], "beta": [1.0]},
+            ValueError,
+            "'alpha' must be a list of finite",
+        ),
         ({"alpha": [[1.0]], "beta": []}, ValueError, "'alpha' must be a list of finite numbers"),
         ({"alpha": None, "beta": None}, ValueError, "'alpha' must be a list of finite numbers"),
         ({"alpha": [1.0], "beta": [], "config": 3}, TypeError, "'config' must be a dict"),

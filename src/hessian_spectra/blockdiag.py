@@ -30,7 +30,7 @@ from ._checks import check_positive_int
 from .linop import as_operator
 from .vectors import dot, norm, unit_probe
 
-__all__ = ["BlockRow", "BlockDiagReport", "block_diagonal_test", "default_blocks"]
+__all__ = ["BlockDiagReport", "BlockRow", "block_diagonal_test", "default_blocks"]
 
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer|block)\.\d+)\.")
 
@@ -39,8 +39,8 @@ def default_blocks(names) -> dict[str, list[str]]:
     """One block per transformer layer (``...layers.N.``, ``...h.N.``, ``...blocks.N.``), the
     other parameters grouped by their module (embeddings, final norm, head, ...).
 
-    >>> default_blocks(["model.layers.0.q.weight", "model.layers.0.k.weight", "model.layers.1.q.weight",
-    ...                 "lm_head.weight"])  # doctest: +NORMALIZE_WHITESPACE
+    >>> default_blocks(["model.layers.0.q.weight", "model.layers.0.k.weight",
+    ...                 "model.layers.1.q.weight", "lm_head.weight"])  # doctest: +NORMALIZE_WHITESPACE
     {'model.layers.0': ['model.layers.0.q.weight', 'model.layers.0.k.weight'],
      'model.layers.1': ['model.layers.1.q.weight'], 'lm_head': ['lm_head.weight']}
     """
@@ -81,12 +81,16 @@ class BlockDiagReport:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``config``, one dict per row in ``blocks``, and ``summary``."""
-        return {"config": self.config, "blocks": [asdict(r) for r in self.blocks],
-                "summary": self.summary()}
+        return {
+            "config": self.config,
+            "blocks": [asdict(r) for r in self.blocks],
+            "summary": self.summary(),
+        }
 
 
-def block_diagonal_test(op, blocks=None, num_probes: int = 1, seed: int = 0, *,
-                        probe: str = "gaussian") -> BlockDiagReport:
+def block_diagonal_test(
+    op, blocks=None, num_probes: int = 1, seed: int = 0, *, probe: str = "gaussian"
+) -> BlockDiagReport:
     """Compare ``Hv`` with its block-diagonal proxy, block by block (module docstring).
 
     Args:
@@ -156,6 +160,11 @@ def block_diagonal_test(op, blocks=None, num_probes: int = 1, seed: int = 0, *,
                     abs_error=err,
                 )
             )
-    config = {"num_probes": num_probes, "seed": seed, "probe": probe, "blocks": groups,
-              "method": op.method}
+    config = {
+        "num_probes": num_probes,
+        "seed": seed,
+        "probe": probe,
+        "blocks": groups,
+        "method": op.method,
+    }
     return BlockDiagReport(blocks=rows, config=config)

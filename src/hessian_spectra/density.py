@@ -81,7 +81,9 @@ class SpectralDensity:
         """(num_probes, num_steps) Ritz values; runs that broke down early are padded with
         their last node at weight 0."""
         m = max(r.num_steps for r in self.runs)
-        return np.stack([np.pad(r.ritz_values, (0, m - r.num_steps), mode="edge") for r in self.runs])
+        return np.stack(
+            [np.pad(r.ritz_values, (0, m - r.num_steps), mode="edge") for r in self.runs]
+        )
 
     @property
     def weights(self) -> np.ndarray:
@@ -191,18 +193,26 @@ class SpectralDensity:
         20.0
         """
         if not isinstance(d, Mapping):
-            raise TypeError(f"SpectralDensity.from_dict expected a dict (from SpectralDensity.to_dict()), "
-                            f"got {type(d).__name__}")
+            raise TypeError(
+                f"SpectralDensity.from_dict expected a dict (from SpectralDensity.to_dict()), "
+                f"got {type(d).__name__}"
+            )
         missing = [k for k in ("num_params", "runs") if k not in d]
         if missing:
-            raise ValueError(f"SpectralDensity.from_dict: missing key(s) {', '.join(map(repr, missing))}; "
-                             "a density is stored with 'num_params' and its per-probe 'runs'")
+            raise ValueError(
+                f"SpectralDensity.from_dict: missing key(s) {', '.join(map(repr, missing))}; "
+                "a density is stored with 'num_params' and its per-probe 'runs'"
+            )
         runs, config = d["runs"], d.get("config", {})
         if not isinstance(runs, list):
-            raise TypeError(f"SpectralDensity.from_dict: 'runs' must be a list of Lanczos runs "
-                            f"(LanczosResult.to_dict()), got {type(runs).__name__}")
+            raise TypeError(
+                f"SpectralDensity.from_dict: 'runs' must be a list of Lanczos runs "
+                f"(LanczosResult.to_dict()), got {type(runs).__name__}"
+            )
         if not isinstance(config, Mapping):
-            raise TypeError(f"SpectralDensity.from_dict: 'config' must be a dict, got {type(config).__name__}")
+            raise TypeError(
+                f"SpectralDensity.from_dict: 'config' must be a dict, got {type(config).__name__}"
+            )
         parsed = []
         for i, r in enumerate(runs):
             try:
@@ -264,13 +274,22 @@ def slq(
         "method": op.method,
         "eps": getattr(op, "eps", None),  # fd operators only: not part of the Operator contract
     }
-    with progress_bar(progress, total=num_probes, initial=len(done), desc="SLQ probes",
-                      unit="probe") as bar:
+    with progress_bar(
+        progress, total=num_probes, initial=len(done), desc="SLQ probes", unit="probe"
+    ) as bar:
         for s in range(len(done), num_probes):
             ck = None if checkpoint_dir is None else f"{checkpoint_dir}/probe{s}.safetensors"
             done.append(
-                lanczos(op, num_steps, seed=seed + s, reorth=reorth, basis_dtype=basis_dtype,
-                        probe=probe, checkpoint=ck, progress=progress)
+                lanczos(
+                    op,
+                    num_steps,
+                    seed=seed + s,
+                    reorth=reorth,
+                    basis_dtype=basis_dtype,
+                    probe=probe,
+                    checkpoint=ck,
+                    progress=progress,
+                )
             )
             if bar is not None:
                 bar.update(1)

@@ -71,8 +71,16 @@ class EigResult:
         }
 
 
-def top_eigenvalues(op, k: int, *, num_steps: int | None = None, seed: int = 0,
-                    return_vectors: bool = False, basis_dtype=None, progress: bool = False) -> EigResult:
+def top_eigenvalues(
+    op,
+    k: int,
+    *,
+    num_steps: int | None = None,
+    seed: int = 0,
+    return_vectors: bool = False,
+    basis_dtype=None,
+    progress: bool = False,
+) -> EigResult:
     """The ``k`` largest and ``k`` smallest algebraic eigenvalues of ``op`` by Lanczos.
 
     One run of ``num_steps`` steps (default ``min(P, max(3k, 2k + 20))``) with full
@@ -91,14 +99,26 @@ def top_eigenvalues(op, k: int, *, num_steps: int | None = None, seed: int = 0,
     if k > op.num_params:
         raise ValueError(f"k={k} exceeds the operator's dimension {op.num_params}")
     m = num_steps if num_steps is not None else min(op.num_params, max(3 * k, 2 * k + 20))
-    run = lanczos(op, m, seed=seed, reorth="full", basis_dtype=basis_dtype,
-                  return_basis=return_vectors, progress=progress)
+    run = lanczos(
+        op,
+        m,
+        seed=seed,
+        reorth="full",
+        basis_dtype=basis_dtype,
+        return_basis=return_vectors,
+        progress=progress,
+    )
     kk = min(k, run.num_steps)
     vals, res = run.ritz_values, run.residual_bounds()
     hi = np.arange(run.num_steps - 1, run.num_steps - 1 - kk, -1)
     lo = np.arange(kk)
-    out = EigResult(eigenvalues=vals[hi], smallest=vals[lo], residuals=res[hi],
-                    residuals_smallest=res[lo], run=run)
+    out = EigResult(
+        eigenvalues=vals[hi],
+        smallest=vals[lo],
+        residuals=res[hi],
+        residuals_smallest=res[lo],
+        run=run,
+    )
     if return_vectors:
         out.vectors = run.ritz_vectors(hi)
         out.vectors_smallest = run.ritz_vectors(lo)

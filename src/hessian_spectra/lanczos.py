@@ -72,15 +72,17 @@ def _floats(d: Mapping, key: str, default=None) -> np.ndarray:
     except (TypeError, ValueError):
         a = None
     if a is None or a.ndim != 1 or not np.all(np.isfinite(a)):
-        raise ValueError(f"LanczosResult.from_dict: {key!r} must be a list of finite numbers, got {x!r:.80}")
+        raise ValueError(
+            f"LanczosResult.from_dict: {key!r} must be a list of finite numbers, got {x!r:.80}"
+        )
     return a
 
 
 def _scalar(d: Mapping, key: str, default: float) -> float:
-    """``d[key]`` (default ``default``) as a float, or a ValueError naming the key."""
+    """``d[key]`` (default ``default``) as a float, or a TypeError naming the key."""
     x = d.get(key, default)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ValueError(f"LanczosResult.from_dict: {key!r} must be a number, got {x!r:.80}")
+        raise TypeError(f"LanczosResult.from_dict: {key!r} must be a number, got {x!r:.80}")
     return float(x)
 
 
@@ -149,13 +151,17 @@ class LanczosResult:
     def ritz_vectors(self, indices=None) -> list[Vector]:
         """Ritz vectors ``Q s_i`` (needs the basis: ``lanczos(..., return_basis=True)``)."""
         if self.basis is None:
-            raise ValueError("Ritz vectors need the Lanczos basis: run lanczos(..., return_basis=True)")
+            raise ValueError(
+                "Ritz vectors need the Lanczos basis: run lanczos(..., return_basis=True)"
+            )
         idx = range(self.num_steps) if indices is None else indices
         out = []
         for i in idx:
             s = self.ritz_coords[:, i]
-            y = [torch.zeros_like(t, dtype=torch.float32 if t.dtype != torch.float64 else t.dtype)
-                 for t in self.basis[0]]
+            y = [
+                torch.zeros_like(t, dtype=torch.float32 if t.dtype != torch.float64 else t.dtype)
+                for t in self.basis[0]
+            ]
             for c, q in zip(s, self.basis):
                 axpy(float(c), q, y)
             out.append(y)
@@ -184,15 +190,21 @@ class LanczosResult:
         [1.0, 3.0]
         """
         if not isinstance(d, Mapping):
-            raise TypeError(f"LanczosResult.from_dict expected a dict (from LanczosResult.to_dict()), "
-                            f"got {type(d).__name__}")
+            raise TypeError(
+                f"LanczosResult.from_dict expected a dict (from LanczosResult.to_dict()), "
+                f"got {type(d).__name__}"
+            )
         missing = [k for k in ("alpha", "beta") if k not in d]
         if missing:
-            raise ValueError(f"LanczosResult.from_dict: missing key(s) {', '.join(map(repr, missing))}; "
-                             "a Lanczos run is stored with its tridiagonal 'alpha' and 'beta'")
+            raise ValueError(
+                f"LanczosResult.from_dict: missing key(s) {', '.join(map(repr, missing))}; "
+                "a Lanczos run is stored with its tridiagonal 'alpha' and 'beta'"
+            )
         config = d.get("config", {})
         if not isinstance(config, Mapping):
-            raise TypeError(f"LanczosResult.from_dict: 'config' must be a dict, got {type(config).__name__}")
+            raise TypeError(
+                f"LanczosResult.from_dict: 'config' must be a dict, got {type(config).__name__}"
+            )
         return cls(
             alpha=_floats(d, "alpha"),
             beta=_floats(d, "beta"),
@@ -292,7 +304,9 @@ def lanczos(
         )
     window = _parse_reorth(reorth)
     if return_basis and window is not None:
-        raise ValueError("return_basis=True needs reorth='full' (the window keeps only the last vectors)")
+        raise ValueError(
+            "return_basis=True needs reorth='full' (the window keeps only the last vectors)"
+        )
     work = op.vector_dtype
     store = parse_dtype(basis_dtype, "basis_dtype") or work
     tol = breakdown_tol if breakdown_tol is not None else 100 * torch.finfo(work).eps
@@ -313,8 +327,9 @@ def lanczos(
     t0 -= st.seconds
 
     breakdown, residual = False, 0.0
-    with progress_bar(progress, total=num_steps, initial=st.num_steps, desc="Lanczos", unit="step",
-                      leave=False) as bar:
+    with progress_bar(
+        progress, total=num_steps, initial=st.num_steps, desc="Lanczos", unit="step", leave=False
+    ) as bar:
         for j in range(st.num_steps, num_steps):
             q, q_prev = st.q, st.q_prev  # q_j, q_{j-1}
             if window != 0:
@@ -329,7 +344,9 @@ def lanczos(
             _reorthogonalise(w, st.kept)
             beta = norm(w)  # beta_{j+1}
             if not (math.isfinite(alpha) and math.isfinite(beta)):
-                raise FloatingPointError(f"Lanczos step {j}: alpha={alpha}, beta={beta} are not finite")
+                raise FloatingPointError(
+                    f"Lanczos step {j}: alpha={alpha}, beta={beta} are not finite"
+                )
             st.alpha.append(alpha)
             st.scale = max(st.scale, abs(alpha) + beta + (st.beta[-1] if st.beta else 0.0))
             residual = beta

@@ -37,13 +37,13 @@ ranks must resume from the same step.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _safetensors_bytes
 
 from . import distributed as _dist
@@ -51,8 +51,14 @@ from ._checks import dtype_name
 from ._io import atomic_write_bytes
 from .vectors import Vector
 
-__all__ = ["CheckpointError", "LanczosState", "checkpoint_path", "load_checkpoint", "resume",
-           "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "LanczosState",
+    "checkpoint_path",
+    "load_checkpoint",
+    "resume",
+    "save_checkpoint",
+]
 
 FORMAT = "hessian_spectra.lanczos_checkpoint"
 VERSION = "1"
@@ -111,8 +117,10 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     """``t`` on the CPU as a tensor that owns its whole storage (safetensors refuses views that
     share memory, e.g. the pieces of one flat gradient buffer)."""
     t = t.detach().cpu()
-    if t.is_contiguous() and t.storage_offset() == 0 and (
-        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    if (
+        t.is_contiguous()
+        and t.storage_offset() == 0
+        and (t.untyped_storage().nbytes() == t.numel() * t.element_size())
     ):
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -125,8 +133,14 @@ def save_checkpoint(path, state: LanczosState, config: dict) -> None:
         tensors.update({f"kept.{k}.{i}": _plain(t) for i, t in enumerate(vec)})
     if not state.kept and state.q_prev is not None:
         tensors.update({f"q_prev.{i}": _plain(t) for i, t in enumerate(state.q_prev)})
-    scalars = {"config": config, "alpha": state.alpha, "beta": state.beta, "scale": state.scale,
-               "v0_norm": state.v0_norm, "seconds": state.seconds}
+    scalars = {
+        "config": config,
+        "alpha": state.alpha,
+        "beta": state.beta,
+        "scale": state.scale,
+        "v0_norm": state.v0_norm,
+        "seconds": state.seconds,
+    }
     meta = {"format": FORMAT, "version": VERSION, "state": json.dumps(scalars)}
     atomic_write_bytes(path, _safetensors_bytes(tensors, metadata=meta))
 
@@ -135,7 +149,9 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def load_checkpoint(path, config: dict, *, params, dtype: torch.dtype, num_kept: int) -> LanczosState:
+def load_checkpoint(
+    path, config: dict, *, params, dtype: torch.dtype, num_kept: int
+) -> LanczosState:
     """The state in ``path``, checked against the run that resumes from it.
 
     Args:
@@ -155,26 +171,37 @@ def load_checkpoint(path, config: dict, *, params, dtype: torch.dtype, num_kept:
 
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for a foreign file
-        raise fail(f"is not a Lanczos checkpoint (a safetensors file written by "
-                   f"hessian_spectra.lanczos): {e}", "delete it, or pass another checkpoint path") from None
+    except (SafetensorError, OSError, ValueError) as e:  # a foreign or damaged file
+        raise fail(
+            f"is not a Lanczos checkpoint (a safetensors file written by "
+            f"hessian_spectra.lanczos): {e}",
+            "delete it, or pass another checkpoint path",
+        ) from None
     with f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise fail(f"is not a Lanczos checkpoint of format {FORMAT} version {VERSION} "
-                       f"(its metadata says format={meta.get('format')!r}, version={meta.get('version')!r})",
-                       "delete it, or pass another checkpoint path")
+            raise fail(
+                f"is not a Lanczos checkpoint of format {FORMAT} version {VERSION} "
+                f"(its metadata says format={meta.get('format')!r}, "
+                f"version={meta.get('version')!r})",
+                "delete it, or pass another checkpoint path",
+            )
         try:
             s = json.loads(meta.get("state", ""))
         except json.JSONDecodeError as e:
             raise fail(f"has unreadable JSON state ({e})") from None
-        missing = [k for k in ("config", "alpha", "beta", "scale", "v0_norm", "seconds")
-                   if not isinstance(s, dict) or k not in s]
+        missing = [
+            k
+            for k in ("config", "alpha", "beta", "scale", "v0_norm", "seconds")
+            if not isinstance(s, dict) or k not in s
+        ]
         if missing:
             raise fail(f"lacks {', '.join(map(repr, missing))} in its JSON state")
         if s["config"] != config:
-            raise fail(f"was written by a run with other settings ({s['config']} vs {config})",
-                       "delete it or use another path")
+            raise fail(
+                f"was written by a run with other settings ({s['config']} vs {config})",
+                "delete it or use another path",
+            )
         for key in ("scale", "v0_norm", "seconds"):
             if not _number(s[key]):
                 raise fail(f"has {key}={s[key]!r} where a finite number is expected")
@@ -183,8 +210,10 @@ def load_checkpoint(path, config: dict, *, params, dtype: torch.dtype, num_kept:
             raise fail("has alpha/beta that are not lists of finite numbers")
         n = len(alpha)
         if not 1 <= n == len(beta) or n >= config.get("num_steps", n + 1):
-            raise fail(f"holds {n} alpha and {len(beta)} beta: a checkpoint after n steps "
-                       f"(1 ≤ n < num_steps={config.get('num_steps')}) holds n of each")
+            raise fail(
+                f"holds {n} alpha and {len(beta)} beta: a checkpoint after n steps "
+                f"(1 ≤ n < num_steps={config.get('num_steps')}) holds n of each"
+            )
         kept = num_kept(n)
         names = [f"q.{i}" for i in range(len(params))]
         names += [f"kept.{k}.{i}" for k in range(kept) for i in range(len(params))]
@@ -193,19 +222,25 @@ def load_checkpoint(path, config: dict, *, params, dtype: torch.dtype, num_kept:
         have = set(f.keys())
         if have != set(names):
             n_have = len({k.split(".")[1] for k in have if k.startswith("kept.")})
-            raise fail(f"has tensors {sorted(have - set(names))[:4]} too many and "
-                       f"{sorted(set(names) - have)[:4]} missing (its kept basis has {n_have} vectors, "
-                       f"{kept} expected after {n} steps)")
+            raise fail(
+                f"has tensors {sorted(have - set(names))[:4]} too many and "
+                f"{sorted(set(names) - have)[:4]} missing (its kept basis has {n_have} vectors, "
+                f"{kept} expected after {n} steps)"
+            )
         tensors = {}
         for name in names:
             i = int(name.rsplit(".", 1)[1])
             t, loc = f.get_tensor(name), _dist.local(params[i])
             if tuple(t.shape) != tuple(loc.shape):
-                raise fail(f"has {name} of shape {tuple(t.shape)}, but parameter {i} has "
-                           f"(local) shape {tuple(loc.shape)}")
+                raise fail(
+                    f"has {name} of shape {tuple(t.shape)}, but parameter {i} has "
+                    f"(local) shape {tuple(loc.shape)}"
+                )
             if t.dtype != dtype:
-                raise fail(f"has {name} in dtype {dtype_name(t.dtype)}, but the basis dtype is "
-                           f"{dtype_name(dtype)}")
+                raise fail(
+                    f"has {name} in dtype {dtype_name(t.dtype)}, but the basis dtype is "
+                    f"{dtype_name(dtype)}"
+                )
             tensors[name] = t.to(loc.device, copy=True)  # own, aligned memory, not the mmap
 
     def vector(prefix: str) -> Vector:
@@ -224,8 +259,9 @@ def load_checkpoint(path, config: dict, *, params, dtype: torch.dtype, num_kept:
     )
 
 
-def resume(path: Path | None, config: dict, *, params, dtype: torch.dtype,
-           num_kept: Callable[[int], int]) -> LanczosState | None:
+def resume(
+    path: Path | None, config: dict, *, params, dtype: torch.dtype, num_kept: Callable[[int], int]
+) -> LanczosState | None:
     """The state to resume from: ``load_checkpoint`` when ``path`` exists, else None; under
     ``torch.distributed`` every rank must resume from the same step (else a ``ValueError`` on
     every rank, before any collective could hang)."""

@@ -35,20 +35,20 @@ Vector = list[torch.Tensor]
 
 __all__ = [
     "Vector",
+    "add",
+    "axpy",
+    "cast",
+    "check_vector",
+    "clone",
     "dot",
     "dots",
-    "norm",
-    "axpy",
-    "scale",
-    "add",
-    "sub",
     "lincomb",
-    "zeros_like",
-    "clone",
-    "cast",
+    "norm",
     "random_probe",
+    "scale",
+    "sub",
     "unit_probe",
-    "check_vector",
+    "zeros_like",
 ]
 
 
@@ -64,7 +64,9 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.dot(a, b)
     if a.device.type != "cpu" or a.numel() <= _DOT_CHUNK:
         return torch.dot(a.double(), b.double())
-    parts = [torch.dot(x.double(), y.double()) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))]
+    parts = [
+        torch.dot(x.double(), y.double()) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))
+    ]
     return torch.stack(parts).sum()
 
 
@@ -227,14 +229,18 @@ def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + h * 2_654_435_761) % (2**63 - 1)
 
 
-_PROBE_BLOCK = 1 << 22  # entries per independently seeded block of a probe (fixed: part of the definition)
+_PROBE_BLOCK = (
+    1 << 22
+)  # entries per independently seeded block of a probe (fixed: part of the definition)
 
 
 def _block_seed(seed: int, name: str, k: int) -> int:
     return (_seed_for(seed, name) + k * 0x9E3779B97F4A7C15) % (2**63 - 1)
 
 
-def _draw_span(seed: int, name: str, numel: int, start: int, stop: int, kind: str, device, dtype) -> torch.Tensor:
+def _draw_span(
+    seed: int, name: str, numel: int, start: int, stop: int, kind: str, device, dtype
+) -> torch.Tensor:
     """Entries ``[start, stop)`` of a parameter's flattened probe (``numel`` entries in all).
 
     Block ``k`` (entries ``[kB, min((k+1)B, numel))``) is always drawn whole, at its fixed size,
@@ -304,8 +310,14 @@ def random_probe(
     return out
 
 
-def unit_probe(op_or_params, seed: int = 0, *, kind: str = "rademacher", dtype: torch.dtype | None = None,
-               names: Sequence[str] | None = None) -> Vector:
+def unit_probe(
+    op_or_params,
+    seed: int = 0,
+    *,
+    kind: str = "rademacher",
+    dtype: torch.dtype | None = None,
+    names: Sequence[str] | None = None,
+) -> Vector:
     """``random_probe(...)`` scaled to unit global norm (the direction of an FD error check, the
     block-diagonal test and the CLI's reported default step). ``dtype`` defaults to the
     operator's ``vector_dtype`` where it has one.
@@ -333,7 +345,8 @@ def check_vector(v, params: Sequence[torch.Tensor], what: str = "vector") -> Vec
         raise TypeError(
             f"{what} must be a list of tensors, one per entry of op.params "
             f"({len(params)} tensors), got {type(v).__name__}. "
-            "Build one with hessian_spectra.random_probe(op) or [torch.zeros_like(p) for p in op.params]."
+            "Build one with hessian_spectra.random_probe(op) or "
+            "[torch.zeros_like(p) for p in op.params]."
         )
     if len(v) != len(params):
         raise ValueError(
@@ -345,6 +358,7 @@ def check_vector(v, params: Sequence[torch.Tensor], what: str = "vector") -> Vec
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(loc.shape):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"{what}[{i}] has shape {got} but parameter {i} has (local) shape {tuple(loc.shape)}"
+                f"{what}[{i}] has shape {got} but parameter {i} has (local) shape "
+                f"{tuple(loc.shape)}"
             )
     return list(v)
