@@ -246,6 +246,16 @@ def _start(op, v0, seed: int, probe: str, work: torch.dtype, store: torch.dtype)
     return LanczosState(alpha=[], beta=[], q=q, q_prev=None, v0_norm=v0_norm)
 
 
+def _keep(kept: list[Vector], q: Vector, window: int | None) -> None:
+    """Add ``q`` to the vectors kept for reorthogonalisation: all of them (``window`` None), the
+    last ``window`` ones, or none (0)."""
+    if window == 0:
+        return
+    kept.append(q)
+    if window is not None and len(kept) > window:
+        kept.pop(0)
+
+
 def _reorthogonalise(w: Vector, kept: list[Vector]) -> None:
     """``w -= Q Qᵀ w`` against the kept vectors, twice: CGS2, twice is enough (Giraud et al.
     2005); one all-reduce of all dot products per pass."""
@@ -332,10 +342,7 @@ def lanczos(
     ) as bar:
         for j in range(st.num_steps, num_steps):
             q, q_prev = st.q, st.q_prev  # q_j, q_{j-1}
-            if window != 0:
-                st.kept.append(q)
-                if window is not None and len(st.kept) > window:
-                    st.kept.pop(0)
+            _keep(st.kept, q, window)
             w = cast(op.matvec(cast(q, work)), work)  # H q_j
             alpha = dot(w, q)
             axpy(-alpha, q, w)
