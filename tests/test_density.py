@@ -125,8 +125,8 @@ def test_json_round_trip(H):
     for a, b in zip(back.runs, dens.runs):
         np.testing.assert_array_equal(a.alpha, b.alpha)
         np.testing.assert_array_equal(a.beta, b.beta)
-    for key in ("lambda_max", "lambda_min", "trace", "negative_mass"):
-        assert key in d["summary"]
+    for key in ("lambda_max", "lambda_min", "trace", "negative_mass", "negative_mass_below_zero"):
+        assert d["summary"][key] == back.summary()[key]
 
 
 def test_resume_probe_by_probe(H):

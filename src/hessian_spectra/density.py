@@ -57,7 +57,6 @@ class SpectralDensity:
         num_params: dimension P of the operator (to scale normalised traces to tr(H)).
         config: the settings (num_steps, num_probes, seed, reorth, basis dtype, method, eps).
 
-    >>> import numpy as np
     >>> run = LanczosResult(alpha=[2.0, 2.0], beta=[1.0])  # nodes 1 and 3, weights 1/2 each
     >>> dens = SpectralDensity([run], num_params=10)
     >>> dens.trace(), dens.moment(2)
@@ -74,6 +73,7 @@ class SpectralDensity:
 
     @property
     def num_probes(self) -> int:
+        """The number of probes (Lanczos runs)."""
         return len(self.runs)
 
     @property

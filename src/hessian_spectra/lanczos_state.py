@@ -150,7 +150,7 @@ def _number(x) -> bool:
 
 
 def load_checkpoint(
-    path, config: dict, *, params, dtype: torch.dtype, num_kept: int
+    path, config: dict, *, params, dtype: torch.dtype, num_kept: Callable[[int], int]
 ) -> LanczosState:
     """The state in ``path``, checked against the run that resumes from it.
 
