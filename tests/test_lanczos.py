@@ -219,3 +219,16 @@ def test_result_from_malformed_dict_is_a_clear_error(d, exc, match):
     naming the missing or wrong key, never a bare KeyError or a numpy/scipy message."""
     with pytest.raises(exc, match=match):
         hs.LanczosResult.from_dict(d)
+
+
+def test_progress_bar_changes_no_number(capsys):
+    """progress=True (a rank-0 tqdm bar on stderr) gives the same alpha/beta as progress=False
+    for lanczos, slq and trace, and the bars are shown."""
+    H = known_spectrum_matrix(OUTLIER_EIGS)
+    a, b = hs.lanczos(H, 8, progress=True), hs.lanczos(H, 8)
+    np.testing.assert_array_equal(a.alpha, b.alpha)
+    np.testing.assert_array_equal(a.beta, b.beta)
+    np.testing.assert_array_equal(hs.slq(H, 4, 2, progress=True).nodes, hs.slq(H, 4, 2).nodes)
+    assert tuple(hs.trace(H, 3, progress=True)) == tuple(hs.trace(H, 3))
+    err = capsys.readouterr().err
+    assert "Lanczos" in err and "SLQ probes" in err and "Hutchinson probes" in err
