@@ -114,16 +114,8 @@ def checkpoint_path(checkpoint) -> Path | None:
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the CPU as a tensor that owns its whole storage (safetensors refuses views that
-    share memory, e.g. the pieces of one flat gradient buffer)."""
-    t = t.detach().cpu()
-    if (
-        t.is_contiguous()
-        and t.storage_offset() == 0
-        and (t.untyped_storage().nbytes() == t.numel() * t.element_size())
-    ):
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+    """``t`` as a contiguous CPU tensor (views of one buffer are fine: they do not overlap)."""
+    return t.detach().cpu().contiguous()
 
 
 def save_checkpoint(path, state: LanczosState, config: dict) -> None:
