@@ -44,11 +44,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as _safetensors_bytes
+from safetensors.torch import save_file as _save_file
 
 from . import distributed as _dist
 from ._checks import dtype_name
-from ._io import atomic_write_bytes
+from ._io import atomic_write_with
 from .vectors import Vector
 
 __all__ = [
@@ -134,7 +134,7 @@ def save_checkpoint(path, state: LanczosState, config: dict) -> None:
         "seconds": state.seconds,
     }
     meta = {"format": FORMAT, "version": VERSION, "state": json.dumps(scalars)}
-    atomic_write_bytes(path, _safetensors_bytes(tensors, metadata=meta))
+    atomic_write_with(path, lambda tmp: _save_file(tensors, str(tmp), metadata=meta))
 
 
 def _number(x) -> bool:
