@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hessian_spectra import distributed as D
+from hessian_spectra.distributed import process
 from hessian_spectra import vectors as V
 
 
@@ -54,12 +55,12 @@ def test_launch_returns_exit_codes(no_torchrun, capsys):
 def test_timeout_env(monkeypatch):
     """HESSIAN_SPECTRA_DIST_TIMEOUT overrides the collective timeout; nonsense is rejected."""
     monkeypatch.setenv(D.TIMEOUT_ENV, "12.5")
-    assert D._timeout_s() == 12.5
+    assert process._timeout_s() == 12.5
     monkeypatch.setenv(D.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="seconds"):
-        D._timeout_s()
+        process._timeout_s()
     monkeypatch.delenv(D.TIMEOUT_ENV)
-    assert D._timeout_s() == D.DEFAULT_TIMEOUT_S
+    assert process._timeout_s() == D.DEFAULT_TIMEOUT_S
 
 
 class Blocky(nn.Module):
