@@ -104,10 +104,11 @@ def _outermost(model: torch.nn.Module, pred) -> list[torch.nn.Module]:
 
 # ---------------------------------------------------------------------- same weights on all ranks
 def _named_states(model: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
-    """``(kind, name, tensor)`` for every parameter and buffer (shared ones once)."""
+    """``(kind, name, tensor)`` for every parameter and buffer (shared ones once), except
+    DTensors: those are sharded already, and each rank rightly holds a different piece."""
     out = [("parameter", n, p) for n, p in model.named_parameters()]
     out += [("buffer", n, b) for n, b in model.named_buffers()]
-    return out
+    return [s for s in out if not isinstance(s[2], _private.DTensor)]
 
 
 def _layout_code(states) -> int:
