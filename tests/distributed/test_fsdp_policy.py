@@ -119,10 +119,10 @@ def test_private_fsdp_state_unreadable_gives_none():
 
     class OtherGroups(nn.Module):
         def _get_fsdp_state(self):
-            class S:
-                _fsdp_param_groups = [object()]  # no factor attribute, no mesh_info
+            from types import SimpleNamespace
 
-            return S()
+            # a group without a factor attribute and without mesh_info
+            return SimpleNamespace(_fsdp_param_groups=[object()])
 
     assert _private.gradient_divide_factors(NoState()) is None
     assert _private.gradient_divide_factors(OtherGroups()) is None
