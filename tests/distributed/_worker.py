@@ -114,6 +114,17 @@ def run_main(out_path):
     V._PROBE_BLOCK = 7
     res["probe_block7"] = full(op, random_probe(op, 5))
     V._PROBE_BLOCK = saved_block
+    # DTensor's private placement helper unavailable (a future torch): local_flat_range gives
+    # None and the probe is cut from a full draw instead, the same vector
+    from hessian_spectra.distributed import shards
+
+    saved_helper = shards.local_shape_and_offset
+    shards.local_shape_and_offset = lambda p: None
+    try:
+        res["flat_ranges_fallback"] = [D.local_flat_range(p) for p in op.params]
+        res["probe_rademacher_fallback"] = full(op, random_probe(op, 5))
+    finally:
+        shards.local_shape_and_offset = saved_helper
 
     # -- HVPs and gradient; parameters bit-identical afterwards (local shards on every rank,
     #    and the loss of a forward pass, which all-gathers them again)
@@ -232,6 +243,13 @@ def run_main(out_path):
         res["grad_scale_unreadable_warnings"] = [
             f"{w.category.__name__}: {w.message}" for w in caught
         ]
+        # factors that differ between FSDP modules: refused (the operator needs one)
+        next(m for m in model.modules() if isinstance(m, FSDPModule)).set_gradient_divide_factor(3.0)
+        try:
+            D.gradient_scale(model)
+            res["grad_scale_mixed_error"] = None
+        except ValueError as e:
+            res["grad_scale_mixed_error"] = str(e)
 
     res["seconds"] = time.perf_counter() - t0
     D.write_json0(out_path, res)

@@ -221,6 +221,24 @@ def test_gradient_scale_falls_back_when_fsdp_state_is_unreadable(runs):
         assert "gradient divide factor" in warned[0] and f"world size {n}" in warned[0], warned
 
 
+def test_gradient_scale_refuses_mixed_factors(runs):
+    """FSDP modules that divide gradients by different factors (set_gradient_divide_factor
+    called on one of them) are refused with a ValueError that says how to set them all."""
+    for ws in SHARDED:
+        msg = runs[ws]["grad_scale_mixed_error"]
+        assert msg and "different factors [1.0, 3.0]" in msg and "every FSDP module" in msg, msg
+
+
+def test_shard_geometry_fallback_gives_the_same_probe(runs):
+    """Without DTensor's private placement helper, local_flat_range says None for sharded
+    parameters and random_probe cuts its pieces from a full draw: the same global vector."""
+    for ws in SHARDED:
+        assert all(r is None for r in runs[ws]["flat_ranges_fallback"]), ws
+        assert runs[ws]["probe_rademacher_fallback"] == runs["plain"]["probe_rademacher"], ws
+    n = runs["plain"]["num_params"]
+    assert sum(b - a for a, b in runs["plain"]["flat_ranges_fallback"]) == n  # plain: whole
+
+
 @pytest.fixture(scope="module")
 def weights_run(tmp_path_factory):
     """The JSON of ``_worker.py weights`` at world size 2 (every rank seeds its own model)."""
