@@ -178,6 +178,8 @@ def _broadcast_from_rank0(states) -> None:
 
 def _same_weights_on_all_ranks(model: torch.nn.Module, broadcast_from_rank0: bool) -> None:
     """Refuse (or, with ``broadcast_from_rank0``, repair) weights that differ between ranks."""
+    if world_size() == 1:
+        return  # one rank: nothing to compare with (and no time spent on fingerprints)
     states = _named_states(model)
     _refuse_different_layout(states)
     if not states:
