@@ -155,6 +155,8 @@ def hvp_jvp(obj: Objective, v: Vector) -> Vector:
     def weighted_loss(pd, batch, i, zero):
         loss, w, given[i] = normalise(functional_call(wrapper, {**consts, **pd}, (batch,)), i,
                                       zero)
+        if not loss.requires_grad:
+            raise _no_graph_error(i)
         return loss * w.to(loss.dtype), (loss.detach(), w)
 
     out = obj.zeros()
@@ -187,6 +189,12 @@ def _explain_second_order(method: str):
                 f"({first}). F.mse_loss with reduction='mean' does this on torch 2.13 "
                 "(mse_loss_backward); reduction='sum', reduction='none' then .mean(), or "
                 "((out - y) ** 2).mean() work."
+            ) from e
+        if method == "jvp" and "mutate a captured Tensor" in msg:
+            raise JvpUnsupported(
+                "torch.func forward-over-reverse cannot run a model that updates a tensor in "
+                "place while it computes the loss (batch-norm running statistics in train mode, "
+                f"a cache): {first}"
             ) from e
         if method == "jvp" and ("forward AD" in msg or "forward-mode" in msg):
             raise JvpUnsupported(
