@@ -11,7 +11,9 @@ import hessian_spectra as hs
 def _spd(n=30, lo=0.5, hi=10.0, seed=0):
     rng = np.random.default_rng(seed)
     Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return torch.tensor(Q @ np.diag(np.linspace(lo, hi, n)) @ Q.T), torch.tensor(rng.standard_normal(n))
+    return torch.tensor(Q @ np.diag(np.linspace(lo, hi, n)) @ Q.T), torch.tensor(
+        rng.standard_normal(n)
+    )
 
 
 class _TwoBlock(hs.DenseOperator):
@@ -49,21 +51,38 @@ def test_block_test_says_yes_on_block_diagonal_and_no_with_coupling():
         err = float((h[sl] - hb[sl]).norm())
         assert row.abs_error == pytest.approx(err, rel=1e-10)
         assert row.rel_error == pytest.approx(err / float(h[sl].norm()), rel=1e-10)
-        assert row.cosine == pytest.approx(float(h[sl] @ hb[sl] / (h[sl].norm() * hb[sl].norm())), rel=1e-10)
+        assert row.cosine == pytest.approx(
+            float(h[sl] @ hb[sl] / (h[sl].norm() * hb[sl].norm())), rel=1e-10
+        )
     assert rep.summary()["rel_error"]["mean"] > 0.05
 
 
 def test_default_blocks_group_transformer_layers():
     """Default blocks: one per transformer layer, the rest grouped by module."""
-    names = ["model.embed_tokens.weight", "model.layers.0.mlp.w", "model.layers.0.ln.weight",
-             "model.layers.1.mlp.w", "model.norm.weight", "lm_head.weight", "transformer.h.3.attn.c_attn.weight"]
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.w",
+        "model.layers.0.ln.weight",
+        "model.layers.1.mlp.w",
+        "model.norm.weight",
+        "lm_head.weight",
+        "transformer.h.3.attn.c_attn.weight",
+    ]
     g = hs.default_blocks(names)
     assert g["model.layers.0"] == ["model.layers.0.mlp.w", "model.layers.0.ln.weight"]
-    assert set(g) == {"model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head", "transformer.h.3"}
+    assert set(g) == {
+        "model.embed_tokens",
+        "model.layers.0",
+        "model.layers.1",
+        "model.norm",
+        "lm_head",
+        "transformer.h.3",
+    }
 
 
 def test_block_test_on_mlp_matches_dense_hessian(mlp64):
-    """On an MLP (blocks fc1, fc2) each row equals the numbers computed from the dense Hessian's blocks."""
+    """On an MLP (blocks fc1, fc2) each row equals the numbers computed from the dense
+    Hessian's blocks."""
     model, loss_fn, batches, H = mlp64
     op = hs.HessianOperator(model, loss_fn, batches, method="exact")
     rep = hs.block_diagonal_test(op, num_probes=2, seed=3)
@@ -82,4 +101,6 @@ def test_block_test_on_mlp_matches_dense_hessian(mlp64):
             hb = H @ vb
             err = float((h[sl] - hb[sl]).norm())
             assert row.rel_error == pytest.approx(err / float(h[sl].norm()), rel=1e-8)
-            assert row.cosine == pytest.approx(float(h[sl] @ hb[sl] / (h[sl].norm() * hb[sl].norm())), rel=1e-8)
+            assert row.cosine == pytest.approx(
+                float(h[sl] @ hb[sl] / (h[sl].norm() * hb[sl].norm())), rel=1e-8
+            )

@@ -27,8 +27,11 @@ def test_fd_default_eps_error_is_small(dtype, bound):
     op = hs.HessianOperator(m, loss_fn, bs, method="fd")
     v = hs.random_probe(op, 3)
     err = op.fd_error(v, reference="exact")
-    ratio = max(float(t.double().norm() / p.detach().double().norm())
-                for t, p in zip(v, op.params) if p.norm() > 0)
+    ratio = max(
+        float(t.double().norm() / p.detach().double().norm())
+        for t, p in zip(v, op.params)
+        if p.norm() > 0
+    )
     assert err.eps == pytest.approx(0.1 * torch.finfo(dtype).eps ** (1 / 3) / ratio, rel=1e-10)
     assert err.reference == "exact" and err.ref_norm > 0
     assert err.rel_error <= bound, err
@@ -82,7 +85,9 @@ def test_eps_sweep_reports_true_fd_errors(mlp64):
     for e, r in zip(eps_values, rows):
         h = torch.cat([t.reshape(-1) for t in op.matvec(v, eps=e)])
         assert r.eps == e
-        assert r.rel_error == pytest.approx(float((h - ref).norm() / ref.norm()), rel=1e-6, abs=1e-14)
+        assert r.rel_error == pytest.approx(
+            float((h - ref).norm() / ref.norm()), rel=1e-6, abs=1e-14
+        )
     errs = [r.rel_error for r in rows]
     assert errs[1] < errs[0] and errs[1] < errs[2]
     assert errs[1] < 1e-7

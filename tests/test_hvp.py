@@ -74,7 +74,11 @@ def test_matvec_equals_dense_hessian_float64(kind, method):
     tol = TOL64_LLAMA if "llama" in kind else TOL64
     eps = None
     if "llama" in kind and method == "fd":  # float32 arithmetic inside: use the float32 step
-        eps = hs.default_eps_scale(torch.float32) * hs.norm([p.detach() for p in op.params]) / hs.norm(vv)
+        eps = (
+            hs.default_eps_scale(torch.float32)
+            * hs.norm([p.detach() for p in op.params])
+            / hs.norm(vv)
+        )
     hv = flatten(op.matvec(vv, eps=eps))
     assert _rel(hv, H @ v) <= tol[method], f"{kind}/{method}: {_rel(hv, H @ v):.2e}"
 
@@ -117,8 +121,12 @@ def test_loss_linear_in_params_gives_zero_hvp(method):
     """A loss linear in θ (its gradient does not depend on θ) has H = 0: every method returns an
     exact zero vector (up to fd rounding) instead of failing on a gradient with no graph."""
     m = _W(torch.ones(4, dtype=torch.float64))
-    op = hs.HessianOperator(m, lambda model, b: (model.w * b).sum(),
-                            [torch.arange(4.0, dtype=torch.float64)], method=method)
+    op = hs.HessianOperator(
+        m,
+        lambda model, b: (model.w * b).sum(),
+        [torch.arange(4.0, dtype=torch.float64)],
+        method=method,
+    )
     (hv,) = op.matvec(hs.random_probe(op, kind="gaussian"))
     assert float(hv.abs().max()) <= (1e-6 if method == "fd" else 0.0)
 
@@ -162,9 +170,14 @@ def test_jvp_through_a_train_mode_batchnorm_falls_back_to_exact():
     the per-batch dense train-mode Hessian."""
     m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(n, 4, generator=g, dtype=torch.float64),
-                torch.randn(n, 2, generator=g, dtype=torch.float64)) for n in (5, 7)]
-    loss = lambda model, b: (((model(b[0]) - b[1]) ** 2).mean(), b[0].shape[0])  # noqa: E731
+    batches = [
+        (
+            torch.randn(n, 4, generator=g, dtype=torch.float64),
+            torch.randn(n, 2, generator=g, dtype=torch.float64),
+        )
+        for n in (5, 7)
+    ]
+    loss = lambda model, b: (((model(b[0]) - b[1]) ** 2).mean(), b[0].shape[0])
     m.train()
     H = dense_hessian(m, loss, batches, how="autograd-loop")
     op = hs.HessianOperator(m, loss, batches, method="jvp", train_mode=True)
@@ -249,7 +262,9 @@ def _failing_loss(loss_fn, fail_at: int, exc):
     return f, calls
 
 
-@pytest.mark.parametrize("exc", [_Boom("loss_fn failed"), KeyboardInterrupt()], ids=["raises", "interrupt"])
+@pytest.mark.parametrize(
+    "exc", [_Boom("loss_fn failed"), KeyboardInterrupt()], ids=["raises", "interrupt"]
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_state_restored_when_loss_fn_fails_mid_matvec(method, exc):
     """When loss_fn raises (or the user hits Ctrl-C) in the middle of a matvec, e.g. on the
@@ -275,7 +290,8 @@ def test_state_restored_when_loss_fn_fails_mid_matvec(method, exc):
 
 
 def test_nan_mid_pass_restores_state():
-    """A NaN loss on the θ−εv pass raises FloatingPointError and leaves the parameters as they were."""
+    """A NaN loss on the θ−εv pass raises FloatingPointError and leaves the parameters as they
+    were."""
     m, loss_fn, batches = make_problem("mlp")
     snap = _snapshot(m)
     calls = {"n": 0}

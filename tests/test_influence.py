@@ -13,7 +13,8 @@ from conftest import make_problem
 
 def _grad_of(model, loss_fn, bs):
     tot = sum(loss_fn(model, b)[0] * loss_fn(model, b)[1] for b in bs) / sum(
-        loss_fn(model, b)[1] for b in bs)
+        loss_fn(model, b)[1] for b in bs
+    )
     g = torch.autograd.grad(tot, list(model.parameters()))
     return torch.cat([t.reshape(-1) for t in g])
 
@@ -26,8 +27,9 @@ def test_influence_scores_equal_dense_formula(mlp64):
     lam = float(max(0.0, -np.linalg.eigvalsh(H.numpy())[0])) + 0.5
     query = [batches[0]]
     res = hs.influence(op, query, batches, damping=lam, tol=1e-12, max_iter=500)
-    s = torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=H.dtype),
-                           _grad_of(model, loss_fn, query))
+    s = torch.linalg.solve(
+        H + lam * torch.eye(H.shape[0], dtype=H.dtype), _grad_of(model, loss_fn, query)
+    )
     ref = np.array([-float(s @ _grad_of(model, loss_fn, [b])) for b in batches])
     assert res.converged and res.status == "complete" and res.to_dict()["status"] == "complete"
     np.testing.assert_allclose(res.scores, ref, rtol=1e-8, atol=1e-12)
@@ -47,7 +49,7 @@ def _least_squares(seed=0):
 
     train = [batch(n) for n in (4, 6, 5)]
     query = [batch(3)]
-    loss = lambda m, b: (((m(b[0]) - b[1]) ** 2).mean(), b[0].shape[0])  # noqa: E731
+    loss = lambda m, b: (((m(b[0]) - b[1]) ** 2).mean(), b[0].shape[0])
     return model, loss, train, query
 
 
@@ -133,8 +135,7 @@ def test_influence_uses_the_operators_parameters_and_reduction():
     those parameters, with summed (not averaged) gradients."""
     model, loss_fn, batches = make_problem("mlp")
     names = ["fc2.weight", "fc2.bias"]
-    op = hs.HessianOperator(model, loss_fn, batches, method="exact", params=names,
-                            reduction="sum")
+    op = hs.HessianOperator(model, loss_fn, batches, method="exact", params=names, reduction="sum")
     res = hs.influence(op, batches[:2], batches, damping=1.0, tol=1e-12, max_iter=200)
     ps = [model.get_parameter(n) for n in names]
 

@@ -33,15 +33,22 @@ def test_as_operator_wraps_matrices_and_completes_minimal_objects():
     assert isinstance(as_operator(H.numpy()), DenseOperator)
 
     class Minimal:
-        params = [torch.zeros(2, dtype=torch.float64)]
         extra = 7
+
+        def __init__(self):
+            self.params = [torch.zeros(2, dtype=torch.float64)]
 
         def matvec(self, v):
             return [H @ v[0]]
 
     m = as_operator(Minimal())
     assert isinstance(m, Operator)
-    assert (m.param_names, m.num_params, m.vector_dtype, m.method) == (["0"], 2, torch.float64, "custom")
+    assert (m.param_names, m.num_params, m.vector_dtype, m.method) == (
+        ["0"],
+        2,
+        torch.float64,
+        "custom",
+    )
     assert m.extra == 7
     x = torch.ones(2, dtype=torch.float64)
     assert torch.equal((m @ [x])[0], H @ x)
@@ -58,7 +65,8 @@ def test_algorithms_give_the_same_answer_on_a_double_and_on_a_matrix():
     b = [torch.ones(6, dtype=torch.float64)]
 
     class Double:
-        params = [torch.zeros(6, dtype=torch.float64)]
+        def __init__(self):
+            self.params = [torch.zeros(6, dtype=torch.float64)]
 
         def matvec(self, v):
             return [H @ v[0]]

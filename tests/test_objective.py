@@ -9,7 +9,14 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessian_spectra as hs
-from conftest import dense_hessian, flat_loss_fn, flatten, make_problem, problem_with_hessian, unflatten
+from conftest import (
+    dense_hessian,
+    flat_loss_fn,
+    flatten,
+    make_problem,
+    problem_with_hessian,
+    unflatten,
+)
 from hessian_spectra.objective import Objective, batch_size
 from hessian_spectra.partition import ZeroWeight
 
@@ -72,7 +79,7 @@ def test_reduction_sum_and_mean_equal_dense_hessians(kind, method):
         op = hs.HessianOperator(m, loss_fn, batches, method=method, reduction=reduction)
         assert _rel(_hv(op, v), H @ v) < tol, reduction
     if kind == "mlp":  # a summed risk: loss_fn returns the batch's sum, no weight
-        summed = lambda model, b: ((model(b[0]) - b[1]) ** 2).sum()  # noqa: E731
+        summed = lambda model, b: ((model(b[0]) - b[1]) ** 2).sum()
         H = dense_hessian(m, lambda model, b: (summed(model, b), 1.0), batches, reduction="sum")
         op = hs.HessianOperator(m, summed, batches, method=method, reduction="sum")
         assert _rel(_hv(op, v), H @ v) < tol
@@ -90,18 +97,19 @@ def test_reduction_is_validated():
 # --------------------------------------------------------------------------- weights (13.5, 13.6)
 def test_negative_weight_is_refused_naming_the_batch():
     """Issue 13.5: weights of mixed sign were accepted when their sum was positive. A negative
-    weight is a ValueError naming the batch, for the gradient and every method."""
+    weight is a ValueError naming the batch, for the gradient and every method (here weights
+    3, 5, −2: their sum is positive, and main accepted them)."""
     m, loss_fn, batches = make_problem("mlp")
 
     def signed(model, b):
         loss, w = loss_fn(model, b)
-        return loss, (-w if b is batches[1] else w)
+        return loss, (-w if b is batches[2] else w)
 
-    with pytest.raises(ValueError, match=r"weight -5.0 for batch 1.*≥ 0"):
+    with pytest.raises(ValueError, match=r"weight -2.0 for batch 2.*≥ 0"):
         hs.HessianOperator(m, signed, batches).gradient()
     for method in METHODS:
         op = hs.HessianOperator(m, signed, batches, method=method)
-        with pytest.raises(ValueError, match=r"batch 1"):
+        with pytest.raises(ValueError, match=r"batch 2"):
             op @ hs.random_probe(op)
 
 
@@ -117,7 +125,7 @@ def test_zero_weight_batches_count_for_nothing():
     l0, g0 = Objective(m, loss_fn, batches).gradient()
     l1, g1 = Objective(m, loss_fn, padded).gradient()
     assert l1 == pytest.approx(l0, rel=1e-14) and _rel(flatten(g1), flatten(g0)) < 1e-14
-    zero_w = lambda model, b: (loss_fn(model, b)[0], 0.0 if b is batches[1] else b[0].shape[0])  # noqa: E731
+    zero_w = lambda model, b: (loss_fn(model, b)[0], 0.0 if b is batches[1] else b[0].shape[0])
     H02 = dense_hessian(m, loss_fn, [batches[0], batches[2]])
     assert _rel(_hv(hs.HessianOperator(m, zero_w, batches, method="exact"), v), H02 @ v) < 1e-12
 
@@ -135,18 +143,21 @@ def test_unequal_batches_without_weights_are_refused(method):
     Hessian of the per-example mean, and equal batches without weights are fine."""
     m, loss, batches = _plain_unequal()
     op = hs.HessianOperator(m, loss, batches, method=method)
-    with pytest.raises(ValueError, match=r"different sizes \(2 to 5.*\(loss, batch_size\).*reduction='sum'"):
+    with pytest.raises(
+        ValueError, match=r"different sizes \(2 to 5.*\(loss, batch_size\).*reduction='sum'"
+    ):
         op @ hs.random_probe(op)
     with pytest.raises(ValueError, match=r"different sizes"):
         op.gradient()
-    weighted = lambda model, b: (loss(model, b), b[0].shape[0])  # noqa: E731
+    weighted = lambda model, b: (loss(model, b), b[0].shape[0])
     H = dense_hessian(m, weighted, batches)
     v = _direction(H.shape[0])
     op = hs.HessianOperator(m, weighted, batches, method=method)
     assert _rel(_hv(op, v), H @ v) < (1e-6 if method == "fd" else 1e-12)
     m2, l2, b2, H2 = problem_with_hessian("plain")  # equal batches, bare scalar losses
     assert _rel(_hv(hs.HessianOperator(m2, l2, b2, method=method), v), H2 @ v) < (
-        1e-6 if method == "fd" else 1e-12)
+        1e-6 if method == "fd" else 1e-12
+    )
 
 
 def test_batch_size_is_the_leading_dimension():
@@ -159,7 +170,7 @@ def test_batch_size_is_the_leading_dimension():
     assert batch_size(0) is None and batch_size(torch.tensor(3.0)) is None
 
 
-# --------------------------------------------------------------------------- loss with no graph (13.12)
+# ------------------------------------------------------------------ loss with no graph (13.12)
 def _no_grad_loss(model, b):
     with torch.no_grad():
         return ((model(b[0]) - b[1]) ** 2).mean(), b[0].shape[0]
@@ -177,11 +188,13 @@ def test_loss_without_graph_is_a_user_error(method, loss):
     a silent zero. It is a ValueError saying what is wrong and what to do, for every method."""
     m, _, batches = make_problem("mlp")
     op = hs.HessianOperator(m, loss, batches, method="fd" if method == "gradient" else method)
-    with pytest.raises(ValueError, match=r"batch 0 does not depend on the parameters.*no_grad.*inside loss_fn"):
+    with pytest.raises(
+        ValueError, match=r"batch 0 does not depend on the parameters.*no_grad.*inside loss_fn"
+    ):
         op.gradient() if method == "gradient" else op @ hs.random_probe(op)
 
 
-# --------------------------------------------------------------------------- mode and buffers (13.8)
+# ------------------------------------------------------------------- mode and buffers (13.8)
 def _bn_problem():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
@@ -189,9 +202,14 @@ def _bn_problem():
         m[1].running_mean.normal_()
         m[1].running_var.uniform_(0.5, 2.0)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(n, 4, generator=g, dtype=torch.float64),
-                torch.randn(n, 2, generator=g, dtype=torch.float64)) for n in (5, 7)]
-    loss = lambda model, b: (((model(b[0]) - b[1]) ** 2).mean(), b[0].shape[0])  # noqa: E731
+    batches = [
+        (
+            torch.randn(n, 4, generator=g, dtype=torch.float64),
+            torch.randn(n, 2, generator=g, dtype=torch.float64),
+        )
+        for n in (5, 7)
+    ]
+    loss = lambda model, b: (((model(b[0]) - b[1]) ** 2).mean(), b[0].shape[0])
     return m, loss, batches
 
 
@@ -236,9 +254,13 @@ def test_dropout_in_train_mode_stays_refused_and_eval_mode_is_default():
     base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     drop = nn.Sequential(base[0], nn.Dropout(0.5), base[1], base[2]).train()
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(3, 4, generator=g, dtype=torch.float64),
-                torch.randn(3, 2, generator=g, dtype=torch.float64))]
-    loss = lambda model, b: ((model(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    batches = [
+        (
+            torch.randn(3, 4, generator=g, dtype=torch.float64),
+            torch.randn(3, 2, generator=g, dtype=torch.float64),
+        )
+    ]
+    loss = lambda model, b: ((model(b[0]) - b[1]) ** 2).mean()
     v = hs.random_probe(list(base.parameters()), 0)
     a = hs.HessianOperator(base, loss, batches, method="exact").matvec(v)
     b = hs.HessianOperator(drop, loss, batches, method="exact").matvec(v)
@@ -281,7 +303,7 @@ def test_nonfinite_hvp_is_caught_and_blamed_on_its_batch():
     batch whose own gradient is not finite (here batch 1: sqrt(|w·0|) has gradient inf·0)."""
     m = _W(torch.ones(5))
     batches = [torch.ones(5), torch.zeros(5)]
-    loss = lambda model, b: (model.w * b).abs().sqrt().sum()  # noqa: E731
+    loss = lambda model, b: (model.w * b).abs().sqrt().sum()
     op = hs.HessianOperator(m, loss, batches, method="fd")
     with pytest.raises(FloatingPointError, match="first from batch 1"):
         op.gradient()
@@ -293,7 +315,7 @@ def test_huge_finite_gradient_is_not_reported_as_nonfinite():
     """Entries of 1e37 (finite in float32) whose sum overflows are not mistaken for NaN/inf: the
     fast sum screen falls back to an entry-by-entry check."""
     m = _W(torch.full((100,), 1.1))
-    loss = lambda model, b: 1e38 * ((model.w - 1) ** 2).sum() / 2  # noqa: E731
+    loss = lambda model, b: 1e38 * ((model.w - 1) ** 2).sum() / 2
     _, g = hs.HessianOperator(m, loss, [0]).gradient()
     assert torch.isfinite(g[0]).all() and float(g[0][0]) == pytest.approx(1e37, rel=1e-5)
     assert not torch.isfinite(g[0].sum())

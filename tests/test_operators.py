@@ -41,7 +41,7 @@ def test_weights_matter():
     """The (loss, weight) pairs are honoured: the operator on unequal batches with weights equals
     the weighted reference and differs (by more than 1e-3) from the unweighted one."""
     m, loss_fn, batches, H = problem_with_hessian("mlp")
-    unweighted = lambda model, b: loss_fn(model, b)[0]  # noqa: E731
+    unweighted = lambda model, b: loss_fn(model, b)[0]
     H_unw = dense_hessian(m, unweighted, batches)
     v = _direction(H.shape[0])
     op = hs.HessianOperator(m, loss_fn, batches, method="exact")
@@ -58,8 +58,12 @@ def test_params_subset():
     assert op.param_names == ["fc2.weight", "fc1.bias"] and op.num_params == 18 + 6
     sizes = {n: p.numel() for n, p in m.named_parameters()}
     offs = np.cumsum([0] + [sizes[n] for n in names])
-    idx = torch.cat([torch.arange(offs[names.index(n)], offs[names.index(n)] + sizes[n])
-                     for n in op.param_names])
+    idx = torch.cat(
+        [
+            torch.arange(offs[names.index(n)], offs[names.index(n)] + sizes[n])
+            for n in op.param_names
+        ]
+    )
     v = _direction(len(idx))
     hv = flatten(op.matvec(unflatten(v, op.params)))
     assert _rel(hv, H[idx][:, idx] @ v) < 1e-12

@@ -11,7 +11,9 @@ import hessian_spectra as hs
 def _spd(n=30, lo=0.5, hi=10.0, seed=0):
     rng = np.random.default_rng(seed)
     Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return torch.tensor(Q @ np.diag(np.linspace(lo, hi, n)) @ Q.T), torch.tensor(rng.standard_normal(n))
+    return torch.tensor(Q @ np.diag(np.linspace(lo, hi, n)) @ Q.T), torch.tensor(
+        rng.standard_normal(n)
+    )
 
 
 def test_cg_equals_dense_solve():
@@ -26,7 +28,8 @@ def test_cg_equals_dense_solve():
 
 @pytest.mark.parametrize("k", [1, 2, 5, 10])
 def test_cg_iterates_equal_scipy(k):
-    """At a fixed max_iter, our iterate equals scipy.sparse.linalg.cg's (same Hestenes-Stiefel recurrence)."""
+    """At a fixed max_iter, our iterate equals scipy.sparse.linalg.cg's (same Hestenes-Stiefel
+    recurrence)."""
     A, b = _spd(seed=1)
     x, _ = hs.cg_solve(A, [b], tol=0.0, max_iter=k)
     xs, _ = sla.cg(A.numpy(), b.numpy(), rtol=0.0, atol=0.0, maxiter=k)
@@ -46,13 +49,14 @@ def test_cg_reports_negative_curvature():
     """On an indefinite matrix CG stops at a direction with p^T A p ≤ 0 and says so."""
     A, b = _spd(seed=3)
     A = A - 5.0 * torch.eye(A.shape[0], dtype=A.dtype)
-    x, info = hs.cg_solve(A, [b], max_iter=100)
+    _, info = hs.cg_solve(A, [b], max_iter=100)
     assert info.negative_curvature and not info.converged
     assert info.curvature <= 0
 
 
 def test_cg_on_mlp_hessian_matches_dense(mlp64):
-    """CG with damping on a real (indefinite) MLP Hessian equals solve(H + λI, b) of the dense Hessian."""
+    """CG with damping on a real (indefinite) MLP Hessian equals solve(H + λI, b) of the dense
+    Hessian."""
     model, loss_fn, batches, H = mlp64
     op = hs.HessianOperator(model, loss_fn, batches, method="exact")
     lam = float(max(0.0, -np.linalg.eigvalsh(H.numpy())[0])) + 1.0

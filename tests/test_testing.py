@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import dense_ggn, dense_hessian, flat_loss_fn, flatten, problem_with_hessian, unflatten
+from conftest import (
+    dense_ggn,
+    dense_hessian,
+    flat_loss_fn,
+    flatten,
+    problem_with_hessian,
+    unflatten,
+)
 from hessian_spectra.testing import make_problem
 
 
@@ -54,15 +61,16 @@ def test_dense_ggn_equals_jt_hout_j_and_the_hessian_where_the_model_is_linear():
     """dense_ggn is J^T H_out J: on the MLP with a squared loss it equals 2/(n·d) Σ J_i^T J_i
     built from torch.func.jacrev per batch, and on a linear model it equals the dense Hessian."""
     m, _, batches = make_problem("mlp")
-    fwd = lambda model, b: model(b[0])  # noqa: E731
-    lof = lambda out, b: (((out - b[1]) ** 2).mean(), b[0].shape[0])  # noqa: E731
+    fwd = lambda model, b: model(b[0])
+    lof = lambda out, b: (((out - b[1]) ** 2).mean(), b[0].shape[0])
     G = dense_ggn(m, fwd, lof, batches)
     names = [n for n, _ in m.named_parameters()]
     theta = flatten([p.detach() for p in m.parameters()])
     like = [p.detach() for p in m.parameters()]
     ref, W = torch.zeros_like(G), 0.0
     for x, y in batches:
-        def out(t):
+
+        def out(t, x=x):
             pd = dict(zip(names, unflatten(t, like)))
             return torch.func.functional_call(m, pd, (x,)).reshape(-1)
 

@@ -47,8 +47,10 @@ def check_eps(eps, what: str = "eps") -> float:
     >>> check_eps(1e-3)
     0.001
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-        math.isfinite(eps) and eps > 0
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float))
+        or not (math.isfinite(eps) and eps > 0)
     ):
         raise ValueError(
             f"{what} must be a positive finite number or None (the default step), got {eps!r}: "
@@ -93,8 +95,13 @@ class FDError:
 def _compare(h: Vector, ref: Vector, eps: float, reference: str) -> FDError:
     diff = [a - b for a, b in zip(h, ref)]
     rn, dn = norm(ref), norm(diff)
-    return FDError(eps=eps, rel_error=dn / rn if rn > 0 else float("inf"), abs_error=dn,
-                   ref_norm=rn, reference=reference)
+    return FDError(
+        eps=eps,
+        rel_error=dn / rn if rn > 0 else float("inf"),
+        abs_error=dn,
+        ref_norm=rn,
+        reference=reference,
+    )
 
 
 def _check_reference(reference: str) -> None:
@@ -125,8 +132,9 @@ def fd_error(op, v: Vector, eps: float | None = None, reference: str = "exact") 
     return _compare(h, ref, e, reference)
 
 
-def eps_sweep(op, eps_values, v: Vector | None = None, *, seed: int = 0,
-              reference: str = "exact") -> list[FDError]:
+def eps_sweep(
+    op, eps_values, v: Vector | None = None, *, seed: int = 0, reference: str = "exact"
+) -> list[FDError]:
     """:func:`fd_error` at each step in ``eps_values`` along one direction (default: a unit
     Rademacher probe from ``seed``); with ``reference="exact"`` the exact HVP is computed once.
 

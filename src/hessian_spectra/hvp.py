@@ -49,7 +49,7 @@ def _sdpa_math():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.MATH])
-    except Exception:  # pragma: no cover - torch without torch.nn.attention
+    except Exception:  # noqa: BLE001  # pragma: no cover - torch without torch.nn.attention
         return contextlib.nullcontext()
 
 
@@ -100,8 +100,9 @@ def hvp_exact(obj: Objective, v: Vector) -> Vector:
             loss, w, given = obj.forward(batch, i, zero)
             if not loss.requires_grad:
                 raise _no_graph_error(i)
-            g = torch.autograd.grad(loss * w.to(loss.dtype), obj.params, create_graph=True,
-                                    allow_unused=True)
+            g = torch.autograd.grad(
+                loss * w.to(loss.dtype), obj.params, create_graph=True, allow_unused=True
+            )
             if all(gi is None for gi in g):
                 raise ValueError(
                     f"the loss of batch {i} does not depend on any of the operator's parameters "
@@ -111,12 +112,18 @@ def hvp_exact(obj: Objective, v: Vector) -> Vector:
             # ∇(g · v) as a vector-Jacobian product with grad_outputs=v: no elementwise g*v
             # products and their backward (~15% of an exact HVP on SmolLM2-135M, CPU).
             # A g_i that does not require grad is constant in θ (its rows of H are 0).
-            pairs = [(gi, vi.to(gi.dtype)) for gi, vi in zip(g, v)
-                     if gi is not None and gi.requires_grad]
+            pairs = [
+                (gi, vi.to(gi.dtype)) for gi, vi in zip(g, v) if gi is not None and gi.requires_grad
+            ]
             hv = (
-                torch.autograd.grad([gi for gi, _ in pairs], obj.params,
-                                    grad_outputs=[vi for _, vi in pairs], allow_unused=True)
-                if pairs else [None] * len(obj.params)
+                torch.autograd.grad(
+                    [gi for gi, _ in pairs],
+                    obj.params,
+                    grad_outputs=[vi for _, vi in pairs],
+                    allow_unused=True,
+                )
+                if pairs
+                else [None] * len(obj.params)
             )
             for o, h in zip(out, hv):
                 if h is not None:
@@ -153,8 +160,7 @@ def hvp_jvp(obj: Objective, v: Vector) -> Vector:
     given = {}  # batch index -> whether loss_fn returned a weight (aux outputs must be tensors)
 
     def weighted_loss(pd, batch, i, zero):
-        loss, w, given[i] = normalise(functional_call(wrapper, {**consts, **pd}, (batch,)), i,
-                                      zero)
+        loss, w, given[i] = normalise(functional_call(wrapper, {**consts, **pd}, (batch,)), i, zero)
         if not loss.requires_grad:
             raise _no_graph_error(i)
         return loss * w.to(loss.dtype), (loss.detach(), w)
@@ -163,7 +169,7 @@ def hvp_jvp(obj: Objective, v: Vector) -> Vector:
     rec = PassRecord()
     with obj.mode(), _sdpa_math(), _explain_second_order("jvp"):
         for i, batch, zero in obj.iter_batches("HVP jvp"):
-            g_fn = grad(lambda pd: weighted_loss(pd, batch, i, zero), has_aux=True)
+            g_fn = grad(lambda pd, b=batch, i=i, z=zero: weighted_loss(pd, b, i, z), has_aux=True)
             _, hv, (loss, w) = jvp(g_fn, (primals,), (tangents,), has_aux=True)
             for o, n in zip(out, sel):
                 o.add_(hv[n].detach().to(o.dtype))
@@ -200,8 +206,13 @@ def _explain_second_order(method: str):
             raise JvpUnsupported(
                 f"torch.func forward-over-reverse failed inside PyTorch: {first}"
             ) from e
-        keys = ("derivative for", "not implemented", "double backward",
-                "_efficient_attention", "flash")
+        keys = (
+            "derivative for",
+            "not implemented",
+            "double backward",
+            "_efficient_attention",
+            "flash",
+        )
         if any(k in msg for k in keys):
             other = "'exact' or 'fd'" if method == "jvp" else "'fd'"
             raise RuntimeError(

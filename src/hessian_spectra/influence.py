@@ -79,8 +79,16 @@ class InfluenceResult:
         }
 
 
-def influence(op: HessianOperator, query_batches, candidates, *, damping: float = 0.0,
-              tol: float = 1e-6, max_iter: int = 100, progress: bool = False) -> InfluenceResult:
+def influence(
+    op: HessianOperator,
+    query_batches,
+    candidates,
+    *,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    progress: bool = False,
+) -> InfluenceResult:
     """Influence of each batch in ``candidates`` on the loss over ``query_batches``.
 
     Args:
@@ -114,6 +122,10 @@ def influence(op: HessianOperator, query_batches, candidates, *, damping: float 
             scores.append(-dot(s, g))
             if bar is not None:
                 bar.update(1)
-    return InfluenceResult(scores=np.asarray(scores), query_loss=q_loss, cg=info,
-                           damping=float(damping),
-                           config={"tol": tol, "max_iter": max_iter, "num_candidates": len(cands)})
+    return InfluenceResult(
+        scores=np.asarray(scores),
+        query_loss=q_loss,
+        cg=info,
+        damping=float(damping),
+        config={"tol": tol, "max_iter": max_iter, "num_candidates": len(cands)},
+    )

@@ -86,9 +86,16 @@ class HessianOperator:
         _check_method(method)
         if eps is not None:
             eps = check_eps(eps)
-        self.objective = Objective(model, loss_fn, batches, params, reduction=reduction,
-                                   train_mode=train_mode, check_determinism=check_determinism,
-                                   progress=progress)
+        self.objective = Objective(
+            model,
+            loss_fn,
+            batches,
+            params,
+            reduction=reduction,
+            train_mode=train_mode,
+            check_determinism=check_determinism,
+            progress=progress,
+        )
         obj = self.objective
         self.method = method
         self.eps = eps
@@ -113,8 +120,7 @@ class HessianOperator:
                 "rounding error (relative error ≥ 1 measured); prefer float32",
                 stacklevel=2,
             )
-        self.stats = {"matvecs": 0, "matvec_seconds": 0.0, "gradients": 0,
-                      "gradient_seconds": 0.0}
+        self.stats = {"matvecs": 0, "matvec_seconds": 0.0, "gradients": 0, "gradient_seconds": 0.0}
 
     # ------------------------------------------------------------------ the objective's facts
     model = property(lambda self: self.objective.model, doc="The model.")
@@ -122,12 +128,13 @@ class HessianOperator:
     batches = property(lambda self: self.objective.batches, doc="The batches.")
     params = property(lambda self: self.objective.params, doc="The parameters acted on.")
     param_names = property(lambda self: self.objective.param_names, doc="Their names.")
-    num_params = property(lambda self: self.objective.num_params,
-                          doc="Global number of scalars.")
-    param_dtype = property(lambda self: self.objective.param_dtype,
-                           doc="The lowest-precision parameter dtype.")
-    vector_dtype = property(lambda self: self.objective.vector_dtype,
-                            doc="The dtype of the vectors matvec returns.")
+    num_params = property(lambda self: self.objective.num_params, doc="Global number of scalars.")
+    param_dtype = property(
+        lambda self: self.objective.param_dtype, doc="The lowest-precision parameter dtype."
+    )
+    vector_dtype = property(
+        lambda self: self.objective.vector_dtype, doc="The dtype of the vectors matvec returns."
+    )
     sharded = property(lambda self: self.objective.sharded, doc="FSDP2-sharded parameters.")
     train_mode = property(lambda self: self.objective.train_mode, doc="Train-mode objective.")
     reduction = property(lambda self: self.objective.reduction, doc="'mean' or 'sum'.")
@@ -212,8 +219,9 @@ class HessianOperator:
         (:func:`hessian_spectra.fd_step.fd_error`)."""
         return _fd.fd_error(self, v, eps, reference)
 
-    def eps_sweep(self, eps_values, v: Vector | None = None, *, seed: int = 0,
-                  reference: str = "exact") -> list[FDError]:
+    def eps_sweep(
+        self, eps_values, v: Vector | None = None, *, seed: int = 0, reference: str = "exact"
+    ) -> list[FDError]:
         """``fd_error`` at each step in ``eps_values`` along one direction (default: a unit
         Rademacher probe from ``seed``; :func:`hessian_spectra.fd_step.eps_sweep`)."""
         return _fd.eps_sweep(self, eps_values, v, seed=seed, reference=reference)
@@ -233,10 +241,13 @@ class HessianOperator:
         def mv(x):
             x = np.asarray(x, dtype=np.float64).reshape(-1)
             parts = torch.from_numpy(x).split(sizes)
-            v = [t.reshape(s).to(device=p.device, dtype=self.vector_dtype)
-                 for t, s, p in zip(parts, shapes, self.params)]
+            v = [
+                t.reshape(s).to(device=p.device, dtype=self.vector_dtype)
+                for t, s, p in zip(parts, shapes, self.params)
+            ]
             hv = self.matvec(v)
             return torch.cat([t.reshape(-1).double().cpu() for t in hv]).numpy()
 
-        return LinearOperator((self.num_params, self.num_params), matvec=mv, rmatvec=mv,
-                              dtype=np.float64)
+        return LinearOperator(
+            (self.num_params, self.num_params), matvec=mv, rmatvec=mv, dtype=np.float64
+        )

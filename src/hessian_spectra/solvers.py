@@ -23,7 +23,8 @@ __all__ = ["CGInfo", "cg_solve"]
 
 @dataclass
 class CGInfo:
-    """What CG did: iterations, residual norms (``||r_0||`` first), convergence, negative curvature."""
+    """What CG did: iterations, residual norms (``||r_0||`` first), convergence, negative
+    curvature."""
 
     iterations: int
     residual_norms: list[float] = field(default_factory=list)
@@ -41,8 +42,17 @@ class CGInfo:
         }
 
 
-def cg_solve(op, b: Vector, *, damping: float = 0.0, tol: float = 1e-6, atol: float = 0.0,
-             max_iter: int = 100, x0: Vector | None = None, callback=None) -> tuple[Vector, CGInfo]:
+def cg_solve(
+    op,
+    b: Vector,
+    *,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 100,
+    x0: Vector | None = None,
+    callback=None,
+) -> tuple[Vector, CGInfo]:
     """Solve ``(H + damping I) x = b`` by conjugate gradients (module docstring).
 
     Args:

@@ -132,7 +132,9 @@ def perturb_(model: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
-                m.weight.add_(scale * torch.randn(m.weight.shape, generator=g, dtype=m.weight.dtype))
+                m.weight.add_(
+                    scale * torch.randn(m.weight.shape, generator=g, dtype=m.weight.dtype)
+                )
                 m.bias.add_(scale * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
     return model
 
@@ -239,14 +241,25 @@ def make_hf_problem(arch: str = "gpt2", attn: str = "eager", dtype=torch.float64
     torch.manual_seed(seed)
     if arch == "gpt2":
         cfg = transformers.GPT2Config(
-            vocab_size=11, n_positions=16, n_embd=8, n_layer=1, n_head=2,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            vocab_size=11,
+            n_positions=16,
+            n_embd=8,
+            n_layer=1,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
         model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=attn)
     elif arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+            vocab_size=11,
+            hidden_size=8,
+            intermediate_size=12,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
             tie_word_embeddings=True,
         )
         model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=attn)
@@ -346,8 +359,9 @@ def flat_loss_fn(model, loss_fn, batches, names=None, reduction: str = "mean"):
     return f, theta0, names, shapes
 
 
-def dense_hessian(model, loss_fn, batches, names=None, how: str = "autograd",
-                  reduction: str = "mean") -> torch.Tensor:
+def dense_hessian(
+    model, loss_fn, batches, names=None, how: str = "autograd", reduction: str = "mean"
+) -> torch.Tensor:
     """Dense Hessian of the weighted loss of ``batches`` w.r.t. the flat parameters ``names``
     (default: all with ``requires_grad``), symmetrised; float64 in, float64 out.
 
@@ -377,8 +391,9 @@ def dense_hessian(model, loss_fn, batches, names=None, how: str = "autograd",
     return 0.5 * (H + H.T)
 
 
-def dense_ggn(model, forward_fn, loss_of_output_fn, batches, names=None,
-              reduction: str = "mean") -> torch.Tensor:
+def dense_ggn(
+    model, forward_fn, loss_of_output_fn, batches, names=None, reduction: str = "mean"
+) -> torch.Tensor:
     """Dense generalised Gauss–Newton ``G = Σ_b w_b J_b^T H_out,b J_b / Σ_b w_b`` (``"sum"``:
     without the division), float64: ``J_b`` the Jacobian of ``forward_fn(model, batch)`` w.r.t. the
     flat parameters, ``H_out,b`` the Hessian of ``loss_of_output_fn(outputs, batch)`` (which
@@ -410,11 +425,11 @@ def dense_ggn(model, forward_fn, loss_of_output_fn, batches, names=None,
     W = 0.0
     for b in batches:
         out0 = outputs(theta0, b).detach()
-        J = torch.autograd.functional.jacobian(lambda t: outputs(t, b).reshape(-1), theta0)
+        J = torch.autograd.functional.jacobian(lambda t, b=b: outputs(t, b).reshape(-1), theta0)
         _, w = _split(loss_of_output_fn(out0, b))
 
-        def lo(o, b=b):
-            return _split(loss_of_output_fn(o.reshape(out0.shape), b))[0]
+        def lo(o, b=b, shape=out0.shape):
+            return _split(loss_of_output_fn(o.reshape(shape), b))[0]
 
         H_out = torch.autograd.functional.hessian(lo, out0.reshape(-1))
         G += float(w) * (J.T @ H_out @ J)
