@@ -129,8 +129,11 @@ def test_matvec_refuses_a_step_that_is_not_positive(mlp64, bad):
 
 
 def test_zero_direction_gives_zero_product(mlp64):
-    """H·0 = 0: a zero v with the default step returns an exact zero vector (no division by 0)."""
+    """H·0 = 0: a zero v with the default step returns an exact zero vector (no division by 0);
+    the fd error along a zero v is undefined and refused."""
     model, loss_fn, batches, _ = mlp64
     op = hs.HessianOperator(model, loss_fn, batches)
     out = op.matvec([torch.zeros_like(p) for p in op.params])
     assert all(float(t.abs().max()) == 0.0 for t in out)
+    with pytest.raises(ValueError, match="zero vector.*nonzero direction"):
+        op.fd_error([torch.zeros_like(p) for p in op.params])

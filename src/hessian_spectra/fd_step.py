@@ -122,6 +122,9 @@ def fd_error(op, v: Vector, eps: float | None = None, reference: str = "exact") 
     """
     _check_reference(reference)
     v = check_vector(v, op.params, "v")
+    if norm(v) == 0:
+        raise ValueError("v is the zero vector: the fd error along it is undefined; pass a "
+                         "nonzero direction (e.g. hessian_spectra.unit_probe(op))")
     e = check_eps(eps) if eps is not None else op.eps_for(v)
     h = op.matvec(v, method="fd", eps=e)
     if reference == "exact":

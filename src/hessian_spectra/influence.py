@@ -62,8 +62,7 @@ class InfluenceResult:
     @property
     def relative_residual(self) -> float:
         """``||r_k|| / ||r_0||`` of the CG solve (0 for a zero right-hand side)."""
-        r = self.cg.residual_norms
-        return float(r[-1] / r[0]) if r and r[0] > 0 else 0.0
+        return self.cg.relative_residual
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (scores as a list, the CG report, status and convergence)."""
