@@ -3,6 +3,8 @@ float64 references (``hessian_spectra.testing``)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -319,3 +321,27 @@ def test_huge_finite_gradient_is_not_reported_as_nonfinite():
     _, g = hs.HessianOperator(m, loss, [0]).gradient()
     assert torch.isfinite(g[0]).all() and float(g[0][0]) == pytest.approx(1e37, rel=1e-5)
     assert not torch.isfinite(g[0].sum())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_buffers_restored_when_loss_fn_fails_mid_pass(method):
+    """A train-mode BatchNorm whose loss_fn raises on the second batch of a pass (after the
+    first batch moved the running statistics): running_mean, running_var, num_batches_tracked
+    and the parameters are bit-for-bit what they were, and the error reaches the caller."""
+    m, loss, batches = _bn_problem()
+    params = [p.detach().clone() for p in m.parameters()]
+    bufs = [b.clone() for b in m.buffers()]
+    calls = {"n": 0}
+
+    def failing(model, b):
+        calls["n"] += 1
+        if calls["n"] == 2 + 2:  # 2 for the determinism check, then the 2nd batch of the pass
+            raise RuntimeError("boom")
+        return loss(model, b)
+
+    op = hs.HessianOperator(m, failing, batches, method=method, train_mode=True)
+    with pytest.raises(RuntimeError, match="boom"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op @ hs.random_probe(op)
+    assert all(torch.equal(a, b) for a, b in zip(m.buffers(), bufs))
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), params))
