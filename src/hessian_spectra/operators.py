@@ -41,6 +41,14 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def _sharded_method_error(method: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"method={method!r} is not available on an FSDP2-sharded model: FSDP2 does not support "
+        "double backward or forward AD through its hooks (PyTorch issue 172543). Use "
+        "method='fd' (shard-local finite differences), or run unsharded."
+    )
+
+
 class HessianOperator:
     """The Hessian of a dataset-averaged (or summed) loss as a linear operator.
 
@@ -101,11 +109,7 @@ class HessianOperator:
         self.eps = eps
         self._jvp_fallback = False
         if obj.sharded and method != "fd":
-            raise NotImplementedError(
-                f"method={method!r} is not available on an FSDP2-sharded model: FSDP2 does not "
-                "support double backward or forward AD through its hooks (PyTorch issue "
-                "172543). Use method='fd' (shard-local finite differences), or run unsharded."
-            )
+            raise _sharded_method_error(method)
         low = torch.finfo(obj.param_dtype).bits < 32
         if method == "fd" and low and not allow_low_precision_fd:
             raise ValueError(
@@ -172,11 +176,7 @@ class HessianOperator:
         if eps is not None:
             eps = check_eps(eps)
         if self.sharded and method != "fd":
-            raise NotImplementedError(
-                f"method={method!r} is not available on an FSDP2-sharded model (no double "
-                "backward / forward AD through FSDP2's hooks, PyTorch issue 172543); use "
-                "method='fd'"
-            )
+            raise _sharded_method_error(method)
         obj = self.objective
         obj.first_use()
         t0 = time.perf_counter()
