@@ -144,7 +144,6 @@ class HessianOperator:
     reduction = property(lambda self: self.objective.reduction, doc="'mean' or 'sum'.")
     progress = property(lambda self: self.objective.progress, doc="Progress bars on rank 0.")
     # tests/distributed/_worker.py reads this private name; new code: op.objective.grad_scale
-    _grad_scale = property(lambda self: self.objective.grad_scale)
 
     @property
     def effective_method(self) -> str:

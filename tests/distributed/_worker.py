@@ -103,7 +103,7 @@ def run_main(out_path):
     res["sharded"] = op.sharded
     res["param_names"] = op.param_names
     res["num_params"] = op.num_params
-    res["grad_scale"] = op._grad_scale
+    res["grad_scale"] = op.objective.grad_scale
     res["local_numel"] = D.all_gather_object(sum(D.local(p).numel() for p in op.params))
 
     # -- probes: the same global vector at every world size (also with tiny blocks that
