@@ -143,7 +143,6 @@ class HessianOperator:
     train_mode = property(lambda self: self.objective.train_mode, doc="Train-mode objective.")
     reduction = property(lambda self: self.objective.reduction, doc="'mean' or 'sum'.")
     progress = property(lambda self: self.objective.progress, doc="Progress bars on rank 0.")
-    # tests/distributed/_worker.py reads this private name; new code: op.objective.grad_scale
 
     @property
     def effective_method(self) -> str:

@@ -225,7 +225,7 @@ def run_main(out_path):
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
         op3 = HessianOperator(model, loss_fn, batches)
-        res["grad_scale_factor1"] = op3._grad_scale
+        res["grad_scale_factor1"] = op3.objective.grad_scale
         res["hvp_factor1"] = full(op3, op3.matvec(v, eps=1e-4))
         # FSDP2's private state unreadable (a future torch): the default is assumed, with a warning
         import warnings
