@@ -1,39 +1,127 @@
-"""The finite-difference step rule and the measurement of its error.
+"""The finite-difference step, its error model and the measurement of its error.
 
-The central difference ``H_ε v = (∇L(θ+εv) − ∇L(θ−εv)) / 2ε`` (FSHP eq. 1) has truncation
-error ``O(ε² ||∇³L|| ||v||³)`` and rounding error ``O(ε_mach ||∇L|| / (ε ||v||))``; balancing
-the two gives ``ε* ∝ ε_mach^{1/3}`` (FSHP Thm 3.1). We make it scale- and direction-aware:
-no parameter tensor moves by more than ``c = 0.1 · ε_mach^{1/3}`` of its own norm (5e-4 in
-float32, 6e-7 in float64; ε_mach of the lowest-precision parameter dtype):
+The central difference ``H_ε v = (∇L(θ+εv) − ∇L(θ−εv)) / 2ε`` (FSHP eq. 1). For a unit
+direction ``u`` and a step ``s`` FSHP Thm 3.1 (App. A) splits its error into
 
-    ε = c / max_i ( ||v_i|| / ||θ_i|| )      over the tensors i with θ_i ≠ 0.
+    ||H_s u − H u||  ≈  a_u s²  +  b / s                                                  (1)
 
-Why per tensor: Lanczos vectors after the first concentrate on a few sharp tensors (on
-SmolLM2-135M: the layer-0 RMSNorm weights), and the best step along them is 1000× smaller
-than along a random probe. The earlier global rule ``c ||θ|| / ||v||`` was right for a random
-probe (relative error 3e-4) but had relative error ≈ 1 on the second and third Lanczos vectors
-(measured on SmolLM2-135M, fp32, 64 tokens, against exact HVPs). With this rule the
-relative error along the first five Lanczos vectors there was 1.1e-3, 2.6e-3, 3.2e-3, 4.6e-3,
-3.0e-3 (steps 0.23 down to 1.4e-3).
+- truncation ``a_u s²``, with ``a_u = ||∇(D³L[u,u,u])|| / 6`` (the Taylor series of the two
+  gradients: the even terms cancel, the cubic one survives);
+- rounding ``b / s``: each gradient carries an absolute floating-point error of norm ``~ b``
+  that the subtraction does not cancel, and the perturbed parameters θ ± su are themselves
+  rounded. Thm 3.1 writes ``b ~ ε_mach ||∇L||``; we *measure* ``b`` instead, because at a
+  minimum ``||∇L||`` goes to zero while the rounding of a backward pass does not.
+
+(1) is smallest at ``s* = (b / 2a_u)^{1/3}``, where the error is ``1.5 b / s*`` (Thm 3.1's
+``O(ε_mach^{2/3})``); within a factor 3 of that minimum for any ``s`` in ``[0.23, 2.9]·s*``.
+
+**Calibration** (:func:`calibrate`, once per operator, ~6 extra gradient passes). Along a
+seeded unit Rademacher probe ``u₀``: a Richardson pair ``h(S), h(2S)`` at a step ``S`` where
+truncation dominates gives ``a₀ = ||h(2S) − h(S)|| / 3S²`` (``h(2S) − h(S) = 3a₀S²·t`` with
+``t`` the unit truncation direction); a product at a step ``σ = S/64`` where rounding dominates
+gives ``b = σ ||h(σ) − R||`` with ``R = (4h(S) − h(2S))/3`` the Richardson extrapolation.
+``S`` starts at ``ε_mach^{1/3} / κ(u₀)`` and grows ×8 until truncation dominates there
+(``s₀* < S/2``); ``σ`` shrinks if rounding did not dominate (``s₀* < 4σ``).
+
+**The step along any direction** ``v``: ``ε(v) = c / κ(v)`` with
+
+    κ(v) = max_i ||v_i|| / ||θ_i||   over the parameter tensors i with θ_i ≠ 0,
+    c    = s₀* · κ(u₀)                (the calibrated constant; uncalibrated: 0.1·ε_mach^{1/3}).
+
+So ``ε(u₀) = s₀*``, and no tensor moves by more than the fraction ``c`` of its norm. Why per
+tensor: Lanczos vectors after the first concentrate on a few sharp tensors (on SmolLM2-135M
+the layer-0 RMSNorm weights), and the best step along them is ~100× smaller than along a
+random probe; the global rule ``c ||θ|| / ||v||`` had relative error ≈ 1 on the second and
+third Lanczos vectors there. Why calibrated: the fixed ``c = 0.1·ε_mach^{1/3}`` was 10–17× below
+the best step along random probes of 2.5k–4.5k-parameter MLP, CNN and transformer models in
+float32, with 5–20× the best error (``benchmarks/fd_step.py``).
+
+**The error estimate of every product** (:meth:`FDModel.estimate`): (1) with the measured ``b``
+and ``a_u = a₀ (||Hu|| / ||Hu₀||)²``: a scale model (the loss varies on one length scale ℓ
+along ``u``, so ``||Hu|| ~ ℓ⁻²`` and ``a_u ~ ℓ⁻⁴``) that the sweeps of ``benchmarks/fd_step.py``
+support (ratios of best steps between random probes and Lanczos vectors follow
+``||Hu||^{-2/3}``). It uses the product just computed, so it costs nothing.
+
+**The four-point stencil** ``(8(g(s) − g(−s)) − (g(2s) − g(−2s))) / 12s`` (``stencil=
+"four-point"``, 4 gradients a product) has error ``a4_u s⁴ + 1.34 b / s`` (the ``s²`` term
+cancels; ``1.34 = (8²+8²+1+1)^½/12 / (2^½/2)`` for independent gradient errors). Its
+calibration adds a four-point Richardson pair ``a4₀ = ||h4(2S) − h4(S)|| / 15S⁴`` (8 more
+passes); its step is ``c4 / κ(v)`` with ``c4 = κ(u₀) (1.34 b / 4a4₀)^{1/5}``, and ``a4_u = a4₀
+(||Hu|| / ||Hu₀||)³`` (same scale model). The central stencil stays the default: half the
+passes, and its error (1–3e-5 along random probes and Lanczos vectors of the tiny fp32 models)
+gives top eigenvalues to 1e-6–2e-5 in 40 Lanczos steps; the four-point one gives 5e-7–7e-7
+there (``benchmarks/fd_step.py``).
 
 :func:`fd_error` and :func:`eps_sweep` measure the error of ``H_ε v`` against an exact HVP or a
-Richardson extrapolation; ``HessianOperator.fd_error`` / ``.eps_sweep`` / ``.eps_for`` call them.
+Richardson extrapolation; :func:`fit_error_model` fits (1) to a measured sweep.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .vectors import Vector, check_vector, norm, tensor_norms, unit_probe
 
-__all__ = ["FDError", "check_eps", "default_eps_scale", "eps_sweep", "fd_error", "fd_step"]
+__all__ = [
+    "STENCILS",
+    "ErrorFit",
+    "FDAccuracyError",
+    "FDError",
+    "FDEstimate",
+    "FDModel",
+    "calibrate",
+    "check_eps",
+    "compute_dtype",
+    "default_eps_scale",
+    "eps_sweep",
+    "fd_error",
+    "fd_step",
+    "fit_error_model",
+    "perturbation_rounding",
+    "perturbation_scale",
+]
+
+STENCILS = ("central", "four-point")
+# (offset in steps, weight) and the divisor of Σ w g(θ + offset·s·v) / (divisor · s)
+_STENCIL_POINTS = {
+    "central": (((1.0, 1.0), (-1.0, -1.0)), 2.0),
+    "four-point": (((1.0, 8.0), (-1.0, -8.0), (2.0, -1.0), (-2.0, 1.0)), 12.0),
+}
+# rounding of the four-point stencil relative to the central one's b/s, for independent
+# gradient errors: (8² + 8² + 1 + 1)^½ / 12 against 2^½ / 2
+_FOUR_POINT_ROUNDING = (130**0.5 / 12) / (2**0.5 / 2)
+
+
+class FDAccuracyError(ValueError):
+    """The estimated error of an fd product exceeds the operator's ``max_fd_error``."""
+
+
+def check_stencil(stencil: str) -> str:
+    """``stencil`` if it is one of :data:`STENCILS`, else a ``ValueError``.
+
+    >>> check_stencil("central")
+    'central'
+    """
+    if stencil not in STENCILS:
+        raise ValueError(f"stencil must be one of {STENCILS}, got {stencil!r}")
+    return stencil
+
+
+def stencil_points(stencil: str):
+    """``((offset, weight), ...), divisor`` of ``stencil``: ``H_s v = Σ w ∇L(θ + offset·s·v) /
+    (divisor · s)``.
+
+    >>> stencil_points("central")
+    (((1.0, 1.0), (-1.0, -1.0)), 2.0)
+    """
+    return _STENCIL_POINTS[check_stencil(stencil)]
 
 
 def default_eps_scale(dtype: torch.dtype) -> float:
-    """The relative step ``c = 0.1 · ε_mach(dtype)^{1/3}`` (module docstring).
+    """The uncalibrated relative step ``c = 0.1 · ε_mach(dtype)^{1/3}`` (module docstring).
 
     >>> round(default_eps_scale(torch.float32), 6)
     0.000492
@@ -59,22 +147,221 @@ def check_eps(eps, what: str = "eps") -> float:
     return float(eps)
 
 
-def fd_step(v: Vector, theta_norms: list[float], dtype: torch.dtype) -> float:
-    """The default step along ``v``: ``c / max_i(||v_i|| / ||θ_i||)`` (module docstring), with
-    ``theta_norms`` the global norms of the parameter tensors and ``dtype`` the
-    lowest-precision parameter dtype. A ``v`` that lives only on zero tensors gets ``c / ||v||``;
-    a zero ``v`` gets 0 (its product is the zero vector).
+def perturbation_scale(v: Vector, theta_norms: list[float]) -> float:
+    """``κ(v) = max_i ||v_i|| / ||θ_i||`` over the nonzero tensors (``||v||`` if ``v`` lives
+    only on zero tensors; 0 for a zero ``v``).
+
+    >>> perturbation_scale([torch.ones(4), torch.ones(1)], [4.0, 0.0])
+    0.5
+    """
+    ratios = [a / b for a, b in zip(tensor_norms(v), theta_norms) if b > 0]
+    s = max(ratios, default=0.0)
+    return s if s > 0 else norm(v)
+
+
+def fd_step(
+    v: Vector, theta_norms: list[float], dtype: torch.dtype, scale: float | None = None
+) -> float:
+    """The step along ``v``: ``scale / κ(v)`` (module docstring), with ``theta_norms`` the global
+    norms of the parameter tensors and ``scale`` the calibrated constant (default: the
+    uncalibrated ``default_eps_scale(dtype)``). A zero ``v`` gets 0 (its product is 0).
 
     >>> fd_step([torch.ones(4)], [2.0], torch.float64) == default_eps_scale(torch.float64)
     True
     """
-    vn = norm(v)
-    if vn == 0:
+    k = perturbation_scale(v, theta_norms)
+    if k == 0:
         return 0.0
-    c = default_eps_scale(dtype)
-    ratios = [a / b for a, b in zip(tensor_norms(v), theta_norms) if b > 0]
-    s = max(ratios, default=0.0)
-    return c / s if s > 0 else c / vn
+    c = default_eps_scale(dtype) if scale is None else scale
+    return c / k
+
+
+def compute_dtype(model: torch.nn.Module, param_dtype: torch.dtype) -> torch.dtype:
+    """The lowest precision the parameters are *computed* in: ``param_dtype``, or an FSDP2
+    ``MixedPrecisionPolicy(param_dtype=...)`` of any of the model's modules if lower. (A step
+    applied in float32 but below the resolution of that dtype vanishes in the cast.) Autocast
+    inside ``loss_fn`` is not visible here; the calibration measures its effect.
+
+    >>> compute_dtype(torch.nn.Linear(2, 2), torch.float32)
+    torch.float32
+    """
+    low = param_dtype
+    for m in model.modules():
+        get = getattr(m, "_get_fsdp_state", None)
+        if get is None:
+            continue
+        try:
+            pd = get()._mp_policy.param_dtype
+        except Exception:  # noqa: BLE001  # private FSDP2 state; absent in other versions
+            pd = None
+        if pd is not None and torch.finfo(pd).bits < torch.finfo(low).bits:
+            low = pd
+    return low
+
+
+def perturbation_rounding(
+    params, v: Vector, eps: float, dtype: torch.dtype | None = None
+) -> float:
+    """The relative part of the perturbation lost to rounding: ``||fl(θ+εv) − fl(θ−εv) − 2εv||
+    / ||2εv||`` with ``fl`` rounding to ``dtype`` (default: each parameter's own). Near 1: the
+    step is below the parameters' resolution and the fd product is mostly noise. O(P) vector
+    work, no gradient.
+
+    >>> p = [torch.full((4,), 256.0, dtype=torch.bfloat16)]
+    >>> perturbation_rounding(p, [torch.full((4,), 0.5)], 0.5)  # 256 ± 0.25 rounds to 256
+    1.0
+    """
+    from . import distributed as _dist
+
+    num = []
+    den = []
+    for p, t in zip(params, v):
+        x = _dist.local(p).detach().double()
+        d = eps * t.double()
+        dt = dtype or p.dtype
+        applied = (x + d).to(dt).double() - (x - d).to(dt).double()
+        num.append(applied - 2 * d)
+        den.append(2 * d)
+    dn = norm(den)
+    return norm(num) / dn if dn > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FDEstimate:
+    """The error model's estimate for one fd product: ``eps`` the step used (along ``v`` as
+    given), ``rel_error`` = ``abs_error / ||Hv||``, and its two parts (absolute, for ``v``)."""
+
+    eps: float
+    rel_error: float
+    abs_error: float
+    truncation: float
+    rounding: float
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (for ``result.json``)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FDModel:
+    """Thm 3.1's error model (1) of an operator's fd products, calibrated on one unit probe
+    (module docstring): ``a0``/``b`` the truncation and rounding coefficients along ``u₀``,
+    ``hu0`` = ``||Hu₀||``, ``kappa0`` = κ(u₀), ``step0`` the best step along ``u₀`` for
+    ``stencil`` and ``scale`` = ``step0 · kappa0`` (the constant ``c`` of the step rule); ``a4``
+    the four-point truncation coefficient (``None`` for the central stencil); ``gradients``:
+    passes spent.
+
+    >>> m = FDModel(a0=1.0, b=2e-6, hu0=1.0, kappa0=1.0, step0=0.01, scale=0.01,
+    ...             stencil="central", gradients=6)
+    >>> e = m.estimate(1.0, 0.01, 1.0)
+    >>> round(e.truncation, 8), round(e.rounding, 8)
+    (0.0001, 0.0002)
+    """
+
+    a0: float
+    b: float
+    hu0: float
+    kappa0: float
+    step0: float
+    scale: float
+    stencil: str
+    gradients: int
+    a4: float | None = None
+
+    def step(self, v: Vector, theta_norms: list[float]) -> float:
+        """The step along ``v``: ``scale / κ(v)``."""
+        return fd_step(v, theta_norms, torch.float64, self.scale)
+
+    def estimate(self, v_norm: float, eps: float, hv_norm: float) -> FDEstimate:
+        """The estimated error of a product ``H_eps v`` with ``||v|| = v_norm`` whose result has
+        norm ``hv_norm``: (1) at ``s = eps·||v||`` with ``a_u = a0 (||Hu|| / hu0)²``."""
+        if v_norm == 0 or eps == 0:
+            return FDEstimate(eps, 0.0, 0.0, 0.0, 0.0)
+        s = eps * v_norm
+        r = hv_norm / v_norm / self.hu0 if self.hu0 > 0 else 1.0
+        if self.stencil == "four-point" and self.a4 is not None:
+            trunc = self.a4 * r**3 * s**4
+            rnd = _FOUR_POINT_ROUNDING * self.b / s
+        else:
+            trunc = self.a0 * r**2 * s**2
+            rnd = self.b / s
+        ab = (trunc + rnd) * v_norm
+        rel = ab / hv_norm if hv_norm > 0 else math.inf
+        return FDEstimate(eps, rel, ab, trunc * v_norm, rnd * v_norm)
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (for ``result.json``)."""
+        return asdict(self)
+
+
+def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
+    """Measure ``a₀`` and ``b`` of (1) along the unit probe ``unit_probe(op, seed)`` with central
+    products (module docstring): typically 6–10 gradient passes, at most 20; the four-point
+    stencil adds ``a4₀`` (8–16 passes).
+
+    >>> import hessian_spectra as hs
+    >>> from hessian_spectra.testing import make_problem
+    >>> m = calibrate(hs.HessianOperator(*make_problem("mlp")))
+    >>> 1e-7 < m.step0 < 1e-3 and m.gradients >= 6
+    True
+    """
+    from .hvp import hvp_fd
+
+    obj = op.objective
+    obj.first_use()
+    u = unit_probe(op, seed, dtype=op.vector_dtype)
+    th = obj.theta_norms()
+    k0 = perturbation_scale(u, th)
+    cdt = compute_dtype(obj.model, obj.param_dtype)
+    big = 10.0 * default_eps_scale(cdt) / k0  # ε_mach^{1/3} / κ
+    cap = 0.25 / k0  # no tensor moves by more than a quarter of its norm
+    grads = 0
+
+    def prod(s):
+        nonlocal grads
+        grads += 2
+        return hvp_fd(obj, u, s)
+
+    def diffnorm(x, y, cx=1.0, cy=1.0):
+        return norm([cx * a - cy * b for a, b in zip(x, y)])
+
+    S = min(big, cap / 2)
+    sigma = S / 64
+    hs = prod(sigma)
+    for _ in range(4):
+        h1, h2 = prod(S), prod(2 * S)
+        a = diffnorm(h2, h1) / (3 * S**2)
+        R = [(4 * x - y) / 3 for x, y in zip(h1, h2)]
+        b = sigma * diffnorm(hs, R)
+        best = (b / (2 * a)) ** (1 / 3) if a > 0 else cap
+        if best < 4 * sigma and sigma > best / 1e3:
+            sigma = best / 64
+            hs = prod(sigma)
+            b = sigma * diffnorm(hs, R)
+            best = (b / (2 * a)) ** (1 / 3) if a > 0 else cap
+        if best < S / 2 or 2 * S >= cap:
+            break
+        S = min(8 * S, cap / 2)
+    best = min(best, cap)
+    hu0 = norm(R)
+    a4 = None
+    if check_stencil(stencil) == "four-point":
+        S4 = min(4 * best, cap / 2)
+        for _ in range(3):
+            g1 = hvp_fd(obj, u, S4, "four-point")
+            g2 = hvp_fd(obj, u, 2 * S4, "four-point")
+            grads += 8
+            a4 = diffnorm(g2, g1) / (15 * S4**4)
+            rb = _FOUR_POINT_ROUNDING * b
+            best = (rb / (4 * a4)) ** 0.2 if a4 > 0 else cap
+            if best < S4 / 2 or 2 * S4 >= cap:
+                break
+            S4 = min(4 * S4, cap / 2)
+        best = min(best, cap)
+    return FDModel(
+        a0=a, b=b, hu0=hu0, kappa0=k0, step0=best, scale=best * k0, stencil=stencil,
+        gradients=grads, a4=a4,
+    )
 
 
 @dataclass(frozen=True)
@@ -158,3 +445,90 @@ def eps_sweep(
         return [fd_error(op, v, eps=e, reference=reference) for e in eps_values]
     ref = op.matvec(v, method="exact")
     return [_compare(op.matvec(v, method="fd", eps=e), ref, e, reference) for e in eps_values]
+
+
+@dataclass(frozen=True)
+class ErrorFit:
+    """Thm 3.1 fitted to a measured sweep: ``error(ε) ≈ a ε² + b / ε`` (:func:`fit_error_model`).
+
+    ``eps_best_predicted = (b / 2a)^{1/3}`` and ``error_best_predicted`` its error;
+    ``eps_best_measured`` / ``error_best_measured`` the sweep's best point; ``slope_large`` /
+    ``slope_small`` the log-log slopes measured (least squares) on the points above 3× / below
+    1/3 of the predicted best step (Thm 3.1: 2 and −1; None with fewer than 2 such points).
+    Points with error ≥ 0.5 (no significant digit) are left out of the fit and the slopes.
+    """
+
+    a: float
+    b: float
+    eps_best_predicted: float
+    error_best_predicted: float
+    eps_best_measured: float
+    error_best_measured: float
+    slope_large: float | None
+    slope_small: float | None
+    points_used: int
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (for ``result.json``)."""
+        return asdict(self)
+
+
+def _slope(xs, ys):
+    if len(xs) < 2:
+        return None
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    sxx = sum((x - mx) ** 2 for x in lx)
+    return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sxx if sxx > 0 else None
+
+
+def fit_error_model(eps_values, errors) -> ErrorFit:
+    """Fit ``a ε² + b / ε`` (``a, b ≥ 0``) to measured errors by least squares on the relative
+    residuals ``(a ε² + b/ε − e) / e``, over the points with ``0 < e < 0.5``.
+
+    >>> eps = [10.0 ** k for k in range(-6, 0)]
+    >>> f = fit_error_model(eps, [3 * e**2 + 1e-9 / e for e in eps])
+    >>> round(f.a, 6), round(f.b * 1e9, 6), round(f.slope_large, 2)
+    (3.0, 1.0, 2.0)
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    eps_values = [float(e) for e in eps_values]
+    errors = [float(e) for e in errors]
+    if len(eps_values) != len(errors) or not eps_values:
+        raise ValueError(
+            f"eps_values and errors must be non-empty and of equal length, got "
+            f"{len(eps_values)} and {len(errors)}"
+        )
+    pts = [(x, e) for x, e in zip(eps_values, errors) if x > 0 and 0 < e < 0.5]
+    if len(pts) < 2:
+        raise ValueError(
+            f"need at least 2 points with 0 < error < 0.5 to fit a ε² + b/ε, got {len(pts)}: "
+            "sweep a wider range of eps"
+        )
+    x = np.array([p[0] for p in pts])
+    e = np.array([p[1] for p in pts])
+    A = np.stack([x**2 / e, 1.0 / (x * e)], axis=1)
+    (a, b), _ = nnls(A, np.ones_like(e))
+    if a > 0 and b > 0:
+        best = (b / (2 * a)) ** (1 / 3)
+        ebest = a * best**2 + b / best
+    else:
+        best, ebest = math.nan, math.nan
+    k = int(np.argmin(errors))
+    ref = best if math.isfinite(best) else eps_values[k]
+    large = [(p, q) for p, q in pts if p > 3 * ref]
+    small = [(p, q) for p, q in pts if p < ref / 3]
+    return ErrorFit(
+        a=float(a),
+        b=float(b),
+        eps_best_predicted=float(best),
+        error_best_predicted=float(ebest),
+        eps_best_measured=eps_values[k],
+        error_best_measured=errors[k],
+        slope_large=_slope(*zip(*large)) if len(large) >= 2 else None,
+        slope_small=_slope(*zip(*small)) if len(small) >= 2 else None,
+        points_used=len(pts),
+    )

@@ -31,6 +31,7 @@ import contextlib
 import torch
 
 from . import distributed as _dist
+from .fd_step import stencil_points
 from .objective import Objective, PassRecord, _no_graph_error, normalise
 from .vectors import Vector
 
@@ -53,37 +54,43 @@ def _sdpa_math():
         return contextlib.nullcontext()
 
 
-def hvp_fd(obj: Objective, v: Vector, eps: float) -> Vector:
+def hvp_fd(obj: Objective, v: Vector, eps: float, stencil: str = "central") -> Vector:
     """``(∇L(θ+εv) − ∇L(θ−εv)) / 2ε`` with the parameters restored by copy (module docstring);
-    ``eps == 0`` (only for a zero ``v``) gives the zero vector."""
+    ``stencil="four-point"``: ``(8∇L(θ+εv) − 8∇L(θ−εv) − ∇L(θ+2εv) + ∇L(θ−2εv)) / 12ε``
+    (truncation O(ε⁴), 4 gradient passes). ``eps == 0`` (only for a zero ``v``) gives the zero
+    vector."""
     if eps == 0.0:
         return obj.zeros()
+    points, divisor = stencil_points(stencil)
     locs = [_dist.local(p) for p in obj.params]
     vs = [t.to(p.dtype) for t, p in zip(v, locs)]
     with torch.no_grad():
         snapshot = [p.detach().clone() for p in locs]
     try:
         with obj.stash_grads(), obj.mode():
-            # FSDP2 may still hold gathered copies (root after a no_grad forward, blocks with
-            # reshard_after_forward=False) that the next forward would reuse unperturbed.
-            _dist.reshard(obj.model)
-            with torch.no_grad():
-                torch._foreach_add_(locs, vs, alpha=eps)
-            rp = obj.grad_pass(1.0, "HVP θ+εv")
-            _dist.reshard(obj.model)
-            with torch.no_grad():
-                torch._foreach_copy_(locs, snapshot)
-                torch._foreach_add_(locs, vs, alpha=-eps)
-            rm = obj.grad_pass(-1.0, "HVP θ-εv")
-            N = obj.normaliser(rp, "at θ+εv")
-            Nm = obj.normaliser(rm, "at θ-εv")
-            if abs(rm.total_weight - rp.total_weight) > 1e-9 * rp.total_weight or N != Nm:
-                raise ValueError(
-                    "the batch weights differ between the two fd passes: the data changed "
-                    "between passes"
-                )
+            recs = []
+            for k, (offset, weight) in enumerate(points):
+                # FSDP2 may still hold gathered copies (root after a no_grad forward, blocks
+                # with reshard_after_forward=False) that the next forward would reuse
+                # unperturbed.
+                _dist.reshard(obj.model)
+                with torch.no_grad():
+                    if k:
+                        torch._foreach_copy_(locs, snapshot)
+                    torch._foreach_add_(locs, vs, alpha=offset * eps)
+                where = f"θ{offset:+g}εv".replace("1εv", "εv")
+                recs.append((obj.grad_pass(weight, f"HVP {where}"), where))
+            rp = recs[0][0]
+            N = obj.normaliser(rp, f"at {recs[0][1]}")
+            for rm, where in recs[1:]:
+                Nm = obj.normaliser(rm, f"at {where}")
+                if abs(rm.total_weight - rp.total_weight) > 1e-9 * rp.total_weight or N != Nm:
+                    raise ValueError(
+                        "the batch weights differ between the fd passes: the data changed "
+                        "between passes"
+                    )
             hv = obj.read_grads()
-            torch._foreach_mul_(hv, obj.grad_scale / (2.0 * eps * N))
+            torch._foreach_mul_(hv, obj.grad_scale / (divisor * eps * N))
             return hv
     finally:
         _dist.reshard(obj.model)  # no gathered copy of perturbed parameters survives

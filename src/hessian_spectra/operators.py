@@ -3,7 +3,9 @@
 ``HessianOperator`` applies ``H = ∇²L(θ)`` of the objective ``L`` (:mod:`.objective`:
 ``Σ_b w_b l_b / Σ_b w_b``, or ``Σ_b w_b l_b`` with ``reduction="sum"``) to vectors laid out
 like ``op.params``, by one of three backends (:mod:`.hvp`): ``"fd"`` (central finite
-differences of gradients, shard-local under FSDP2; step rule in :mod:`.fd_step`), ``"exact"``
+differences of gradients, shard-local under FSDP2; the step, chosen from FSHP Thm 3.1's error
+model calibrated once per operator, and the error estimate of every product are in
+:mod:`.fd_step`), ``"exact"``
 (double backward) or ``"jvp"`` (forward-over-reverse; falls back to ``"exact"`` with a warning
 where PyTorch cannot do it). It meets the operator contract :class:`~.linop.Operator`.
 
@@ -20,18 +22,35 @@ True
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 
 import torch
 
 from . import fd_step as _fd
-from .fd_step import FDError, check_eps, default_eps_scale
+from .fd_step import (
+    FDAccuracyError,
+    FDError,
+    FDEstimate,
+    FDModel,
+    check_eps,
+    check_stencil,
+    compute_dtype,
+    default_eps_scale,
+)
 from .hvp import JvpUnsupported, hvp_exact, hvp_fd, hvp_jvp
 from .objective import Objective
-from .vectors import Vector, check_vector
+from .vectors import Vector, check_vector, norm
 
-__all__ = ["METHODS", "FDError", "HessianOperator", "default_eps_scale"]
+__all__ = [
+    "METHODS",
+    "FDAccuracyError",
+    "FDError",
+    "FDEstimate",
+    "HessianOperator",
+    "default_eps_scale",
+]
 
 METHODS = ("fd", "exact", "jvp")
 
@@ -61,8 +80,10 @@ class HessianOperator:
         batches: a re-iterable of batches (list, DataLoader without shuffling). Every matvec is a
             full pass: ``Σ_b w_b H_b v / Σ_b w_b``.
         method: ``"fd"``, ``"exact"`` or ``"jvp"`` (module docstring).
-        eps: the fd step: the parameters are moved to ``θ ± eps·v``. ``None``: the scale-aware
-            default of :mod:`hessian_spectra.fd_step`.
+        eps: the fd step: the parameters are moved to ``θ ± eps·v``. ``None`` (default): the
+            step of :mod:`hessian_spectra.fd_step`, ``c / max_i(||v_i|| / ||θ_i||)`` with ``c``
+            chosen on first use by FSHP Thm 3.1's error model, measured along one unit probe
+            (about 6 extra gradient passes, once per operator).
         params: a subset of parameters (names or tensors); default all with ``requires_grad``.
         reduction: ``"mean"`` (default): ``L = Σ_b w_b l_b / Σ_b w_b``; ``"sum"``:
             ``L = Σ_b w_b l_b`` (e.g. a risk summed over examples, ``loss_fn`` returning sums).
@@ -71,8 +92,18 @@ class HessianOperator:
             randomness (dropout) is refused by ``check_determinism``.
         check_determinism: on first use, check that two passes see the same first batch and two
             evaluations of its loss agree; raise if not (dropout, shuffling).
-        allow_low_precision_fd: permit ``method="fd"`` with bf16/fp16 parameters (its error was
-            ≥ 1 at every ε tried on SmolLM2-135M); otherwise that raises.
+        allow_low_precision_fd: run ``method="fd"`` in bf16/fp16 (parameters, or an FSDP2
+            ``MixedPrecisionPolicy(param_dtype=...)``) whatever its error, with a warning.
+            Without it (or ``max_fd_error``) fd in 16-bit compute raises: see ``max_fd_error``.
+        max_fd_error: refuse (:class:`~hessian_spectra.fd_step.FDAccuracyError`, a
+            ``ValueError``, with the estimated figure) any fd product at the default step whose
+            estimated relative error exceeds this, starting with the calibration probe. The
+            way to run fd in 16-bit compute when the measured error is acceptable.
+        stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
+            (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
+        fd_calibration: measure the error model on first use (default). ``False``: the
+            uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)`` and no error
+            estimates (``last_fd_error_estimate`` stays ``None``).
         progress: show a progress bar over batches for each pass (rank 0 only).
     """
 
@@ -89,11 +120,23 @@ class HessianOperator:
         train_mode: bool = False,
         check_determinism: bool = True,
         allow_low_precision_fd: bool = False,
+        max_fd_error: float | None = None,
+        stencil: str = "central",
+        fd_calibration: bool = True,
         progress: bool = False,
     ):
         _check_method(method)
         if eps is not None:
             eps = check_eps(eps)
+        if max_fd_error is not None:
+            max_fd_error = check_eps(max_fd_error, "max_fd_error")
+        self.stencil = check_stencil(stencil)
+        self.max_fd_error = max_fd_error
+        self.fd_calibration = bool(fd_calibration)
+        if max_fd_error is not None and not self.fd_calibration:
+            raise ValueError(
+                "max_fd_error needs the error model: leave fd_calibration=True (the default)"
+            )
         self.objective = Objective(
             model,
             loss_fn,
@@ -110,21 +153,37 @@ class HessianOperator:
         self._jvp_fallback = False
         if obj.sharded and method != "fd":
             raise _sharded_method_error(method)
-        low = torch.finfo(obj.param_dtype).bits < 32
-        if method == "fd" and low and not allow_low_precision_fd:
+        self.compute_dtype = compute_dtype(obj.model, obj.param_dtype)
+        low = torch.finfo(self.compute_dtype).bits < 32
+        what = (
+            f"{obj.param_dtype} parameters"
+            if self.compute_dtype == obj.param_dtype
+            else f"FSDP2 MixedPrecisionPolicy(param_dtype={self.compute_dtype})"
+        )
+        if method == "fd" and low and max_fd_error is None and not allow_low_precision_fd:
             raise ValueError(
-                f"method='fd' with {obj.param_dtype} parameters: finite differences in 16-bit "
-                "arithmetic have relative error ≥ 1 (measured on SmolLM2-135M at every ε tried). "
-                "Load the model in float32, use method='exact', or pass "
-                "allow_low_precision_fd=True if you accept that error."
+                f"method='fd' with {what}: in 16-bit compute a step below the parameters' "
+                "resolution vanishes and the fd error is often ≥ 1 (SmolLM2-135M: ≥ 1 at every "
+                "eps). Load the model in float32, use method='exact', pass max_fd_error "
+                "(e.g. 0.05) to run when the error measured on first use is below it, or "
+                "allow_low_precision_fd=True to run whatever it is."
             )
-        if method == "fd" and low:
+        if method == "fd" and low and max_fd_error is None:
             warnings.warn(
-                f"finite-difference HVPs with {obj.param_dtype} parameters are dominated by "
-                "rounding error (relative error ≥ 1 measured); prefer float32",
+                f"finite-difference HVPs with {what} may be dominated by rounding error; "
+                "op.last_fd_error_estimate says how much (prefer float32)",
                 stacklevel=2,
             )
-        self.stats = {"matvecs": 0, "matvec_seconds": 0.0, "gradients": 0, "gradient_seconds": 0.0}
+        self.fd_model: FDModel | None = None
+        self.last_fd_error_estimate: FDEstimate | None = None
+        self.stats = {
+            "matvecs": 0,
+            "matvec_seconds": 0.0,
+            "gradients": 0,
+            "gradient_seconds": 0.0,
+            "fd_calibration_gradients": 0,
+            "fd_max_rel_error_estimate": 0.0,
+        }
 
     # ------------------------------------------------------------------ the objective's facts
     model = property(lambda self: self.objective.model, doc="The model.")
@@ -179,7 +238,18 @@ class HessianOperator:
         obj.first_use()
         t0 = time.perf_counter()
         if method == "fd":
-            hv = hvp_fd(obj, v, eps if eps is not None else self.eps_for(v))
+            checked = eps is None and self.max_fd_error is not None
+            e = eps if eps is not None else self.eps_for(v)
+            hv = hvp_fd(obj, v, e, self.stencil)
+            if self.fd_calibration:
+                est = self.calibrate_fd().estimate(norm(v), e, norm(hv))
+                self.last_fd_error_estimate = est
+                if math.isfinite(est.rel_error):
+                    self.stats["fd_max_rel_error_estimate"] = max(
+                        self.stats["fd_max_rel_error_estimate"], est.rel_error
+                    )
+                if checked and est.rel_error > self.max_fd_error:
+                    raise self._accuracy_error(est, "this product")
         elif method == "jvp" and not self._jvp_fallback:
             try:
                 hv = hvp_jvp(obj, v)
@@ -208,11 +278,48 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ the fd step
     def eps_for(self, v: Vector) -> float:
-        """The fd step used for direction ``v`` (``self.eps``, or the default rule of
-        :func:`hessian_spectra.fd_step.fd_step`)."""
+        """The fd step used for direction ``v``: ``self.eps``, or ``c / max_i(||v_i|| /
+        ||θ_i||)`` with ``c`` from the calibrated error model (:mod:`hessian_spectra.fd_step`;
+        the first call calibrates it)."""
         if self.eps is not None:
             return self.eps
-        return _fd.fd_step(v, self.objective.theta_norms(), self.param_dtype)
+        if not self.fd_calibration:
+            return _fd.fd_step(v, self.objective.theta_norms(), self.compute_dtype)
+        return self.calibrate_fd().step(v, self.objective.theta_norms())
+
+    def calibrate_fd(self, seed: int = 0) -> FDModel:
+        """The operator's fd error model (:class:`~hessian_spectra.fd_step.FDModel`), measured
+        on the first call along ``unit_probe(self, seed)`` and kept (later calls return it);
+        refused with :class:`~hessian_spectra.fd_step.FDAccuracyError` when ``max_fd_error``
+        is set and the best error along that probe exceeds it."""
+        if self.fd_model is None:
+            m = _fd.calibrate(self, seed, self.stencil)
+            self.fd_model = m
+            self.stats["fd_calibration_gradients"] += m.gradients
+            if self.max_fd_error is not None:
+                e = self.eps if self.eps is not None else m.step0
+                est = m.estimate(1.0, e, m.hu0)
+                if est.rel_error > self.max_fd_error:
+                    raise self._accuracy_error(est, "the calibration probe")
+        return self.fd_model
+
+    def _accuracy_error(self, est: FDEstimate, where: str) -> FDAccuracyError:
+        lost = _fd.perturbation_rounding(
+            self.params, self._probe_for_message(), est.eps, self.compute_dtype
+        )
+        return FDAccuracyError(
+            f"the estimated relative error of the fd HVP along {where} is {est.rel_error:.2g} "
+            f"(step {est.eps:.3g}; truncation {est.truncation:.2g}, rounding {est.rounding:.2g}"
+            f" absolute; {100 * lost:.0f}% of the perturbation of a unit probe at that step is "
+            f"lost to {self.compute_dtype} rounding), above max_fd_error={self.max_fd_error:g}."
+            " Use float32 parameters (and param_dtype=float32 under FSDP2), method='exact', "
+            "or a larger max_fd_error if that error is acceptable."
+        )
+
+    def _probe_for_message(self) -> Vector:
+        from .vectors import unit_probe
+
+        return unit_probe(self, 0, dtype=self.vector_dtype)
 
     def fd_error(self, v: Vector, eps: float | None = None, reference: str = "exact") -> FDError:
         """Measure the fd error along ``v`` against an exact HVP or a Richardson estimate
