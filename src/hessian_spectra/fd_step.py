@@ -272,18 +272,48 @@ class FDModel:
         """The step along ``v``: ``scale / κ(v)``."""
         return fd_step(v, theta_norms, torch.float64, self.scale)
 
-    def estimate(self, v_norm: float, eps: float, hv_norm: float) -> FDEstimate:
+    def truncation_coefficient(
+        self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None
+    ) -> float:
+        """``a_u`` (central) or ``a4_u`` (four-point) along ``u = v/||v||``: from the even part
+        ``d2`` of the product's gradient pair where given (``D = d2 / s²`` estimates
+        ``||∇D²L[u,u]||``; ``a_u = D² / 6||Hu||``, ``a4_u = D⁴ / 30||Hu||³``), else from the
+        calibration by the scale model (module docstring)."""
+        s = eps * v_norm
+        hu = hv_norm / v_norm
+        four = self.stencil == "four-point" and self.a4 is not None
+        if d2 is not None and hu > 0 and s > 0:
+            D = d2 / s**2
+            return D**4 / (30 * hu**3) if four else D**2 / (6 * hu)
+        r = hu / self.hu0 if self.hu0 > 0 else 1.0
+        return self.a4 * r**3 if four else self.a0 * r**2
+
+    def best_eps(
+        self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None
+    ) -> float:
+        """The step along ``v`` that minimises the estimated error (``inf`` without truncation),
+        from a product at ``eps`` (:meth:`truncation_coefficient`)."""
+        a = self.truncation_coefficient(v_norm, eps, hv_norm, d2)
+        if a <= 0 or v_norm == 0:
+            return math.inf
+        if self.stencil == "four-point" and self.a4 is not None:
+            return (_FOUR_POINT_ROUNDING * self.b / (4 * a)) ** 0.2 / v_norm
+        return (self.b / (2 * a)) ** (1 / 3) / v_norm
+
+    def estimate(
+        self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None
+    ) -> FDEstimate:
         """The estimated error of a product ``H_eps v`` with ``||v|| = v_norm`` whose result has
-        norm ``hv_norm``: (1) at ``s = eps·||v||`` with ``a_u = a0 (||Hu|| / hu0)²``."""
+        norm ``hv_norm`` (and even part ``d2``): (1) at ``s = eps·||v||``."""
         if v_norm == 0 or eps == 0:
             return FDEstimate(eps, 0.0, 0.0, 0.0, 0.0)
         s = eps * v_norm
-        r = hv_norm / v_norm / self.hu0 if self.hu0 > 0 else 1.0
+        a = self.truncation_coefficient(v_norm, eps, hv_norm, d2)
         if self.stencil == "four-point" and self.a4 is not None:
-            trunc = self.a4 * r**3 * s**4
+            trunc = a * s**4
             rnd = _FOUR_POINT_ROUNDING * self.b / s
         else:
-            trunc = self.a0 * r**2 * s**2
+            trunc = a * s**2
             rnd = self.b / s
         ab = (trunc + rnd) * v_norm
         rel = ab / hv_norm if hv_norm > 0 else math.inf
@@ -397,8 +427,8 @@ def _check_reference(reference: str) -> None:
 
 
 def fd_error(op, v: Vector, eps: float | None = None, reference: str = "exact") -> FDError:
-    """The error of ``op``'s fd product along ``v`` at step ``eps`` (default: ``op.eps_for(v)``)
-    against an exact HVP (``op.matvec(v, method="exact")``) or a Richardson estimate (two fd
+    """The error of ``op``'s fd product along ``v`` at step ``eps`` (default: the operator's own
+    product, ``op.matvec(v, method="fd")``, at the step it chose) against an exact HVP (``op.matvec(v, method="exact")``) or a Richardson estimate (two fd
     products, no exact HVP needed).
 
     >>> import hessian_spectra as hs
@@ -412,8 +442,13 @@ def fd_error(op, v: Vector, eps: float | None = None, reference: str = "exact") 
     if norm(v) == 0:
         raise ValueError("v is the zero vector: the fd error along it is undefined; pass a "
                          "nonzero direction (e.g. hessian_spectra.unit_probe(op))")
-    e = check_eps(eps) if eps is not None else op.eps_for(v)
-    h = op.matvec(v, method="fd", eps=e)
+    if eps is not None:
+        e = check_eps(eps)
+        h = op.matvec(v, method="fd", eps=e)
+    else:
+        h = op.matvec(v, method="fd")
+        est = getattr(op, "last_fd_error_estimate", None)
+        e = est.eps if est is not None else op.eps_for(v)
     if reference == "exact":
         ref = op.matvec(v, method="exact")
     else:

@@ -33,7 +33,7 @@ import torch
 from . import distributed as _dist
 from .fd_step import stencil_points
 from .objective import Objective, PassRecord, _no_graph_error, normalise
-from .vectors import Vector
+from .vectors import Vector, norm
 
 __all__ = ["JvpUnsupported", "hvp_exact", "hvp_fd", "hvp_jvp"]
 
@@ -54,11 +54,23 @@ def _sdpa_math():
         return contextlib.nullcontext()
 
 
-def hvp_fd(obj: Objective, v: Vector, eps: float, stencil: str = "central") -> Vector:
+def hvp_fd(
+    obj: Objective,
+    v: Vector,
+    eps: float,
+    stencil: str = "central",
+    g0: Vector | None = None,
+    info: dict | None = None,
+) -> Vector:
     """``(∇L(θ+εv) − ∇L(θ−εv)) / 2ε`` with the parameters restored by copy (module docstring);
     ``stencil="four-point"``: ``(8∇L(θ+εv) − 8∇L(θ−εv) − ∇L(θ+2εv) + ∇L(θ−2εv)) / 12ε``
     (truncation O(ε⁴), 4 gradient passes). ``eps == 0`` (only for a zero ``v``) gives the zero
-    vector."""
+    vector.
+
+    With ``g0`` (the normalised gradient at θ) and a dict ``info``, also sets ``info["d2"] =
+    ||∇L(θ+εv) + ∇L(θ−εv) − 2 g0||``, the even part of the pair (``≈ ε² ||∇(D²L[v,v])||``), read
+    between the passes with one temporary vector: the error model's curvature-change scale
+    (:mod:`.fd_step`)."""
     if eps == 0.0:
         return obj.zeros()
     points, divisor = stencil_points(stencil)
@@ -80,6 +92,26 @@ def hvp_fd(obj: Objective, v: Vector, eps: float, stencil: str = "central") -> V
                     torch._foreach_add_(locs, vs, alpha=offset * eps)
                 where = f"θ{offset:+g}εv".replace("1εv", "εv")
                 recs.append((obj.grad_pass(weight, f"HVP {where}"), where))
+                if g0 is not None and info is not None and k == 0:
+                    # w₀ ∇L(θ+εv), unnormalised: a copy (read_grads may alias .grad)
+                    first = [
+                        _dist.local(p.grad).detach().to(obj.vector_dtype, copy=True)
+                        if p.grad is not None
+                        else torch.zeros_like(loc, dtype=obj.vector_dtype)
+                        for p, loc in zip(obj.params, locs)
+                    ]
+                elif g0 is not None and info is not None and k == 1:
+                    # the first two points are ±ε with weights ±w₀: .grad = w₀(g₊ − g₋)
+                    n1 = obj.normaliser(recs[0][0], f"at {recs[0][1]}")
+                    f = obj.grad_scale / (points[0][1] * n1)
+                    for t, p, z in zip(first, obj.params, g0):
+                        g = p.grad
+                        t.mul_(2.0)
+                        if g is not None:
+                            t.sub_(_dist.local(g).detach().to(t.dtype))
+                        t.mul_(f).sub_(z.to(t.dtype), alpha=2.0)
+                    info["d2"] = norm(first)
+                    del first
             rp = recs[0][0]
             N = obj.normaliser(rp, f"at {recs[0][1]}")
             for rm, where in recs[1:]:

@@ -183,7 +183,9 @@ class HessianOperator:
             "gradient_seconds": 0.0,
             "fd_calibration_gradients": 0,
             "fd_max_rel_error_estimate": 0.0,
+            "fd_retries": 0,
         }
+        self._fd_g0: Vector | None = None
 
     # ------------------------------------------------------------------ the objective's facts
     model = property(lambda self: self.objective.model, doc="The model.")
@@ -240,9 +242,25 @@ class HessianOperator:
         if method == "fd":
             checked = eps is None and self.max_fd_error is not None
             e = eps if eps is not None else self.eps_for(v)
-            hv = hvp_fd(obj, v, e, self.stencil)
-            if self.fd_calibration:
-                est = self.calibrate_fd().estimate(norm(v), e, norm(hv))
+            if self.fd_calibration and e > 0:
+                fm = self.calibrate_fd()
+                info: dict = {}
+                hv = hvp_fd(obj, v, e, self.stencil, self._fd_g0, info)
+                vn, hn = norm(v), norm(hv)
+                if eps is None and self.eps is None:
+                    # the step from κ(v) is a priori; the product's even part says where the
+                    # error model puts the best step along v: redo it there when the estimate
+                    # at e is over ~2.2× the best one (module docstring of .fd_step)
+                    best = fm.best_eps(vn, e, hn, info.get("d2"))
+                    # no tensor moves by more than a quarter of its norm (as in calibrate)
+                    best = min(best, 0.25 / _fd.perturbation_scale(v, obj.theta_norms()))
+                    lo, hi = (0.4, 1.8) if self.stencil == "four-point" else (0.3, 2.5)
+                    if math.isfinite(best) and not lo * best <= e <= hi * best:
+                        e, info = best, {}
+                        hv = hvp_fd(obj, v, e, self.stencil, self._fd_g0, info)
+                        hn = norm(hv)
+                        self.stats["fd_retries"] += 1
+                est = fm.estimate(vn, e, hn, info.get("d2"))
                 self.last_fd_error_estimate = est
                 if math.isfinite(est.rel_error):
                     self.stats["fd_max_rel_error_estimate"] = max(
@@ -250,6 +268,8 @@ class HessianOperator:
                     )
                 if checked and est.rel_error > self.max_fd_error:
                     raise self._accuracy_error(est, "this product")
+            else:
+                hv = hvp_fd(obj, v, e, self.stencil)
         elif method == "jvp" and not self._jvp_fallback:
             try:
                 hv = hvp_jvp(obj, v)
@@ -294,8 +314,9 @@ class HessianOperator:
         is set and the best error along that probe exceeds it."""
         if self.fd_model is None:
             m = _fd.calibrate(self, seed, self.stencil)
+            self._fd_g0 = self.objective.gradient()[1]
             self.fd_model = m
-            self.stats["fd_calibration_gradients"] += m.gradients
+            self.stats["fd_calibration_gradients"] += m.gradients + 1
             if self.max_fd_error is not None:
                 e = self.eps if self.eps is not None else m.step0
                 est = m.estimate(1.0, e, m.hu0)
