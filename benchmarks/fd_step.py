@@ -13,6 +13,16 @@ and the time of one product of each stencil.
     python benchmarks/fd_step.py --json benchmarks/results/fd_step_tiny.json
     python benchmarks/fd_step.py --model embedded --seq-len 256 --lanczos 5 \\
         --json benchmarks/results/fd_step_smollm2.json        # SmolLM2-135M, ~30 min on 1 CPU
+    python benchmarks/fd_step.py --low-precision --json benchmarks/results/fd_low_precision.json
+    python benchmarks/fd_step.py --low-precision --model embedded --seq-len 256 \\
+        --json benchmarks/results/fd_low_precision_smollm2.json
+
+``--low-precision``: fd in bf16 three ways, against the exact float64 (tiny) / float32 (LLM)
+HVP along a unit random probe (and, tiny, the second Lanczos vector): bf16 parameters; float32
+parameters under ``torch.autocast(bfloat16)``; float32 parameters cast to bf16 for compute (what
+FSDP2 ``MixedPrecisionPolicy(param_dtype=bfloat16)`` does). Per setting: the error at each step
+of a sweep, the default step's error and estimate, and the fraction of the perturbation lost
+to bf16 rounding (``fd_step.perturbation_rounding``).
 """
 
 from __future__ import annotations
@@ -208,6 +218,126 @@ def run_llm(args):
     return out
 
 
+class _Bound:
+    def __init__(self, model, pd):
+        self.model, self.pd = model, pd
+
+    def __call__(self, *a, **k):
+        return torch.func.functional_call(self.model, self.pd, a, k)
+
+
+def _as_float(out):
+    return (out[0].float(), out[1]) if isinstance(out, tuple) else out.float()
+
+
+def bf16_cast_loss(loss):
+    """float32 parameters cast to bf16 for the forward (FSDP2 MixedPrecisionPolicy semantics)."""
+
+    def f(model, batch):
+        pd = {n: p.to(torch.bfloat16) for n, p in model.named_parameters()}
+        b = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in batch) \
+            if isinstance(batch, tuple) else batch
+        return _as_float(loss(_Bound(model, pd), b))
+
+    return f
+
+
+def autocast_loss(loss):
+    """float32 parameters, bf16 compute under torch.autocast."""
+
+    def f(model, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _as_float(loss(model, batch))
+
+    return f
+
+
+def _low_precision_setups(m32, loss, b32):
+    import copy
+
+    mb = copy.deepcopy(m32).to(torch.bfloat16)
+
+    def cast(b):
+        if isinstance(b, tuple):
+            return tuple(cast(t) for t in b)
+        return b.to(torch.bfloat16) if b.is_floating_point() else b
+
+    return {
+        "bf16 parameters": (mb, loss, [cast(b) for b in b32]),
+        "fp32 parameters, bf16 autocast": (m32, autocast_loss(loss), b32),
+        "fp32 parameters cast to bf16 (FSDP2 MixedPrecisionPolicy)":
+            (m32, bf16_cast_loss(loss), b32),
+    }
+
+
+def _low_precision_rows(setups, dirs, refs, grid, calibrate=True):
+    import warnings
+
+    out = {}
+    for name, (m, loss, bs) in setups.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            op = hs.HessianOperator(m, loss, bs, method="fd", allow_low_precision_fd=True,
+                                    fd_calibration=calibrate)
+        rows = {}
+        for dn, u in dirs.items():
+            ref = refs[dn]
+            rn = norm(ref)
+            uu = [t.to(op.vector_dtype) for t in u]
+
+            def err(h):
+                return norm([a.double() - b.double() for a, b in zip(h, ref)]) / rn
+
+            sweep = [err(op.matvec(uu, eps=float(e))) for e in grid]
+            row = {"sweep": {"eps": list(map(float, grid)), "error": sweep},
+                   "lost_to_rounding": {f"{e:g}": perturbation_rounding(
+                       op.params, uu, float(e), torch.bfloat16) for e in grid}}
+            if calibrate:
+                d = err(op.matvec(uu))
+                est = op.last_fd_error_estimate
+                row.update(default_eps=est.eps, default_error=d, estimate=est.rel_error)
+            k = int(np.argmin(sweep))
+            row.update(best_eps=float(grid[k]), best_error=sweep[k])
+            rows[dn] = row
+            print(f"{name:58s} {dn:16s} best eps {grid[k]:.2g} err {sweep[k]:.2g}"
+                  + (f" | default eps {row['default_eps']:.2g} err {row['default_error']:.2g}"
+                     f" est {row['estimate']:.2g}" if calibrate else "")
+                  + " | lost " + " ".join(f"{v:.2g}" for v in row["lost_to_rounding"].values()),
+                  flush=True)
+        out[name] = rows
+    return out
+
+
+def run_low_precision(args):
+    if args.model != "tiny":
+        from hessian_spectra.data import DataConfig, causal_lm_loss, make_batches
+        from hessian_spectra.models import load_model
+
+        lm = load_model(args.model)
+        cfg = DataConfig(seq_len=args.seq_len, batch_size=args.batch_size, num_batches=1)
+        bs = make_batches(lm.tokenizer, cfg)
+        ex = hs.HessianOperator(lm.model, causal_lm_loss, bs, method="exact")
+        u = hs.unit_probe(ex, 1)
+        refs = {"random probe": ex.matvec(u)}
+        grid = np.array([1.0, 10.0, 100.0])
+        setups = _low_precision_setups(lm.model, causal_lm_loss, bs)
+        return {"model": args.model, "tokens": args.seq_len * args.batch_size,
+                "settings": _low_precision_rows(setups, {"random probe": u}, refs, grid,
+                                                calibrate=False)}
+    out = {}
+    for kind in ("mlp", "transformer", "cnn"):
+        m64, loss, b64 = tiny_problem(kind, torch.float64)
+        ex = hs.HessianOperator(m64, loss, b64, method="exact")
+        r = hs.lanczos(ex, 3, return_basis=True)
+        dirs = {"random probe": hs.unit_probe(ex, 1), "Lanczos vector 2": r.basis[1]}
+        refs = {k: ex.matvec(v) for k, v in dirs.items()}
+        m32, _, b32 = tiny_problem(kind, torch.float32)
+        print(kind, flush=True)
+        out[kind] = _low_precision_rows(_low_precision_setups(m32, loss, b32), dirs, refs,
+                                        np.logspace(-3, 1, 17))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="'tiny' (default) or a load_model spec")
@@ -216,13 +346,18 @@ def main():
     ap.add_argument("--lanczos", type=int, default=5, help="Lanczos vectors 2..K (default 5)")
     ap.add_argument("--points", type=int, default=13, help="sweep points per direction")
     ap.add_argument("--decades", type=float, default=1.5, help="sweep ± decades around default")
+    ap.add_argument("--low-precision", action="store_true", help="the bf16 table")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = run_tiny(args) if args.model == "tiny" else run_llm(args)
+    if args.low_precision:
+        out = run_low_precision(args)
+    else:
+        out = run_tiny(args) if args.model == "tiny" else run_llm(args)
     out["command"] = "python benchmarks/fd_step.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
-    )
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if v is not None and v is not False
+    ).replace(" True", "")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -15,7 +15,7 @@ direction ``u`` and a step ``s`` FSHP Thm 3.1 (App. A) splits its error into
 (1) is smallest at ``s* = (b / 2a_u)^{1/3}``, where the error is ``1.5 b / s*`` (Thm 3.1's
 ``O(ε_mach^{2/3})``); within a factor 3 of that minimum for any ``s`` in ``[0.23, 2.9]·s*``.
 
-**Calibration** (:func:`calibrate`, once per operator, ~6 extra gradient passes). Along a
+**Calibration** (:func:`calibrate`, once per operator, 6–10 extra gradient passes). Along a
 seeded unit Rademacher probe ``u₀``: a Richardson pair ``h(S), h(2S)`` at a step ``S`` where
 truncation dominates gives ``a₀ = ||h(2S) − h(S)|| / 3S²`` (``h(2S) − h(S) = 3a₀S²·t`` with
 ``t`` the unit truncation direction); a product at a step ``σ = S/64`` where rounding dominates
@@ -34,23 +34,37 @@ the layer-0 RMSNorm weights), and the best step along them is ~100× smaller tha
 random probe; the global rule ``c ||θ|| / ||v||`` had relative error ≈ 1 on the second and
 third Lanczos vectors there. Why calibrated: the fixed ``c = 0.1·ε_mach^{1/3}`` was 10–17× below
 the best step along random probes of 2.5k–4.5k-parameter MLP, CNN and transformer models in
-float32, with 5–20× the best error (``benchmarks/fd_step.py``).
+float32, with 5–20× the best error (``benchmarks/fd_step.py``). Calibrated, the step along
+random probes is the best of a sweep; along Lanczos vectors κ leans the other way on an MLP
+(steps 2–3× small) than on a transformer (2× large), within the factor 3 either way.
 
-**The error estimate of every product** (:meth:`FDModel.estimate`): (1) with the measured ``b``
-and ``a_u = a₀ (||Hu|| / ||Hu₀||)²``: a scale model (the loss varies on one length scale ℓ
-along ``u``, so ``||Hu|| ~ ℓ⁻²`` and ``a_u ~ ℓ⁻⁴``) that the sweeps of ``benchmarks/fd_step.py``
-support (ratios of best steps between random probes and Lanczos vectors follow
-``||Hu||^{-2/3}``). It uses the product just computed, so it costs nothing.
+**The error estimate of every product, and a second look at its step.** The operator keeps
+``∇L(θ)`` (one gradient pass, once) and reads, between the two passes of each product, the
+even part of its gradient pair ``∇L(θ+su) + ∇L(θ−su) − 2∇L(θ) = s² ∇(D²L[u,u]) + O(s⁴)``
+(one temporary vector). With ``D = ||∇(D²L[u,u])||`` and one length scale ℓ on which the
+loss changes along ``u`` (``||Hu|| ~ ||∇L||/ℓ``, ``D ~ ||Hu||/ℓ``, ``||∇D³L|| ~ ||Hu||/ℓ²``):
+
+    a_u ≈ D² / (6 ||Hu||)                                                                (2)
+
+measured against ``||∇(D³L[u,u,u])||/6`` on 21 directions (random probes, top eigenvectors,
+Lanczos vectors) of six float64 models: ratio 0.2–2.1. The estimate ``a_u s² + b/s`` costs no
+gradient. The step ``c / κ(v)`` is chosen before the product, so it can be wrong where κ does
+not see the curvature change (the top eigenvector of a tiny transformer: 66× the best error
+with κ alone). When (2) puts the step outside ``[0.3, 2.5]·s*_u`` (estimated error > ~2.2× the
+best), the product is redone once at ``s*_u = (b / 2a_u)^{1/3}`` (2 more passes; counted in
+``op.stats["fd_retries"]``). Without ``∇L(θ)`` (:func:`FDModel.estimate` with ``d2=None``)
+the scale model ``a_u = a₀ (||Hu|| / ||Hu₀||)²`` is used.
 
 **The four-point stencil** ``(8(g(s) − g(−s)) − (g(2s) − g(−2s))) / 12s`` (``stencil=
 "four-point"``, 4 gradients a product) has error ``a4_u s⁴ + 1.34 b / s`` (the ``s²`` term
 cancels; ``1.34 = (8²+8²+1+1)^½/12 / (2^½/2)`` for independent gradient errors). Its
 calibration adds a four-point Richardson pair ``a4₀ = ||h4(2S) − h4(S)|| / 15S⁴`` (8 more
-passes); its step is ``c4 / κ(v)`` with ``c4 = κ(u₀) (1.34 b / 4a4₀)^{1/5}``, and ``a4_u = a4₀
-(||Hu|| / ||Hu₀||)³`` (same scale model). The central stencil stays the default: half the
-passes, and its error (1–3e-5 along random probes and Lanczos vectors of the tiny fp32 models)
-gives top eigenvalues to 1e-6–2e-5 in 40 Lanczos steps; the four-point one gives 5e-7–7e-7
-there (``benchmarks/fd_step.py``).
+passes); its step is ``c4 / κ(v)`` with ``c4 = κ(u₀) (1.34 b / 4a4₀)^{1/5}``, and ``a4_u ≈
+D⁴ / 30||Hu||³`` by (2)'s length scale (redone outside ``[0.4, 1.8]·s*_u``). The central stencil stays the default: half the
+passes, and its error (1–5e-5 along random probes and Lanczos vectors of the issue-sized fp32
+models) gives their top eigenvalues to 1e-6, 6e-6 and 1.8e-5 (CNN) in 40 Lanczos steps; the
+four-point stencil gives 6e-8, 6e-6 and 2e-6 (``benchmarks/fd_step.py``): use it where the
+top eigenvalues must be right to 1e-5.
 
 :func:`fd_error` and :func:`eps_sweep` measure the error of ``H_ε v`` against an exact HVP or a
 Richardson extrapolation; :func:`fit_error_model` fits (1) to a measured sweep.
