@@ -33,8 +33,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import hessian_spectra as hs
 from hessian_spectra.fd_step import fit_error_model, perturbation_rounding
@@ -285,7 +285,7 @@ def _low_precision_rows(setups, dirs, refs, grid, calibrate=True):
             rn = norm(ref)
             uu = [t.to(op.vector_dtype) for t in u]
 
-            def err(h):
+            def err(h, ref=ref, rn=rn):
                 return norm([a.double() - b.double() for a, b in zip(h, ref)]) / rn
 
             sweep = [err(op.matvec(uu, eps=float(e))) for e in grid]

@@ -102,6 +102,20 @@ def test_default_step_follows_the_documented_rule(dtype):
     assert plain.last_fd_error_estimate is None and plain.fd_model is None
 
 
+def test_fd_step_rule_edge_cases():
+    """fd_step: a zero v gets step 0 (its product is 0), a v living only on zero tensors gets
+    c/||v||, otherwise c / max_i ||v_i||/||θ_i|| over the nonzero tensors; a given scale
+    replaces c."""
+    c = hs.default_eps_scale(torch.float64)
+    z = torch.zeros(3, dtype=torch.float64)
+    assert fd_step([z, z], [1.0, 0.0], torch.float64) == 0.0
+    v = [z, torch.full((4,), 0.5, dtype=torch.float64)]  # ||v_1|| = 1, on a zero tensor
+    assert fd_step(v, [2.0, 0.0], torch.float64) == pytest.approx(c)
+    v = [torch.full((4,), 1.0, dtype=torch.float64), torch.full((4,), 3.0, dtype=torch.float64)]
+    assert fd_step(v, [4.0, 2.0], torch.float64) == pytest.approx(c / 3.0)  # max(2/4, 6/2)
+    assert fd_step(v, [4.0, 2.0], torch.float64, scale=0.3) == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_fd_product_carries_an_estimate_within_3x(kind, dtype):
