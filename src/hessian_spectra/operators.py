@@ -83,7 +83,7 @@ class HessianOperator:
         eps: the fd step: the parameters are moved to ``θ ± eps·v``. ``None`` (default): the
             step of :mod:`hessian_spectra.fd_step`, ``c / max_i(||v_i|| / ||θ_i||)`` with ``c``
             chosen on first use by FSHP Thm 3.1's error model, measured along one unit probe
-            (about 6 extra gradient passes, once per operator).
+            (see ``fd_calibration``).
         params: a subset of parameters (names or tensors); default all with ``requires_grad``.
         reduction: ``"mean"`` (default): ``L = Σ_b w_b l_b / Σ_b w_b``; ``"sum"``:
             ``L = Σ_b w_b l_b`` (e.g. a risk summed over examples, ``loss_fn`` returning sums).
@@ -101,9 +101,13 @@ class HessianOperator:
             way to run fd in 16-bit compute when the measured error is acceptable.
         stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
-        fd_calibration: measure the error model on first use (default). ``False``: the
-            uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)`` and no error
-            estimates (``last_fd_error_estimate`` stays ``None``).
+        fd_calibration: measure the error model on first use (default): about 11 gradient
+            passes once, ``∇L(θ)`` kept (one vector) and one temporary vector per product, in
+            exchange for the step, an error estimate per product
+            (``op.last_fd_error_estimate``) and a second product at the estimated best step
+            where the first one's step was > 2.5× off (``op.stats["fd_retries"]``). ``False``:
+            the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``, exactly two
+            gradient passes per product and no estimates.
         progress: show a progress bar over batches for each pass (rank 0 only).
     """
 
