@@ -7,6 +7,7 @@ fixed seed, small enough that a dense Hessian is cheap.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -95,4 +96,25 @@ def tiny_hf_checkpoint(folder, *, vocab_size: int = 320, seed: int = 0):
                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def raising_factory():
+    """A factory whose own code fails: the CLI must say the error came from the factory."""
+    raise RuntimeError("the dataset file my_data.pt is missing")
+
+
+def tiny_gpt2_checkpoint(folder, *, n_positions: int = 64, seed: int = 0):
+    """Save a tiny GPT-2 (n_positions 64) with the byte-level BPE tokenizer of
+    ``tiny_hf_checkpoint`` to ``folder``: a model whose position limit is ``n_positions``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tiny_hf_checkpoint(folder)  # writes the tokenizer (and a Llama, replaced below)
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=n_positions,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    for f in Path(folder).glob("model*.safetensors"):
+        f.unlink()
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
     return folder

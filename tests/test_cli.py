@@ -66,7 +66,7 @@ def test_density_on_a_factory_writes_the_documented_files(tmp_path):
         assert (out / f).stat().st_size > 0, f
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "complete" and r["command"] == "density"
-    for k in ("lambda_max", "lambda_min", "trace", "negative_mass", "negative_mass_tol"):
+    for k in ("lambda_max", "lambda_min", "trace", "negative_mass", "negative_mass_below_zero"):
         assert isinstance(r["summary"][k], float)
     runs = r["density"]["runs"]
     assert len(runs) == 3
