@@ -118,3 +118,28 @@ def tiny_gpt2_checkpoint(folder, *, n_positions: int = 64, seed: int = 0):
         f.unlink()
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     return folder
+
+
+def value_error_loss_mlp():
+    """The MLP whose loss raises ValueError (as the library does for a loss that does not
+    depend on the parameters): the CLI must report it as a user error, exit 2, one line."""
+    model, batches = _mlp()
+
+    def loss(model, batch):
+        raise ValueError("the loss does not depend on the parameters: compute it from model(...)")
+
+    return model, loss, batches
+
+
+def slow_mlp():
+    """The MLP whose loss sleeps $HS_SLEEP seconds per call (default 0.05): a run that lasts
+    long enough to be signalled or raced."""
+    model, batches = _mlp()
+
+    def loss(model, batch):
+        import time
+
+        time.sleep(float(os.environ.get("HS_SLEEP", "0.05")))
+        return _plain_loss(model, batch)
+
+    return model, loss, batches

@@ -208,7 +208,7 @@ def max_positions(model) -> int | None:
     True
     """
     cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
+    for name in ("n_positions", "max_position_embeddings"):  # GPT-2 aliases the second name
         v = getattr(cfg, name, None)
         if isinstance(v, int) and v > 0:
             return v

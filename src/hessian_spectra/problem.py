@@ -105,5 +105,5 @@ def load_problem(model="embedded", data: DataConfig | None = None, *, dtype="flo
 
 def _limit_name(model) -> str:
     cfg = getattr(model, "config", None)
-    return next((n for n in ("max_position_embeddings", "n_positions")
+    return next((n for n in ("n_positions", "max_position_embeddings")
                  if isinstance(getattr(cfg, n, None), int)), "max_position_embeddings")
