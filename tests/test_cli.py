@@ -1,4 +1,7 @@
-"""The command line end to end: `main([...])` on tiny models, resume, plot, and bad inputs."""
+"""The command line end to end: `main([...])` on tiny models, resume, plot, and bad inputs.
+
+(The run's lifecycle, signals, locks and threads: test_cli_run.py; the table of bad inputs:
+test_bad_inputs.py; result.json: test_results.py; figures: test_plots.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 
 from hessian_spectra import SpectralDensity
 from hessian_spectra.cli import EXIT_INTERRUPTED, EXIT_NUMERICAL, EXIT_OK, EXIT_USAGE, main
-from hessian_spectra.results import RunResult, load_result
+from hessian_spectra.results import load_result
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,23 +30,11 @@ def run(args):
 
 
 def _dense_hessian():
-    model, _, batches = factories.mlp()
-    params = list(model.parameters())
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
+    """The dense float64 Hessian of factories.mlp's weighted objective (conftest's reference)."""
+    from conftest import dense_hessian
 
-    def L(flat):
-        ps = [t.reshape(s) for t, s in zip(flat.split(sizes), shapes)]
-        tot, W = 0.0, 0.0
-        for x, y in batches:
-            h = torch.tanh(x @ ps[0].T + ps[1])
-            out = h @ ps[2].T + ps[3]
-            tot = tot + torch.nn.functional.mse_loss(out, y) * x.shape[0]
-            W += x.shape[0]
-        return tot / W
-
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    return torch.func.hessian(L)(flat)
+    model, loss, batches = factories.mlp()
+    return dense_hessian(model, loss, batches)
 
 
 @pytest.fixture(scope="module")
@@ -389,16 +380,6 @@ def test_help_lists_units_and_defaults(capsys):
     h = capsys.readouterr().out
     for s in ("--steps", "default: 16", "--reorth", "--seq-len", "--resume", "--basis-dtype", "--method"):
         assert s in h
-
-
-def test_result_roundtrip_and_atomic_save(tmp_path):
-    """RunResult <-> dict is lossless; NaN becomes null; no temporary file is left behind."""
-    r = RunResult(command="trace", config={"probes": 2}, summary={"trace": 1.5, "trace_std_error": float("nan")})
-    path = r.save(tmp_path)
-    d = json.loads(path.read_text())
-    assert d["summary"]["trace_std_error"] is None and d["summary"]["lambda_max"] is None
-    assert RunResult.from_dict(d).to_dict() == d
-    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
 @pytest.mark.slow

@@ -171,8 +171,8 @@ def test_results_and_figures_get_the_users_umask(tmp_path, umask):
 
 def test_threads_are_chosen_and_recorded(tmp_path, monkeypatch):
     """Issue 13 item 14: result.json records the thread count and the rule that chose it:
-    --threads wins; else OMP_NUM_THREADS when set; else one per free core (at least 1, at most
-    the usable cores)."""
+    --threads wins; else OMP_NUM_THREADS when set; else one per core (shared among the ranks on
+    the machine) when OMP_WAIT_POLICY=PASSIVE, else one per free core (at least 1)."""
     from hessian_spectra.cli.threads import choose_threads, usable_cores
 
     before = torch.get_num_threads()
@@ -181,6 +181,12 @@ def test_threads_are_chosen_and_recorded(tmp_path, monkeypatch):
         assert load_result(tmp_path / "a")["threads"]["num_threads"] == 2
         assert load_result(tmp_path / "a")["threads"]["rule"] == "--threads"
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # threads sleep: one per core
+        monkeypatch.setattr("hessian_spectra.cli.threads.busy_cores", lambda: 1)
+        t = choose_threads()
+        assert t["num_threads"] == usable_cores() and "PASSIVE" in t["rule"]
+        assert choose_threads(ranks_on_node=2)["num_threads"] == max(1, usable_cores() // 2)
+        monkeypatch.delenv("OMP_WAIT_POLICY")  # threads spin: one per free core
         monkeypatch.setattr("hessian_spectra.cli.threads.busy_cores", lambda: 0)
         assert choose_threads()["num_threads"] == usable_cores()
         monkeypatch.setattr("hessian_spectra.cli.threads.busy_cores", lambda: 1)
@@ -240,7 +246,7 @@ def test_a_new_command_is_one_new_object(tmp_path, monkeypatch, capsys):
             p.add_argument("--scale", type=float, default=1.0)
 
         def run(self, ctx):
-            loss, g = ctx.op.gradient()
+            _loss, g = ctx.op.gradient()
             v = ctx.config.options.scale * norm(g)
             return Outcome({"value": v}, {"grad_norm": v})
 

@@ -312,9 +312,9 @@ def load_model(
     Args:
         dtype: parameter dtype (``float32`` default: finite-difference HVPs need it).
         attn_implementation: passed to transformers (``eager`` for ``method="exact"``/``"jvp"``).
-        device: ``cpu``, ``cuda``, ``cuda:1``... (checked by ``resolve_device``); default: a
-            factory's model stays where the factory put it, another model goes to CUDA when
-            available (under torchrun: this rank's GPU), else the CPU.
+        device: ``cpu``, ``cuda``, ``cuda:1``... (checked by ``resolve_device``); default: where
+            the factory or transformers put it (CPU). ``problem.load_problem`` picks CUDA when
+            available (under torchrun: this rank's GPU).
         device_map: e.g. ``"auto"`` to spread a large model over devices (accelerate), as in HessFormer.
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
         allow_download: let transformers download a hub id not in the local cache.
@@ -330,7 +330,7 @@ def load_model(
         return out
 
     dt = _dtype(dtype)
-    device = resolve_device(device, device_map)
+    device = resolve_device(device) if device else None
     if spec.kind == "embedded":
         folder, source = _ensure_gguf_cache(embedded_gguf_path()), f"{EMBEDDED_PACKAGE}/{EMBEDDED_GGUF}"
     elif spec.kind == "gguf":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from . import distributed as _dist
 from .data import DataConfig, DataError, causal_lm_loss, count_target_tokens, make_batches
-from .models import LoadedModel, load_model, max_positions, parse_model_spec
+from .models import LoadedModel, load_model, max_positions, parse_model_spec, resolve_device
 from .partition import shard_batches
 
 __all__ = ["EMBEDDED_DATA", "Problem", "load_problem"]
@@ -70,7 +70,8 @@ def load_problem(model="embedded", data: DataConfig | None = None, *, dtype="flo
         data: how to build text batches (ignored by a factory spec); None: ``DataConfig()``
             with one batch of the embedded prose.
         dtype, attn_implementation, device, device_map, trust_remote_code, allow_download:
-            as in ``models.load_model`` (a factory's model moves only when ``device`` is given).
+            as in ``models.load_model``; ``device`` None: CUDA when available (this rank's
+            GPU under torchrun), else CPU; a factory's model moves only when ``device`` is given.
         rank, world_size: this process's share of the batches; default: the torchrun job's.
 
     Raises ``ModelError`` / ``DataError`` (both ``ValueError``) with what to do; ``seq_len``
@@ -90,6 +91,7 @@ def load_problem(model="embedded", data: DataConfig | None = None, *, dtype="flo
         info = {"source": "factory", "num_batches": n}
         return Problem(lm.model, lm.loss_fn, _split(lm.batches, rank, world_size), info, lm)
     data = DataConfig(num_batches=1) if data is None else data
+    device = resolve_device(device, device_map)  # default: CUDA when available, else CPU
     lm = load_model(spec, dtype=dtype, attn_implementation=attn_implementation, device=device,
                     device_map=device_map, trust_remote_code=trust_remote_code,
                     allow_download=allow_download)

@@ -63,8 +63,8 @@ class BlockDiag(Command):
         def g(x):
             return "n/a" if x is None else f"{x:.4g}"
 
-        lines = [f"{'block':<{w}}  {'probe':>5}  {'params':>12}  {'rel_error':>10}  "
-                 f"{'cosine':>10}  {'abs_error':>10}"]
+        lines = [(f"{'block':<{w}}  {'probe':>5}  {'params':>12}  {'rel_error':>10}  "
+                 f"{'cosine':>10}  {'abs_error':>10}")]
         lines += [f"{r['block']:<{w}}  {r['probe']:>5}  {r['num_params']:>12,}  "
                   f"{g(r['rel_error']):>10}  {g(r['cosine']):>10}  {g(r['abs_error']):>10}"
                   for r in rows]

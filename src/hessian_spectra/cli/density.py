@@ -111,12 +111,12 @@ class Density(Command):
         pm = f" ± {se:.3g}" if se is not None and math.isfinite(se) else ""
         rows.append(("trace", fmt(s.get("trace")) + pm))
         if s.get("negative_mass_threshold") is not None:
-            rows.append(("negative_mass", f"{fmt(s.get('negative_mass'), '.3g')} (mass of nodes "
-                                          f"< -{s['negative_mass_threshold']:.3g})"))
-        rows.append(("below zero", f"{fmt(s.get('negative_mass_below_zero'), '.4f')} (mass of "
-                                   "nodes < 0, including the near-zero bulk)"))
+            rows.append(("negative_mass", (f"{fmt(s.get('negative_mass'), '.3g')} (mass of nodes "
+                                          f"< -{s['negative_mass_threshold']:.3g})")))
+        rows.append(("below zero", (f"{fmt(s.get('negative_mass_below_zero'), '.4f')} (mass of "
+                                   "nodes < 0, including the near-zero bulk)")))
         n = s.get("num_probes")
         if n is not None and n > result.config.get("probes", n):
-            rows.append(("probes", f"{n} (kept every finished probe; --probes asked "
-                                   f"{result.config['probes']})"))
+            rows.append(("probes", (f"{n} (kept every finished probe; --probes asked "
+                                   f"{result.config['probes']})")))
         return rows

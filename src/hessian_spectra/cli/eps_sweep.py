@@ -85,5 +85,5 @@ class EpsSweep(Command):
     def summary_rows(self, result):
         s = result.summary
         return [("reference", s["reference"]), ("default eps", fmt(s["default_eps"], ".3g")),
-                ("best eps", f"{fmt(s['best_eps'], '.3g')} "
-                             f"(rel_error {fmt(s['best_rel_error'], '.3g')})")]
+                ("best eps", (f"{fmt(s['best_eps'], '.3g')} "
+                             f"(rel_error {fmt(s['best_rel_error'], '.3g')})"))]

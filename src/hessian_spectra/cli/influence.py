@@ -130,8 +130,8 @@ class Influence(Command):
                     else f"batch {i} (score {fmt(s[score_key], '.4g')})")
 
         return [("query loss", fmt(s["query_loss"])),
-                ("CG", f"{s['cg_iterations']} iteration(s), {cg}, relative residual "
-                       f"{fmt(s['cg_relative_residual'], '.3g')}"),
+                ("CG", (f"{s['cg_iterations']} iteration(s), {cg}, relative residual "
+                       f"{fmt(s['cg_relative_residual'], '.3g')}")),
                 ("damping", fmt(s["damping"], "g")),
                 ("most helpful", pick("most_helpful", "score_min", "negative")),
                 ("most harmful", pick("most_harmful", "score_max", "positive"))]

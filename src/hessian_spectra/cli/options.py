@@ -17,7 +17,7 @@ DEFAULTS = {"seq_len": 128, "batch_size": 2, "num_batches": 1}
 
 # argparse takes "-1e-3" for an option (its negative-number pattern has no exponent), so that
 # "--eps -1e-3" read "expected one argument"; with this pattern it reaches the value check.
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
 DTYPE_NAMES = ["float32", "float64", "bfloat16", "float16"]
 
 

@@ -31,8 +31,8 @@ def print_summary(command, result, out: Path, problem: str | None = None) -> Non
         rows.append(("status", f"{result.status.upper().replace('_', ' ')}: {problem or ''}"))
     tokens = f", {d['target_tokens']:,} target tokens" if d.get("target_tokens") else ""
     rows += [("result", str(out / "result.json")),
-             ("model", f"{s_model['spec']} ({s_model['num_params']:,} parameters, "
-                       f"{s_model['dtype']}, {s_model['device']})"),
+             ("model", (f"{s_model['spec']} ({s_model['num_params']:,} parameters, "
+                       f"{s_model['dtype']}, {s_model['device']})")),
              ("data", f"{d.get('source')}, {d.get('num_batches')} batch(es){tokens}"),
              ("loss at θ", fmt(result.operator.get("loss")))]
     rows += command.summary_rows(result)

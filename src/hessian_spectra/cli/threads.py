@@ -1,14 +1,24 @@
-"""How many CPU threads torch uses: one per free core by default.
+"""How many CPU threads torch uses: one per free core by default, one per core when OpenMP's
+threads sleep instead of spinning.
 
-torch's default is one thread per core. Its OpenMP threads spin-wait for each other, so when
-another process keeps one of the cores busy, every parallel region waits for the thread that
-shares that core: measured on 2 cores with one busy neighbour, a 2-thread Lanczos step of an
-MLP took 3.5x its idle time, a 1-thread step 2.1x (issue 13, item 14;
-``benchmarks/threads.py`` repeats the measurement). So the default is one thread per *free*
-core: the cores this process may run on (``os.sched_getaffinity``), divided among the ranks
-of a ``torchrun`` job on this node, minus the cores that other processes keep busy when the
-run starts (runnable tasks in ``/proc/loadavg``, least of a few samples), at least one.
-``--threads N`` sets it; ``OMP_NUM_THREADS``, when set, is respected (torchrun sets it to 1).
+torch's default is one thread per core, and its OpenMP threads *spin* while they wait for each
+other: when any other process runs on one of the cores, every parallel region waits for the
+thread that shares that core. Measured with ``benchmarks/threads.py`` on 2 cores (a Lanczos step
+of a float32 MLP, exact HVPs; the machine shared, load average 3.4-5.4, so "no neighbour" is
+not idle): 2 spinning threads 871 ms per step with no extra neighbour and 2133 ms with one busy
+neighbour, against 129 / 208 ms for 1 thread, and 93 / 166 ms for 2 threads with
+``OMP_WAIT_POLICY=PASSIVE``. So:
+
+- ``OMP_WAIT_POLICY=PASSIVE`` in the environment (it must be set before torch is imported:
+  OpenMP reads it when it loads; setting it later was measured to change nothing): one thread
+  per core this process may use (``os.sched_getaffinity``), shared among the ranks of a
+  ``torchrun`` job on this machine: a busy neighbour then costs about its share, no more.
+- otherwise (spinning threads): one thread per *free* core: those cores minus the ones other
+  processes keep busy when the run starts (runnable tasks in ``/proc/loadavg``, the least of a
+  few samples), at least one.
+
+``--threads N`` sets the number; ``OMP_NUM_THREADS``, when set, is respected (torchrun sets it
+to 1 for several ranks per machine).
 """
 
 from __future__ import annotations
@@ -49,14 +59,16 @@ def choose_threads(requested: int | None = None, *, ranks_on_node: int = 1) -> d
     import torch
 
     cores = usable_cores()
+    share = max(1, cores // max(1, ranks_on_node))
     busy = None
     if requested is not None:
         n, rule = int(requested), "--threads"
     elif os.environ.get("OMP_NUM_THREADS"):
         n, rule = torch.get_num_threads(), "OMP_NUM_THREADS"
+    elif os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        n, rule = share, "one per core (OMP_WAIT_POLICY=PASSIVE)"
     else:
         busy = busy_cores()
-        share = max(1, cores // max(1, ranks_on_node))
         n = max(1, min(share, cores - (busy or 0)))
         rule = "one per free core"
     if n != torch.get_num_threads():
