@@ -4,10 +4,12 @@ threads sleep instead of spinning.
 torch's default is one thread per core, and its OpenMP threads *spin* while they wait for each
 other: when any other process runs on one of the cores, every parallel region waits for the
 thread that shares that core. Measured with ``benchmarks/threads.py`` on 2 cores (a Lanczos step
-of a float32 MLP, exact HVPs; the machine shared, load average 3.4-5.4, so "no neighbour" is
-not idle): 2 spinning threads 871 ms per step with no extra neighbour and 2133 ms with one busy
-neighbour, against 129 / 208 ms for 1 thread, and 93 / 166 ms for 2 threads with
-``OMP_WAIT_POLICY=PASSIVE``. So:
+of a float32 MLP, exact HVPs, medians of 4 interleaved rounds; the machine shared with other
+users, load average 2.0-3.2, so "no neighbour" is not idle): with one busy single-threaded
+neighbour, 2 spinning threads took 624 ms per step, 1 thread 119 ms, 2 threads with
+``OMP_WAIT_POLICY=PASSIVE`` 90 ms, this default 81 ms (it chose 1); without the neighbour
+89 / 77 / 81 / 102 ms. (An earlier run at load 3.4-5.4: 2 spinning threads 871 ms without and
+2133 ms with the neighbour, 1 thread 129 / 208 ms, 2 PASSIVE threads 93 / 166 ms.) So:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` in the environment (it must be set before torch is imported:
   OpenMP reads it when it loads; setting it later was measured to change nothing): one thread
