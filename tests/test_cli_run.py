@@ -126,18 +126,22 @@ def test_second_run_on_the_same_out_is_refused(tmp_path, capsys):
 
 
 def test_concurrent_runs_one_wins(tmp_path):
-    """Two real processes on one --out: the second is refused with exit 2 while the first runs,
-    and the first completes."""
+    """Two real processes on one --out: while the first runs, the second is refused with exit 2
+    and writes nothing; the first's result is its own (then stopped with SIGTERM)."""
     out = tmp_path / "race"
     args = ["density", "--quiet", "--model", "factories:slow_mlp", "--method", "fd", "--steps", 3,
-            "--probes", 3, "--out", out]
+            "--probes", 200, "--out", out]
     first = _cli(args)
     _wait_for_probe(out, first)
-    second = _cli(args)
+    second = _cli([*args[:-4], "--probes", 1, "--out", out])
     _, err2 = second.communicate(timeout=120)
-    first.communicate(timeout=300)
-    assert second.returncode == EXIT_USAGE and "is writing to --out" in err2
-    assert first.returncode == EXIT_OK and load_result(out)["status"] == "complete"
+    still_running = first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert still_running and second.returncode == EXIT_USAGE and "is writing to --out" in err2
+    assert first.returncode == EXIT_TERMINATED
+    r = load_result(out)
+    assert r["config"]["probes"] == 200 and r["status"] == "interrupted"
 
 
 def test_figures_of_another_command_are_removed(tmp_path):
