@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from .command import Command, Outcome, fmt
-from .options import positive_int, reorth
+from .options import DTYPE_NAMES, positive_int, reorth
 
 __all__ = ["Density", "DensityOptions"]
 
@@ -62,7 +62,7 @@ class Density(Command):
                             "bytes x parameters, 8.6 GB for the 135M default), none (2 vectors; "
                             "ghost eigenvalues), or a window of the last INT vectors "
                             "(default: full)")
-        p.add_argument("--basis-dtype", choices=["float32", "bfloat16", "float64", "float16"],
+        p.add_argument("--basis-dtype", choices=DTYPE_NAMES,
                        default=None, help="storage dtype of the Lanczos vectors, bfloat16 halves "
                                           "their memory (default: the HVP dtype)")
         p.add_argument("--resume", action="store_true",

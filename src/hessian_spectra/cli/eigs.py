@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from .command import Command, Outcome, fmt
 from .errors import CliError
-from .options import positive_int
+from .options import DTYPE_NAMES, positive_int
 
 __all__ = ["Eigs", "EigsOptions"]
 
@@ -39,7 +39,7 @@ class Eigs(Command):
                        help=f"how many at each end (default: {d.k})")
         p.add_argument("--steps", type=positive_int, default=d.steps, metavar="M",
                        help=f"Lanczos steps = HVPs (default: {d.steps}; more for accuracy)")
-        p.add_argument("--basis-dtype", choices=["float32", "bfloat16", "float64", "float16"],
+        p.add_argument("--basis-dtype", choices=DTYPE_NAMES,
                        default=None, help="storage dtype of the Lanczos vectors (default: the "
                                           "HVP dtype)")
 

@@ -56,8 +56,8 @@ _FLAG_NAMES = (
 )
 _ALIASES = {"num_steps": "steps", "num_probes": "probes", "max_iter": "cg_max_iter", "tol": "cg_tol"}
 _BARE = {"subsample", "damping"}
-_ASSIGN = re.compile(r"(?<![\w.-])(" + "|".join(_FLAG_NAMES) + r")=(['\"]?)([\w.:+-]+)\2")
-_NAME = re.compile(r"(?<![\w.-])(" + "|".join(n for n in _FLAG_NAMES if "_" in n or n in _BARE)
+_ASSIGN = re.compile(r"(?<![\w./-])(" + "|".join(_FLAG_NAMES) + r")=(['\"]?)([\w.:+-]+)\2")
+_NAME = re.compile(r"(?<![\w./-])(" + "|".join(n for n in _FLAG_NAMES if "_" in n or n in _BARE)
                    + r")(?![\w(=])")
 
 

@@ -6,6 +6,7 @@ import argparse
 import math
 import re
 
+from .._checks import DTYPES, check_positive_int, dtype_name
 from .errors import EXIT_USAGE
 
 __all__ = ["DEFAULTS", "Parser", "add_common", "fraction", "positive_float", "positive_int",
@@ -18,7 +19,7 @@ DEFAULTS = {"seq_len": 128, "batch_size": 2, "num_batches": 1}
 # argparse takes "-1e-3" for an option (its negative-number pattern has no exponent), so that
 # "--eps -1e-3" read "expected one argument"; with this pattern it reaches the value check.
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
-DTYPE_NAMES = ["float32", "float64", "bfloat16", "float16"]
+DTYPE_NAMES = list(dict.fromkeys(dtype_name(d) for d in DTYPES.values()))  # canonical names
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,9 +54,10 @@ def positive_int(s: str) -> int:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+    try:
+        return check_positive_int("value", v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}") from None
 
 
 def positive_float(s: str) -> float:
