@@ -18,8 +18,9 @@ work with status ``interrupted``.
 Layout: ``options`` (argparse pieces and the shared options), ``config`` (the frozen
 ``RunConfig``), ``command`` (what a command is), one module per command (``density``, ``eigs``,
 ``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``plot``), ``run`` (the run's
-lifecycle), ``report`` (the printed summary), ``threads`` (the default thread count),
-``errors`` (exit codes, one-line messages in terms of flags).
+lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs`` (logging,
+SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count), ``errors``
+(exit codes, one-line messages in terms of flags).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def run_plot(ns, commands) -> int:
 def _plot(ns, commands) -> list:
     from ..plots import plot_density, plot_ritz
     from ..results import load_result
-    from .run import prepare_out
+    from .outdir import prepare_out
 
     results = [load_result(d) for d in ns.dirs]
     if ns.labels is not None and len(ns.labels) != len(ns.dirs):

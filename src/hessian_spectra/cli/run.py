@@ -1,32 +1,19 @@
-"""One run of an analysis command: the output folder, its lock, logging, signals, the problem,
-the operator, saving, figures, the summary and the exit status.
-
-Output folder rules (``--out DIR``):
-
-- ``DIR`` is created if needed; a file, a path under a file or a folder that cannot be written
-  is refused up front (exit 2).
-- One run at a time: a run holds ``fcntl.flock`` on ``DIR/.lock``; a second run on the same
-  folder is refused (exit 2) while the first one runs.
-- The figures in ``DIR`` are those of its ``result.json``: when a run first saves its result,
-  the standard figures of an earlier run (``plots.FIGURE_FILES``) are removed, and at the end
-  any standard figure this run did not draw is removed. Other files are left alone.
+"""One run of an analysis command: the configuration, the problem, the operator, the command's
+run, saving after every step it publishes, figures, the printed summary and the exit status.
 
 Ctrl-C (exit 130) and SIGTERM (exit 143) end a run the same way: finished work is saved with
-``status: interrupted``.
+``status: interrupted``. The output folder's rules (one run at a time, stale figures) are in
+``outdir``; logging and signals in ``logs``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 from .errors import (
@@ -39,135 +26,12 @@ from .errors import (
     Terminated,
     classify,
 )
+from .logs import logging_to, quiet_libraries, sigterm_interrupts
+from .outdir import locked, prepare_out, remove_figures
 
-__all__ = ["run_command"]
+__all__ = ["check_resume", "run_command"]
 
 log = logging.getLogger("hessian_spectra.cli")
-LOCK_FILE = ".lock"
-
-
-# ------------------------------------------------------------------------------ folder and lock
-def prepare_out(out: Path, flag: str = "--out") -> None:
-    """Create ``out`` or say in one line why it cannot be used."""
-    if out.exists() and not out.is_dir():
-        raise CliError(f"{flag} {str(out)!r} is a file, not a folder: choose a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise CliError(f"{flag} {str(out)!r} cannot be created: part of its path is a file; "
-                       "choose another folder") from None
-    except OSError as e:
-        raise CliError(f"{flag} {str(out)!r} cannot be created ({e.strerror}): choose a folder "
-                       "you can write to") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CliError(f"{flag} {str(out)!r} is not writable: choose a folder you can write to")
-
-
-@contextlib.contextmanager
-def locked(out: Path):
-    """Hold an exclusive ``flock`` on ``out/.lock`` (refuse when another run holds it)."""
-    import fcntl
-
-    try:
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise CliError(f"--out {str(out)!r} is not writable ({e.strerror}): choose a folder "
-                       "you can write to") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise CliError(f"another run (pid {other}) is writing to --out {str(out)!r}: wait "
-                           "for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-# ------------------------------------------------------------------------------ logging, signals
-class _TqdmHandler(logging.Handler):
-    """Log lines to stderr through ``tqdm.write`` so they do not break the progress bars."""
-
-    def emit(self, record):
-        try:
-            from tqdm.auto import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def logging_to(out: Path | None, write: bool, debug: bool):
-    """Log to stderr and (rank 0) to ``out/log.txt``; undone on exit."""
-    handlers = []
-    if write:
-        sh = _TqdmHandler()
-        sh.setFormatter(logging.Formatter("%(message)s"))
-        handlers.append(sh)
-        if out is not None:
-            fh = logging.FileHandler(out / "log.txt", encoding="utf-8")
-            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-            handlers.append(fh)
-    else:  # other ranks: errors only, marked with the rank
-        from .. import distributed
-
-        eh = logging.StreamHandler(sys.stderr)
-        eh.setLevel(logging.ERROR)
-        eh.setFormatter(logging.Formatter(f"[rank {distributed.rank()}] %(message)s"))
-        handlers.append(eh)
-    old_level, old_prop = log.level, log.propagate
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
-    for h in handlers:
-        log.addHandler(h)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            yield
-    finally:
-        for h in handlers:
-            log.removeHandler(h)
-            h.close()
-        log.setLevel(old_level)
-        log.propagate = old_prop
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """While inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so
-    a scheduler's stop unwinds like Ctrl-C; a second SIGTERM kills as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated("SIGTERM")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _quiet_libraries(debug: bool) -> None:
-    if debug:
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception as e:  # noqa: BLE001 - quieter logs are a nicety, never a failure
-        log.debug("could not quiet transformers: %s", e)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -217,7 +81,7 @@ class _Run:
             return e.code
 
     def _guarded(self) -> int:
-        _quiet_libraries(self.ns.debug)
+        quiet_libraries(self.ns.debug)
         try:
             return self._execute()
         except KeyboardInterrupt as e:
@@ -246,18 +110,9 @@ class _Run:
         self.result.timings = self._timings()
         if self.rank0:
             if self.fresh:  # the first save replaces an earlier run: its figures go with it
-                self._remove_figures(keep=())
+                remove_figures(self.out, keep=())
                 self.fresh = False
             self.result.save(self.out)
-
-    def _remove_figures(self, keep) -> None:
-        from ..plots import FIGURE_FILES
-
-        keep = {Path(k).name for k in keep}
-        for name in FIGURE_FILES:
-            if name not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.out / name).unlink()
 
     def _draw(self) -> list:
         try:
@@ -374,7 +229,7 @@ class _Run:
             log.warning("%s: %s", outcome.status, outcome.problem)
         if self.rank0:
             written = self._draw()
-            self._remove_figures(keep=written)
+            remove_figures(self.out, keep=written)
             print_summary(cmd, result, self.out, outcome.problem)
         return EXIT_OK if outcome.status == "complete" else EXIT_NUMERICAL
 
