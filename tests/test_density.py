@@ -125,8 +125,8 @@ def test_json_round_trip(H):
     for a, b in zip(back.runs, dens.runs):
         np.testing.assert_array_equal(a.alpha, b.alpha)
         np.testing.assert_array_equal(a.beta, b.beta)
-    for key in ("lambda_max", "lambda_min", "trace", "negative_mass"):
-        assert key in d["summary"]
+    for key in ("lambda_max", "lambda_min", "trace", "negative_mass", "negative_mass_below_zero"):
+        assert d["summary"][key] == back.summary()[key]
 
 
 def test_resume_probe_by_probe(H):
@@ -153,3 +153,41 @@ def test_breakdown_probes_are_padded():
     (z,) = hs.random_probe(hs.as_operator(H3), 0, dtype=torch.float64)
     m1 = float(z @ H3 @ z / (z @ z))
     assert np.sum(dens.weights[0] * dens.nodes[0]) == pytest.approx(m1, rel=1e-12)
+
+
+def test_summary_headline_negative_mass_ignores_the_near_zero_bulk():
+    """Issue 13 item 5: on a spectrum with 85% of its eigenvalues at −1e-8 (a near-zero bulk), 10%
+    in [−5, −1] and 5% in [1, 10], the summary's headline ``negative_mass`` is the mass below
+    −1e-3·max(|λ_max|, |λ_min|) and estimates the true 0.10 within 4 standard errors over 20
+    probes, while ``negative_mass_below_zero`` (the raw mass of nodes < 0, the old headline)
+    counts the bulk, whose node 40 steps resolve at −1e-8 (≥ 0.5); the threshold is reported."""
+    eigs = np.concatenate(
+        [np.full(340, -1e-8), np.linspace(-5.0, -1.0, 40), np.linspace(1.0, 10.0, 20)]
+    )
+    dens = hs.slq(known_spectrum_matrix(eigs, seed=4), 40, 20, seed=0)
+    s = dens.summary()
+    thr = hs.density.NEGATIVE_MASS_REL_TOL * max(abs(dens.lambda_max), abs(dens.lambda_min))
+    assert s["negative_mass_threshold"] == thr and 9.9e-3 < thr < 1.01e-2
+    per = np.sum(dens.weights * (dens.nodes < -thr), axis=1)
+    se = per.std(ddof=1) / math.sqrt(len(per))
+    assert abs(s["negative_mass"] - 0.10) <= 4 * se
+    assert s["negative_mass"] == dens.negative_mass(threshold=thr)
+    assert s["negative_mass_below_zero"] == dens.negative_mass() >= 0.5
+
+
+@pytest.mark.parametrize(
+    "d, exc, match",
+    [
+        ({}, ValueError, r"missing.*'num_params'.*'runs'|missing.*'runs'.*'num_params'"),
+        ({"runs": [], "num_params": 3}, ValueError, "at least one probe"),
+        ({"runs": "x", "num_params": 3}, TypeError, "'runs' must be a list"),
+        ({"runs": [{}], "num_params": 3}, ValueError, r"runs\[0\].*missing.*'alpha'"),
+        ({"runs": [{"alpha": [1.0], "beta": []}], "num_params": "n"}, ValueError, "num_params"),
+        ([1, 2], TypeError, "expected a dict"),
+    ],
+)
+def test_from_dict_malformed_is_a_clear_error(d, exc, match):
+    """Issue 13 item 12: SpectralDensity.from_dict on a malformed dict (missing keys, wrong types)
+    raises a ValueError/TypeError naming what is missing or wrong, never a bare KeyError."""
+    with pytest.raises(exc, match=match):
+        hs.SpectralDensity.from_dict(d)

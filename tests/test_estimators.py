@@ -22,7 +22,11 @@ def test_top_eigenvalues_dense():
     lam = np.linalg.eigvalsh(H.numpy())
     np.testing.assert_allclose(res.eigenvalues, lam[::-1][:3], rtol=0, atol=1e-8 * 45)
     np.testing.assert_allclose(res.smallest, lam[:2].tolist() + [lam[2]], rtol=0, atol=1e-8 * 45)
-    assert np.asarray(res).tolist() == res.eigenvalues.tolist() and len(res) == 3 and res[0] == res.largest[0]
+    assert (
+        np.asarray(res).tolist() == res.eigenvalues.tolist()
+        and len(res) == 3
+        and res[0] == res.largest[0]
+    )
     assert np.all(res.residuals <= 1e-6 * 45)
 
 

@@ -1,4 +1,5 @@
-"""Lanczos on dense matrices with known spectra and on an MLP Hessian, against numpy.linalg.eigvalsh."""
+"""Lanczos on dense matrices with known spectra and on an MLP Hessian, against
+numpy.linalg.eigvalsh."""
 
 from __future__ import annotations
 
@@ -116,7 +117,9 @@ def test_bf16_basis_close_to_fp32():
     scale = np.abs(lam).max()
     diff = np.abs(a.ritz_values[[0, -1]] - b.ritz_values[[0, -1]]) / scale
     assert diff.max() <= 1e-3, diff
-    assert np.abs(a.ritz_values[[0, -1]] - lam[[0, -1]]).max() <= 1e-5 * scale  # fp32 itself is close
+    assert (
+        np.abs(a.ritz_values[[0, -1]] - lam[[0, -1]]).max() <= 1e-5 * scale
+    )  # fp32 itself is close
     assert hs.lanczos(op, 5, basis_dtype="bfloat16").config["basis_dtype"] == "bfloat16"
 
 
@@ -147,7 +150,9 @@ def test_checkpoint_resume_gives_same_tridiagonal(tmp_path, reorth):
         hs.lanczos(op, 20, seed=4, reorth=reorth, checkpoint=ck, callback=stop)
     assert ck.exists()
     steps = []
-    res = hs.lanczos(op, 20, seed=4, reorth=reorth, checkpoint=ck, callback=lambda j, a, b: steps.append(j))
+    res = hs.lanczos(
+        op, 20, seed=4, reorth=reorth, checkpoint=ck, callback=lambda j, a, b: steps.append(j)
+    )
     assert steps[0] == 7  # resumed where it stopped, not from scratch
     np.testing.assert_array_equal(res.alpha, ref.alpha)
     np.testing.assert_array_equal(res.beta, ref.beta)
@@ -189,3 +194,41 @@ def test_result_round_trip():
     np.testing.assert_array_equal(r2.alpha, r.alpha)
     np.testing.assert_array_equal(r2.ritz_values, r.ritz_values)
     np.testing.assert_array_equal(r2.ritz_weights, r.ritz_weights)
+
+
+@pytest.mark.parametrize(
+    "d, exc, match",
+    [
+        ({}, ValueError, r"missing key\(s\) 'alpha', 'beta'"),
+        ({"alpha": [1.0, 2.0]}, ValueError, r"missing key\(s\) 'beta'"),
+        ({"alpha": [1.0, 2.0], "beta": []}, ValueError, "beta must have length len"),
+        ({"alpha": ["a"], "beta": []}, ValueError, "'alpha' must be a list of finite numbers"),
+        (
+            {"alpha": [1.0, float("nan")], "beta": [1.0]},
+            ValueError,
+            "'alpha' must be a list of finite",
+        ),
+        ({"alpha": [[1.0]], "beta": []}, ValueError, "'alpha' must be a list of finite numbers"),
+        ({"alpha": None, "beta": None}, ValueError, "'alpha' must be a list of finite numbers"),
+        ({"alpha": [1.0], "beta": [], "config": 3}, TypeError, "'config' must be a dict"),
+        ("alpha", TypeError, "expected a dict"),
+    ],
+)
+def test_result_from_malformed_dict_is_a_clear_error(d, exc, match):
+    """Issue 13 item 12: LanczosResult.from_dict on a malformed dict raises a ValueError/TypeError
+    naming the missing or wrong key, never a bare KeyError or a numpy/scipy message."""
+    with pytest.raises(exc, match=match):
+        hs.LanczosResult.from_dict(d)
+
+
+def test_progress_bar_changes_no_number(capsys):
+    """progress=True (a rank-0 tqdm bar on stderr) gives the same alpha/beta as progress=False
+    for lanczos, slq and trace, and the bars are shown."""
+    H = known_spectrum_matrix(OUTLIER_EIGS)
+    a, b = hs.lanczos(H, 8, progress=True), hs.lanczos(H, 8)
+    np.testing.assert_array_equal(a.alpha, b.alpha)
+    np.testing.assert_array_equal(a.beta, b.beta)
+    np.testing.assert_array_equal(hs.slq(H, 4, 2, progress=True).nodes, hs.slq(H, 4, 2).nodes)
+    assert tuple(hs.trace(H, 3, progress=True)) == tuple(hs.trace(H, 3))
+    err = capsys.readouterr().err
+    assert "Lanczos" in err and "SLQ probes" in err and "Hutchinson probes" in err

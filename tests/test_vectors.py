@@ -40,14 +40,20 @@ def test_axpy_scale_lincomb_add_sub():
     x = [torch.ones(2), torch.full((3,), 2.0)]
     y = [torch.zeros(2), torch.ones(3)]
     out = hs.axpy(3.0, x, y)
-    assert out is y and torch.equal(y[0], torch.full((2,), 3.0)) and torch.equal(y[1], torch.full((3,), 7.0))
+    assert (
+        out is y
+        and torch.equal(y[0], torch.full((2,), 3.0))
+        and torch.equal(y[1], torch.full((3,), 7.0))
+    )
     z = hs.scale(0.5, y)
     assert z is y and torch.equal(y[1], torch.full((3,), 3.5))
     s = hs.add(x, x)
     assert torch.equal(s[1], torch.full((3,), 4.0)) and torch.equal(x[1], torch.full((3,), 2.0))
     assert torch.equal(hs.sub(x, x)[0], torch.zeros(2))
     lc = hs.lincomb([1.0, -2.0], [x, x], dtype=torch.float64)
-    assert lc[0].dtype == torch.float64 and torch.equal(lc[1], torch.full((3,), -2.0, dtype=torch.float64))
+    assert lc[0].dtype == torch.float64 and torch.equal(
+        lc[1], torch.full((3,), -2.0, dtype=torch.float64)
+    )
     c = hs.clone(x, dtype=torch.bfloat16)
     assert c[0].dtype == torch.bfloat16 and c[0].data_ptr() != x[0].data_ptr()
     assert all(torch.equal(t, torch.zeros_like(p)) for t, p in zip(hs.zeros_like(x), x))
@@ -85,7 +91,9 @@ def test_probe_dtype():
     """Probe dtype: float64 for float64 parameters, float32 otherwise, or as asked."""
     p = hs.random_probe(_params(), 0)
     assert [t.dtype for t in p] == [torch.float32, torch.float32, torch.float64]
-    assert all(t.dtype == torch.bfloat16 for t in hs.random_probe(_params(), 0, dtype=torch.bfloat16))
+    assert all(
+        t.dtype == torch.bfloat16 for t in hs.random_probe(_params(), 0, dtype=torch.bfloat16)
+    )
     with pytest.raises(ValueError, match="rademacher"):
         hs.random_probe(_params(), 0, kind="uniform")
 

@@ -10,7 +10,9 @@ from .estimators import EigResult, TraceEstimate, top_eigenvalues, trace
 from .influence import InfluenceResult, influence
 from .lanczos import LanczosResult, lanczos
 from .linop import DenseOperator, Operator, as_operator
-from .operators import FDError, HessianOperator, default_eps_scale
+from .fd_step import FDError, default_eps_scale
+from .objective import Objective
+from .operators import HessianOperator
 from .solvers import CGInfo, cg_solve
 from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, unit_probe, zeros_like
 
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     # operators
     "HessianOperator",
+    "Objective",
     "DenseOperator",
     "Operator",
     "as_operator",

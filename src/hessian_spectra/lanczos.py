@@ -15,36 +15,46 @@ float64 and the matvec runs in the operator's dtype. A step whose ``beta`` falls
 ``breakdown_tol · scale`` (scale: the largest ``|alpha| + beta`` seen, an estimate of ||H||)
 means an invariant subspace was found: Lanczos stops there and says so, never dividing by ~0.
 
-The state after each step can be written to ``checkpoint`` (atomically; one file per rank) and
-a later call with the same path resumes from it.
+The state after each step can be written to ``checkpoint`` and a later call with the same path
+resumes from it (:mod:`hessian_spectra.lanczos_state`: safetensors + JSON, one file per rank,
+never unpickled).
+
+>>> import torch
+>>> from hessian_spectra import DenseOperator
+>>> op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)))
+>>> res = lanczos(op, 4)
+>>> res.ritz_values.round(12).tolist()
+[1.0, 2.0, 3.0, 4.0]
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from . import distributed as _dist
+from ._checks import check_positive_int, dtype_name, parse_dtype
+from ._progress import progress_bar
+from .lanczos_state import LanczosState, checkpoint_path, resume, save_checkpoint
 from .linop import as_operator
 from .vectors import Vector, axpy, cast, check_vector, dot, dots, norm, random_probe, scale
 
 __all__ = ["LanczosResult", "lanczos", "tridiagonal_eigh"]
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
-
 
 def tridiagonal_eigh(alpha, beta):
-    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal T(alpha, beta)."""
+    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal T(alpha, beta).
+
+    >>> vals, vecs = tridiagonal_eigh([2.0, 2.0], [1.0])
+    >>> vals.tolist()
+    [1.0, 3.0]
+    """
     alpha = np.asarray(alpha, dtype=np.float64)
     beta = np.asarray(beta, dtype=np.float64)
     if alpha.size == 0:
@@ -52,6 +62,28 @@ def tridiagonal_eigh(alpha, beta):
     if alpha.size == 1:
         return alpha.copy(), np.ones((1, 1))
     return eigh_tridiagonal(alpha, beta)
+
+
+def _floats(d: Mapping, key: str, default=None) -> np.ndarray:
+    """``d[key]`` as a 1-D float64 array of finite numbers, or a ValueError naming the key."""
+    x = d.get(key, default)
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        a = None
+    if a is None or a.ndim != 1 or not np.all(np.isfinite(a)):
+        raise ValueError(
+            f"LanczosResult.from_dict: {key!r} must be a list of finite numbers, got {x!r:.80}"
+        )
+    return a
+
+
+def _scalar(d: Mapping, key: str, default: float) -> float:
+    """``d[key]`` (default ``default``) as a float, or a TypeError naming the key."""
+    x = d.get(key, default)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"LanczosResult.from_dict: {key!r} must be a number, got {x!r:.80}")
+    return float(x)
 
 
 @dataclass
@@ -68,6 +100,10 @@ class LanczosResult:
         v0_norm: the norm of the starting vector (before normalisation).
         config: the settings of the run (num_steps asked, reorth, basis dtype, seed, method).
         seconds: wall time of the run.
+
+    >>> r = LanczosResult(alpha=[2.0, 2.0], beta=[1.0])
+    >>> r.ritz_values.tolist(), r.ritz_weights.round(12).tolist()
+    ([1.0, 3.0], [0.5, 0.5])
     """
 
     alpha: np.ndarray
@@ -86,7 +122,9 @@ class LanczosResult:
         self.alpha = np.asarray(self.alpha, dtype=np.float64)
         self.beta = np.asarray(self.beta, dtype=np.float64)
         if self.beta.size != max(self.alpha.size - 1, 0):
-            raise ValueError(f"beta must have length len(alpha) - 1; got {self.beta.size} and {self.alpha.size}")
+            raise ValueError(
+                f"beta must have length len(alpha) - 1; got {self.beta.size} and {self.alpha.size}"
+            )
         vals, vecs = tridiagonal_eigh(self.alpha, self.beta)
         self.ritz_values = vals
         self.ritz_coords = vecs
@@ -95,6 +133,7 @@ class LanczosResult:
 
     @property
     def num_steps(self) -> int:
+        """The number of steps taken (m; fewer than asked after a breakdown)."""
         return int(self.alpha.size)
 
     @property
@@ -103,7 +142,8 @@ class LanczosResult:
         return np.diag(self.alpha) + np.diag(self.beta, 1) + np.diag(self.beta, -1)
 
     def residual_bounds(self) -> np.ndarray:
-        """``|beta_m · s_{m,i}|``: the residual norm ||H y_i − θ_i y_i|| of each Ritz pair (exact arithmetic)."""
+        """``|beta_m · s_{m,i}|``: the residual norm ||H y_i − θ_i y_i|| of each Ritz pair
+        (exact arithmetic)."""
         if self.alpha.size == 0:
             return np.zeros(0)
         return np.abs(self.residual_beta * self.ritz_coords[-1, :])
@@ -111,18 +151,24 @@ class LanczosResult:
     def ritz_vectors(self, indices=None) -> list[Vector]:
         """Ritz vectors ``Q s_i`` (needs the basis: ``lanczos(..., return_basis=True)``)."""
         if self.basis is None:
-            raise ValueError("Ritz vectors need the Lanczos basis: run lanczos(..., return_basis=True)")
+            raise ValueError(
+                "Ritz vectors need the Lanczos basis: run lanczos(..., return_basis=True)"
+            )
         idx = range(self.num_steps) if indices is None else indices
         out = []
         for i in idx:
             s = self.ritz_coords[:, i]
-            y = [torch.zeros_like(t, dtype=torch.float32 if t.dtype != torch.float64 else t.dtype) for t in self.basis[0]]
+            y = [
+                torch.zeros_like(t, dtype=torch.float32 if t.dtype != torch.float64 else t.dtype)
+                for t in self.basis[0]
+            ]
             for c, q in zip(s, self.basis):
                 axpy(float(c), q, y)
             out.append(y)
         return out
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict (the tridiagonal, nodes, weights, flags, config, seconds)."""
         return {
             "alpha": self.alpha.tolist(),
             "beta": self.beta.tolist(),
@@ -136,15 +182,37 @@ class LanczosResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> LanczosResult:
+    def from_dict(cls, d: Mapping) -> LanczosResult:
+        """The result back from ``to_dict()`` (nodes and weights recomputed from alpha, beta);
+        a malformed dict is a ``ValueError``/``TypeError`` naming the key.
+
+        >>> LanczosResult.from_dict({"alpha": [2.0, 2.0], "beta": [1.0]}).ritz_values.tolist()
+        [1.0, 3.0]
+        """
+        if not isinstance(d, Mapping):
+            raise TypeError(
+                f"LanczosResult.from_dict expected a dict (from LanczosResult.to_dict()), "
+                f"got {type(d).__name__}"
+            )
+        missing = [k for k in ("alpha", "beta") if k not in d]
+        if missing:
+            raise ValueError(
+                f"LanczosResult.from_dict: missing key(s) {', '.join(map(repr, missing))}; "
+                "a Lanczos run is stored with its tridiagonal 'alpha' and 'beta'"
+            )
+        config = d.get("config", {})
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"LanczosResult.from_dict: 'config' must be a dict, got {type(config).__name__}"
+            )
         return cls(
-            alpha=d["alpha"],
-            beta=d["beta"],
-            breakdown=d.get("breakdown", False),
-            residual_beta=d.get("residual_beta", 0.0),
-            v0_norm=d.get("v0_norm", 1.0),
-            config=d.get("config", {}),
-            seconds=d.get("seconds", 0.0),
+            alpha=_floats(d, "alpha"),
+            beta=_floats(d, "beta"),
+            breakdown=bool(d.get("breakdown", False)),
+            residual_beta=_scalar(d, "residual_beta", 0.0),
+            v0_norm=_scalar(d, "v0_norm", 1.0),
+            config=dict(config),
+            seconds=_scalar(d, "seconds", 0.0),
         )
 
 
@@ -161,20 +229,40 @@ def _parse_reorth(reorth) -> int | None:
     return int(reorth)
 
 
-def _checkpoint_path(checkpoint) -> Path | None:
-    if checkpoint is None:
-        return None
-    p = Path(checkpoint)
-    if _dist.world_size() > 1:
-        p = p.with_name(f"{p.name}.rank{_dist.rank()}")
-    return p
+def _num_kept(window: int | None):
+    """The map ``n ↦`` the number of vectors reorthogonalisation keeps after ``n`` steps."""
+    return lambda n: n if window is None else min(n, window)
 
 
-def _save_atomic(obj, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _start(op, v0, seed: int, probe: str, work: torch.dtype, store: torch.dtype) -> LanczosState:
+    """The state before step 0: ``q_0 = v0 / ||v0||`` (``v0`` default: a seeded ``probe``)."""
+    if v0 is None:
+        v0 = random_probe(op, seed, kind=probe, dtype=work)
+    v0 = check_vector(v0, op.params, "v0")
+    v0_norm = norm(v0)
+    if not (v0_norm > 0 and math.isfinite(v0_norm)):
+        raise ValueError(f"the starting vector has norm {v0_norm}; it must be nonzero and finite")
+    q = [t.to(store) for t in scale(1.0 / v0_norm, [t.to(work, copy=True) for t in v0])]
+    return LanczosState(alpha=[], beta=[], q=q, q_prev=None, v0_norm=v0_norm)
+
+
+def _keep(kept: list[Vector], q: Vector, window: int | None) -> None:
+    """Add ``q`` to the vectors kept for reorthogonalisation: all of them (``window`` None), the
+    last ``window`` ones, or none (0)."""
+    if window == 0:
+        return
+    kept.append(q)
+    if window is not None and len(kept) > window:
+        kept.pop(0)
+
+
+def _reorthogonalise(w: Vector, kept: list[Vector]) -> None:
+    """``w -= Q Qᵀ w`` against the kept vectors, twice: CGS2, twice is enough (Giraud et al.
+    2005); one all-reduce of all dot products per pass."""
+    for _ in range(2 if kept else 0):
+        c = dots(kept, w)
+        for ci, k in zip(c.tolist(), kept):
+            axpy(-ci, k, w)
 
 
 def lanczos(
@@ -195,23 +283,30 @@ def lanczos(
     """Run ``num_steps`` Lanczos steps on ``op`` (module docstring).
 
     Args:
-        op: a ``HessianOperator``, anything with ``matvec`` and ``params``, or a square matrix.
+        op: an operator (``HessianOperator``, ``DenseOperator``, anything ``as_operator`` takes),
+            or a square matrix.
         num_steps: the number of steps m (≤ op.num_params).
         v0: the starting vector; default a seeded ``probe`` (``random_probe(op, seed)``).
         reorth: ``"full"``, ``"none"`` or a window size ``r``.
-        basis_dtype: storage dtype of the Lanczos vectors (e.g. ``torch.bfloat16``); default the
-            operator's vector dtype. Scalars are always float64.
+        basis_dtype: storage dtype of the Lanczos vectors (e.g. ``torch.bfloat16`` or
+            ``"bfloat16"``); default the operator's vector dtype. Scalars are always float64.
         breakdown_tol: relative threshold on beta; default ``100 · ε_mach`` of the vector dtype.
-        checkpoint: file to save the state to after every step and to resume from.
+        checkpoint: file to save the state to after every step and to resume from
+            (safetensors + JSON, see :mod:`hessian_spectra.lanczos_state`); removed at the end.
         return_basis: keep the vectors on the result (``result.basis``) for Ritz vectors;
             requires ``reorth="full"``.
         callback: ``callback(step, alpha, beta)`` after every step.
         progress: show a progress bar over the steps (rank 0).
+
+    >>> import torch
+    >>> from hessian_spectra import DenseOperator
+    >>> eigs = torch.cat([torch.linspace(0, 1, 98), torch.tensor([50.0, 100.0])]).double()
+    >>> res = lanczos(DenseOperator(torch.diag(eigs)), 20, seed=0)  # outliers converge first
+    >>> res.ritz_values[-2:].round(9).tolist(), res.alpha.shape, res.beta.shape
+    ([50.0, 100.0], (20,), (19,))
     """
     op = as_operator(op)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    num_steps = int(num_steps)
+    num_steps = check_positive_int("num_steps", num_steps)
     if num_steps > op.num_params:
         raise ValueError(
             f"num_steps={num_steps} exceeds the operator's dimension {op.num_params}: "
@@ -219,86 +314,48 @@ def lanczos(
         )
     window = _parse_reorth(reorth)
     if return_basis and window is not None:
-        raise ValueError("return_basis=True needs reorth='full' (the window keeps only the last vectors)")
+        raise ValueError(
+            "return_basis=True needs reorth='full' (the window keeps only the last vectors)"
+        )
     work = op.vector_dtype
-    if isinstance(basis_dtype, str):
-        if basis_dtype not in _DTYPES:
-            raise ValueError(f"basis_dtype must be one of {list(_DTYPES)}, got {basis_dtype!r}")
-        basis_dtype = _DTYPES[basis_dtype]
-    store = basis_dtype or work
+    store = parse_dtype(basis_dtype, "basis_dtype") or work
     tol = breakdown_tol if breakdown_tol is not None else 100 * torch.finfo(work).eps
     config = {
         "num_steps": num_steps,
         "reorth": reorth if window is None or window == 0 else int(window),
-        "basis_dtype": _dtype_name(store),
-        "seed": seed if v0 is None else None,
+        "basis_dtype": dtype_name(store),
+        "seed": int(seed) if v0 is None else None,
         "probe": probe if v0 is None else "given",
-        "method": getattr(op, "method", "dense"),
+        "method": op.method,
         "num_params": int(op.num_params),
     }
-    ckpt = _checkpoint_path(checkpoint)
+    ckpt = checkpoint_path(checkpoint)
     t0 = time.perf_counter()
-
-    state = None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if ckpt is not None:  # per-rank files: every rank must resume from the same step
-        _dist.check_agree(
-            -1 if state is None else len(state["alpha"]),
-            f"the Lanczos checkpoint step ({ckpt}; -1: no file)",
-            "A run stopped while the ranks were writing it: delete the checkpoint files to restart.",
-        )
-    if state is not None:
-        if state["config"] != config:
-            raise ValueError(
-                f"the checkpoint {ckpt} was written by a run with other settings "
-                f"({state['config']} vs {config}); delete it or use another path"
-            )
-        dev = [_dist.local(p).device for p in op.params]
-        alphas, betas = state["alpha"], state["beta"]
-        q = [t.to(d) for t, d in zip(state["q"], dev)]
-        q_prev = None if state["q_prev"] is None else [t.to(d) for t, d in zip(state["q_prev"], dev)]
-        kept = [[t.to(d) for t, d in zip(vec, dev)] for vec in state["kept"]]
-        scale_est, v0_norm, start = state["scale"], state["v0_norm"], len(alphas)
-        t0 -= state.get("seconds", 0.0)
-    else:
-        if v0 is None:
-            v0 = random_probe(op, seed, kind=probe, dtype=work)
-        v0 = check_vector(v0, op.params, "v0")
-        v0_norm = norm(v0)
-        if not (v0_norm > 0 and np.isfinite(v0_norm)):
-            raise ValueError(f"the starting vector has norm {v0_norm}; it must be nonzero and finite")
-        q = [t.to(store) for t in scale(1.0 / v0_norm, [t.to(work, copy=True) for t in v0])]
-        q_prev, kept = None, []
-        alphas, betas, scale_est, start = [], [], 0.0, 0
+    st = resume(ckpt, config, params=op.params, dtype=store, num_kept=_num_kept(window))
+    if st is None:
+        st = _start(op, v0, seed, probe, work, store)
+    t0 -= st.seconds
 
     breakdown, residual = False, 0.0
-    bar = None
-    if progress and _dist.is_rank0():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_steps, initial=start, desc="Lanczos", unit="step", leave=False)
-    try:
-        for j in range(start, num_steps):
-            if window is None or window > 0:
-                kept.append(q)
-                if window is not None and len(kept) > window:
-                    kept.pop(0)
-            w = op.matvec(cast(q, work))
-            w = [t if t.dtype == work else t.to(work) for t in w]
+    with progress_bar(
+        progress, total=num_steps, initial=st.num_steps, desc="Lanczos", unit="step", leave=False
+    ) as bar:
+        for j in range(st.num_steps, num_steps):
+            q, q_prev = st.q, st.q_prev  # q_j, q_{j-1}
+            _keep(st.kept, q, window)
+            w = cast(op.matvec(cast(q, work)), work)  # H q_j
             alpha = dot(w, q)
             axpy(-alpha, q, w)
             if q_prev is not None:
-                axpy(-betas[-1], q_prev, w)
-            for _ in range(2 if kept else 0):  # CGS2: twice is enough (Giraud et al. 2005)
-                c = dots(kept, w)
-                for ci, k in zip(c.tolist(), kept):
-                    axpy(-ci, k, w)
-            beta = norm(w)
-            if not np.isfinite(alpha) or not np.isfinite(beta):
-                raise FloatingPointError(f"Lanczos step {j}: alpha={alpha}, beta={beta} are not finite")
-            alphas.append(alpha)
-            scale_est = max(scale_est, abs(alpha) + beta + (betas[-1] if betas else 0.0))
+                axpy(-st.beta[-1], q_prev, w)  # w = H q_j − alpha_j q_j − beta_j q_{j−1}
+            _reorthogonalise(w, st.kept)
+            beta = norm(w)  # beta_{j+1}
+            if not (math.isfinite(alpha) and math.isfinite(beta)):
+                raise FloatingPointError(
+                    f"Lanczos step {j}: alpha={alpha}, beta={beta} are not finite"
+                )
+            st.alpha.append(alpha)
+            st.scale = max(st.scale, abs(alpha) + beta + (st.beta[-1] if st.beta else 0.0))
             residual = beta
             if callback is not None:
                 callback(j, alpha, beta)
@@ -306,40 +363,26 @@ def lanczos(
                 bar.update(1)
             if j == num_steps - 1:
                 break
-            if beta <= tol * scale_est:
+            if beta <= tol * st.scale:  # an invariant subspace: T_{j+1} is exact
                 breakdown = True
                 break
-            betas.append(beta)
-            q_prev, q = q, [t.to(store) for t in scale(1.0 / beta, w)]
+            st.beta.append(beta)
+            st.q_prev, st.q = q, [t.to(store) for t in scale(1.0 / beta, w)]  # q_{j+1} = w / beta
             if ckpt is not None:
-                _save_atomic(
-                    {
-                        "config": config,
-                        "alpha": alphas,
-                        "beta": betas,
-                        "q": [t.cpu() for t in q],
-                        "q_prev": [t.cpu() for t in q_prev],
-                        "kept": [[t.cpu() for t in k] for k in kept],
-                        "scale": scale_est,
-                        "v0_norm": v0_norm,
-                        "seconds": time.perf_counter() - t0,
-                    },
-                    ckpt,
-                )
-    finally:
-        if bar is not None:
-            bar.close()
+                st.seconds = time.perf_counter() - t0
+                save_checkpoint(ckpt, st, config)
+
     res = LanczosResult(
-        alpha=alphas,
-        beta=betas,
+        alpha=st.alpha,
+        beta=st.beta,
         breakdown=breakdown,
         residual_beta=0.0 if breakdown else residual,
-        v0_norm=v0_norm,
+        v0_norm=st.v0_norm,
         config=config,
         seconds=time.perf_counter() - t0,
     )
     if return_basis:
-        res.basis = kept[: res.num_steps]
+        res.basis = st.kept[: res.num_steps]
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
     return res

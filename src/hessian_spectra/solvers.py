@@ -23,7 +23,8 @@ __all__ = ["CGInfo", "cg_solve"]
 
 @dataclass
 class CGInfo:
-    """What CG did: iterations, residual norms (``||r_0||`` first), convergence, negative curvature."""
+    """What CG did: iterations, residual norms (``||r_0||`` first), convergence, negative
+    curvature."""
 
     iterations: int
     residual_norms: list[float] = field(default_factory=list)
@@ -31,7 +32,18 @@ class CGInfo:
     negative_curvature: bool = False
     curvature: float | None = None  # p^T A p at the direction where negative curvature was met
 
+    @property
+    def relative_residual(self) -> float:
+        """``||r_k|| / ||r_0||`` of the last iterate (0 for a zero right-hand side).
+
+        >>> CGInfo(iterations=2, residual_norms=[2.0, 1.0, 0.5]).relative_residual
+        0.25
+        """
+        r = self.residual_norms
+        return float(r[-1] / r[0]) if r and r[0] > 0 else 0.0
+
     def to_dict(self) -> dict:
+        """A JSON-ready dict of the fields."""
         return {
             "iterations": self.iterations,
             "residual_norms": list(self.residual_norms),
@@ -41,8 +53,17 @@ class CGInfo:
         }
 
 
-def cg_solve(op, b: Vector, *, damping: float = 0.0, tol: float = 1e-6, atol: float = 0.0,
-             max_iter: int = 100, x0: Vector | None = None, callback=None) -> tuple[Vector, CGInfo]:
+def cg_solve(
+    op,
+    b: Vector,
+    *,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 100,
+    x0: Vector | None = None,
+    callback=None,
+) -> tuple[Vector, CGInfo]:
     """Solve ``(H + damping I) x = b`` by conjugate gradients (module docstring).
 
     Args:

@@ -15,6 +15,11 @@ float32 for Gaussian) of temporary memory beyond the local shard, however large 
 parameter. (The CPU generator, Mersenne Twister, cannot skip ahead, hence blocks rather than
 an offset into one stream.) For any other sharding layout the whole parameter is drawn and
 the local piece kept.
+
+>>> import torch
+>>> u = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # two parameters: shapes (2,), (1, 1)
+>>> norm(u), dot(u, u)
+(5.0, 25.0)
 """
 
 from __future__ import annotations
@@ -30,20 +35,20 @@ Vector = list[torch.Tensor]
 
 __all__ = [
     "Vector",
+    "add",
+    "axpy",
+    "cast",
+    "check_vector",
+    "clone",
     "dot",
     "dots",
-    "norm",
-    "axpy",
-    "scale",
-    "add",
-    "sub",
     "lincomb",
-    "zeros_like",
-    "clone",
-    "cast",
+    "norm",
     "random_probe",
+    "scale",
+    "sub",
     "unit_probe",
-    "check_vector",
+    "zeros_like",
 ]
 
 
@@ -59,7 +64,9 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.dot(a, b)
     if a.device.type != "cpu" or a.numel() <= _DOT_CHUNK:
         return torch.dot(a.double(), b.double())
-    parts = [torch.dot(x.double(), y.double()) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))]
+    parts = [
+        torch.dot(x.double(), y.double()) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))
+    ]
     return torch.stack(parts).sum()
 
 
@@ -83,7 +90,12 @@ def _local_sums(pairs) -> torch.Tensor:
 
 
 def dots(basis: Sequence[Vector], w: Vector) -> torch.Tensor:
-    """Global dot products ``[q_i . w for q_i in basis]`` as one float64 tensor (one all-reduce)."""
+    """Global dot products ``[q_i . w for q_i in basis]`` as one float64 tensor (one all-reduce).
+
+    >>> import torch
+    >>> dots([[torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 1.0])]], [torch.tensor([2.0, 3.0])])
+    tensor([2., 3.], dtype=torch.float64)
+    """
     if not basis:
         return torch.zeros(0, dtype=torch.float64)
     out = _local_sums([(q, w) for q in basis])
@@ -91,12 +103,22 @@ def dots(basis: Sequence[Vector], w: Vector) -> torch.Tensor:
 
 
 def dot(u: Vector, v: Vector) -> float:
-    """Global inner product ``u . v`` accumulated in float64."""
+    """Global inner product ``u . v`` accumulated in float64.
+
+    >>> import torch
+    >>> dot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
+    11.0
+    """
     return float(dots([u], v)[0])
 
 
 def tensor_norms(v: Vector) -> list[float]:
-    """Global norm of each tensor of ``v`` (one all-reduce for all of them)."""
+    """Global norm of each tensor of ``v`` (one all-reduce for all of them).
+
+    >>> import torch
+    >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([1.0])])
+    [5.0, 1.0]
+    """
     if not v:
         return []
     sq = _dist.all_reduce_sum(_local_sums([([t], [t]) for t in v]))
@@ -104,35 +126,65 @@ def tensor_norms(v: Vector) -> list[float]:
 
 
 def norm(v: Vector) -> float:
-    """Global Euclidean norm ``||v||`` accumulated in float64."""
+    """Global Euclidean norm ``||v||`` accumulated in float64.
+
+    >>> import torch
+    >>> norm([torch.tensor([3.0]), torch.tensor([4.0])])
+    5.0
+    """
     return dot(v, v) ** 0.5
 
 
 def axpy(alpha: float, x: Vector, y: Vector) -> Vector:
-    """In place ``y <- y + alpha * x``; returns ``y``. ``x`` may have another dtype."""
+    """In place ``y <- y + alpha * x``; returns ``y``. ``x`` may have another dtype.
+
+    >>> import torch
+    >>> axpy(2.0, [torch.tensor([1.0, 1.0])], [torch.tensor([0.0, 1.0])])
+    [tensor([2., 3.])]
+    """
     xs = [a.to(b.dtype) if a.dtype != b.dtype else a for a, b in zip(x, y)]
     torch._foreach_add_(y, xs, alpha=float(alpha))
     return y
 
 
 def scale(alpha: float, x: Vector) -> Vector:
-    """In place ``x <- alpha * x``; returns ``x``."""
+    """In place ``x <- alpha * x``; returns ``x``.
+
+    >>> import torch
+    >>> scale(0.5, [torch.tensor([2.0, 4.0])])
+    [tensor([1., 2.])]
+    """
     torch._foreach_mul_(x, float(alpha))
     return x
 
 
 def add(u: Vector, v: Vector) -> Vector:
-    """New vector ``u + v``."""
+    """New vector ``u + v``.
+
+    >>> import torch
+    >>> add([torch.tensor([1.0])], [torch.tensor([2.0])])
+    [tensor([3.])]
+    """
     return list(torch._foreach_add(u, v))
 
 
 def sub(u: Vector, v: Vector) -> Vector:
-    """New vector ``u - v``."""
+    """New vector ``u - v``.
+
+    >>> import torch
+    >>> sub([torch.tensor([1.0])], [torch.tensor([2.0])])
+    [tensor([-1.])]
+    """
     return list(torch._foreach_sub(u, v))
 
 
 def lincomb(coeffs: Sequence[float], vectors: Sequence[Vector], dtype=None) -> Vector:
-    """New vector ``sum_i coeffs[i] * vectors[i]`` in ``dtype`` (default: the first vector's)."""
+    """New vector ``sum_i coeffs[i] * vectors[i]`` in ``dtype`` (default: the first vector's).
+
+    >>> import torch
+    >>> lincomb([1.0, -1.0], [[torch.tensor([3.0])], [torch.tensor([1.0])]])
+    [tensor([2.])]
+    """
     out = [torch.zeros_like(t, dtype=dtype or t.dtype) for t in vectors[0]]
     for c, v in zip(coeffs, vectors):
         axpy(c, v, out)
@@ -140,15 +192,34 @@ def lincomb(coeffs: Sequence[float], vectors: Sequence[Vector], dtype=None) -> V
 
 
 def zeros_like(v: Vector, dtype: torch.dtype | None = None) -> Vector:
+    """New zero vector shaped like ``v``, in ``dtype`` (default: ``v``'s).
+
+    >>> import torch
+    >>> zeros_like([torch.ones(2)], dtype=torch.float64)
+    [tensor([0., 0.], dtype=torch.float64)]
+    """
     return [torch.zeros_like(t, dtype=dtype or t.dtype) for t in v]
 
 
 def clone(v: Vector, dtype: torch.dtype | None = None) -> Vector:
+    """New detached copy of ``v``, in ``dtype`` (default: ``v``'s).
+
+    >>> import torch
+    >>> u = [torch.tensor([1.0])]
+    >>> w = clone(u)
+    >>> w[0] is u[0], w[0].tolist()
+    (False, [1.0])
+    """
     return [t.detach().to(dtype=dtype or t.dtype, copy=True) for t in v]
 
 
 def cast(v: Vector, dtype: torch.dtype) -> Vector:
-    """``v`` in ``dtype`` (no copy where it already is)."""
+    """``v`` in ``dtype`` (no copy where it already is).
+
+    >>> import torch
+    >>> cast([torch.tensor([1.5])], torch.float64)
+    [tensor([1.5000], dtype=torch.float64)]
+    """
     return [t if t.dtype == dtype else t.to(dtype) for t in v]
 
 
@@ -158,14 +229,18 @@ def _seed_for(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + h * 2_654_435_761) % (2**63 - 1)
 
 
-_PROBE_BLOCK = 1 << 22  # entries per independently seeded block of a probe (fixed: part of the definition)
+_PROBE_BLOCK = (
+    1 << 22
+)  # entries per independently seeded block of a probe (fixed: part of the definition)
 
 
 def _block_seed(seed: int, name: str, k: int) -> int:
     return (_seed_for(seed, name) + k * 0x9E3779B97F4A7C15) % (2**63 - 1)
 
 
-def _draw_span(seed: int, name: str, numel: int, start: int, stop: int, kind: str, device, dtype) -> torch.Tensor:
+def _draw_span(
+    seed: int, name: str, numel: int, start: int, stop: int, kind: str, device, dtype
+) -> torch.Tensor:
     """Entries ``[start, stop)`` of a parameter's flattened probe (``numel`` entries in all).
 
     Block ``k`` (entries ``[kB, min((k+1)B, numel))``) is always drawn whole, at its fixed size,
@@ -204,6 +279,14 @@ def random_probe(
         seed: the probe's seed; parameter ``name`` draws from ``Generator(seed ⊕ name)``.
         kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (standard normal).
         dtype: storage dtype (default: float32, or float64 for float64 parameters).
+
+    >>> import torch
+    >>> params = [torch.zeros(3), torch.zeros(2, 2)]
+    >>> z = random_probe(params, seed=0)
+    >>> [t.shape for t in z], sorted(set(torch.cat([t.flatten() for t in z]).tolist())) == [-1, 1]
+    ([torch.Size([3]), torch.Size([2, 2])], True)
+    >>> torch.equal(z[1], random_probe(params, seed=0)[1])  # seeded: the same vector again
+    True
     """
     if kind not in ("rademacher", "gaussian"):
         raise ValueError(f"kind must be 'rademacher' or 'gaussian', got {kind!r}")
@@ -227,23 +310,43 @@ def random_probe(
     return out
 
 
-def unit_probe(op_or_params, seed: int = 0, *, kind: str = "rademacher", dtype: torch.dtype | None = None,
-               names: Sequence[str] | None = None) -> Vector:
+def unit_probe(
+    op_or_params,
+    seed: int = 0,
+    *,
+    kind: str = "rademacher",
+    dtype: torch.dtype | None = None,
+    names: Sequence[str] | None = None,
+) -> Vector:
     """``random_probe(...)`` scaled to unit global norm (the direction of an FD error check, the
     block-diagonal test and the CLI's reported default step). ``dtype`` defaults to the
-    operator's ``vector_dtype`` where it has one."""
+    operator's ``vector_dtype`` where it has one.
+
+    >>> import torch
+    >>> round(norm(unit_probe([torch.zeros(10, dtype=torch.float64)], seed=1)), 12)
+    1.0
+    """
     dtype = dtype or getattr(op_or_params, "vector_dtype", None)
     v = random_probe(op_or_params, seed, kind=kind, dtype=dtype, names=names)
     return scale(1.0 / norm(v), v)
 
 
 def check_vector(v, params: Sequence[torch.Tensor], what: str = "vector") -> Vector:
-    """Raise a clear error unless ``v`` is a list of tensors shaped like ``params``' local data."""
+    """Raise a clear error unless ``v`` is a list of tensors shaped like ``params``' local data;
+    returns ``v`` as a list.
+
+    >>> import torch
+    >>> check_vector([torch.zeros(3)], [torch.zeros(2)])
+    Traceback (most recent call last):
+    ...
+    ValueError: vector[0] has shape (3,) but parameter 0 has (local) shape (2,)
+    """
     if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)):
         raise TypeError(
             f"{what} must be a list of tensors, one per entry of op.params "
             f"({len(params)} tensors), got {type(v).__name__}. "
-            "Build one with hessian_spectra.random_probe(op) or [torch.zeros_like(p) for p in op.params]."
+            "Build one with hessian_spectra.random_probe(op) or "
+            "[torch.zeros_like(p) for p in op.params]."
         )
     if len(v) != len(params):
         raise ValueError(
@@ -255,6 +358,7 @@ def check_vector(v, params: Sequence[torch.Tensor], what: str = "vector") -> Vec
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(loc.shape):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"{what}[{i}] has shape {got} but parameter {i} has (local) shape {tuple(loc.shape)}"
+                f"{what}[{i}] has shape {got} but parameter {i} has (local) shape "
+                f"{tuple(loc.shape)}"
             )
     return list(v)

@@ -4,6 +4,8 @@
     torchrun --standalone --nproc-per-node N _worker.py main OUT.json   # FSDP2, N ranks
     torchrun ... _worker.py fail OUT.json                    # rank 1 raises inside an HVP
     torchrun ... _worker.py hang OUT.json                    # rank 1 never joins (timeout)
+    torchrun ... _worker.py weights OUT.json                 # each rank seeds its own model
+    torchrun ... _worker.py uneven OUT.json                  # 3 whole batches over N ranks
 
 The model is a tiny float64 Llama (2 decoder layers, vocab 61 so that rows shard unevenly)
 built from a config with a fixed seed, so every run holds the same parameters. The GLOBAL data
@@ -43,10 +45,10 @@ from hessian_spectra import vectors as V
 VOCAB, SEQ, ROWS, NUM_BATCHES = 61, 10, 2, 3
 
 
-def build_model(dtype=torch.float64, tied=False):
+def build_model(dtype=torch.float64, tied=False, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
@@ -101,7 +103,7 @@ def run_main(out_path):
     res["sharded"] = op.sharded
     res["param_names"] = op.param_names
     res["num_params"] = op.num_params
-    res["grad_scale"] = op._grad_scale
+    res["grad_scale"] = op.objective.grad_scale
     res["local_numel"] = D.all_gather_object(sum(D.local(p).numel() for p in op.params))
 
     # -- probes: the same global vector at every world size (also with tiny blocks that
@@ -112,6 +114,17 @@ def run_main(out_path):
     V._PROBE_BLOCK = 7
     res["probe_block7"] = full(op, random_probe(op, 5))
     V._PROBE_BLOCK = saved_block
+    # DTensor's private placement helper unavailable (a future torch): local_flat_range gives
+    # None and the probe is cut from a full draw instead, the same vector
+    from hessian_spectra.distributed import shards
+
+    saved_helper = shards.local_shape_and_offset
+    shards.local_shape_and_offset = lambda p: None
+    try:
+        res["flat_ranges_fallback"] = [D.local_flat_range(p) for p in op.params]
+        res["probe_rademacher_fallback"] = full(op, random_probe(op, 5))
+    finally:
+        shards.local_shape_and_offset = saved_helper
 
     # -- HVPs and gradient; parameters bit-identical afterwards (local shards on every rank,
     #    and the loss of a forward pass, which all-gathers them again)
@@ -143,6 +156,15 @@ def run_main(out_path):
     res["tied_num_tensors"] = len(op3.params)
     res["hvp_tied"] = full(op3, op3.matvec(random_probe(op3, 11, dtype=torch.float64), eps=1e-4))
     del model3, op3
+
+    # -- part of the model frozen (requires_grad=False): sharded too, and left out of op.params
+    model4 = build_model()
+    model4.model.embed_tokens.weight.requires_grad_(False)
+    model4 = D.shard_model(model4)
+    op4 = HessianOperator(model4, loss_fn, batches)
+    res["frozen_param_names"] = op4.param_names
+    res["hvp_frozen"] = full(op4, op4.matvec(random_probe(op4, 11, dtype=torch.float64), eps=1e-4))
+    del model4, op4
 
     # -- Lanczos (full / window 2 + bf16 basis), checkpoint resume, SLQ, trace, eigs
     r = lanczos(op, 6, seed=3)
@@ -203,8 +225,31 @@ def run_main(out_path):
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
         op3 = HessianOperator(model, loss_fn, batches)
-        res["grad_scale_factor1"] = op3._grad_scale
+        res["grad_scale_factor1"] = op3.objective.grad_scale
         res["hvp_factor1"] = full(op3, op3.matvec(v, eps=1e-4))
+        # FSDP2's private state unreadable (a future torch): the default is assumed, with a warning
+        import warnings
+
+        from hessian_spectra.distributed import _private
+
+        saved = _private.gradient_divide_factors
+        _private.gradient_divide_factors = lambda module: None
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res["grad_scale_unreadable"] = D.gradient_scale(model)
+        finally:
+            _private.gradient_divide_factors = saved
+        res["grad_scale_unreadable_warnings"] = [
+            f"{w.category.__name__}: {w.message}" for w in caught
+        ]
+        # factors that differ between FSDP modules: refused (the operator needs one)
+        next(m for m in model.modules() if isinstance(m, FSDPModule)).set_gradient_divide_factor(3.0)
+        try:
+            D.gradient_scale(model)
+            res["grad_scale_mixed_error"] = None
+        except ValueError as e:
+            res["grad_scale_mixed_error"] = str(e)
 
     res["seconds"] = time.perf_counter() - t0
     D.write_json0(out_path, res)
@@ -240,7 +285,66 @@ def run_hang(out_path):
     D.write_json0(out_path, {"finished": True})
 
 
+def run_weights(out_path):
+    """Every rank seeds its own model (seed = rank), as an unseeded factory would do: sharding
+    must refuse on every rank; with broadcast_from_rank0=True it must shard rank 0's model."""
+    import logging
+
+    res = {}
+    try:
+        D.shard_model(build_model(seed=D.rank()))
+        res["refused"] = None
+    except ValueError as e:
+        res["refused"] = str(e)
+    res["refused_all_ranks"] = D.all_gather_object(res["refused"])
+
+    # ranks that build different architectures are refused before any per-tensor collective
+    try:
+        D.shard_model(torch.nn.Linear(2, 3 + D.rank()))
+        res["layout_refused"] = None
+    except ValueError as e:
+        res["layout_refused"] = str(e)
+    res["layout_refused_all_ranks"] = D.all_gather_object(res["layout_refused"])
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("hessian_spectra.distributed")
+    logger.addHandler(Keep())
+    model = D.shard_model(build_model(seed=D.rank()), broadcast_from_rank0=True)
+    res["broadcast_logs"] = D.all_gather_object(records)
+    batches = local_data(global_data())
+    op = HessianOperator(model, loss_fn, batches)
+    v = random_probe(op, 11, dtype=torch.float64)
+    res["hvp_broadcast"] = full(op, op.matvec(v, eps=1e-4))
+    loss, g = op.gradient()
+    res["loss_broadcast"], res["grad_broadcast"] = loss, full(op, g)
+    D.write_json0(out_path, res)
+
+
+def run_uneven(out_path):
+    """The global data's 3 whole batches split over the ranks with partition.shard_batches
+    (at world size 2: rank 0 gets 2 batches, rank 1 one and a ZeroWeight pad)."""
+    from hessian_spectra.partition import shard_batches
+
+    model = D.shard_model(build_model())
+    batches = shard_batches(global_data(), D.rank(), D.world_size())
+    res = {"world_size": D.world_size(), "num_local_batches": D.all_gather_object(len(batches))}
+    op = HessianOperator(model, loss_fn, batches)
+    v = random_probe(op, 11, dtype=torch.float64)
+    res["hvp_eps1e-4"] = full(op, op.matvec(v, eps=1e-4))
+    loss, g = op.gradient()
+    res["loss"], res["grad"] = loss, full(op, g)
+    r = lanczos(op, 6, seed=3)
+    res["lanczos_full"] = [r.alpha.tolist(), r.beta.tolist()]
+    D.write_json0(out_path, res)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    fn = {"main": run_main, "fail": run_fail, "hang": run_hang}[mode]
+    fn = {"main": run_main, "fail": run_fail, "hang": run_hang, "weights": run_weights,
+          "uneven": run_uneven}[mode]
     sys.exit(D.launch(fn, out))

@@ -198,3 +198,94 @@ def test_missing_rank_times_out(tmp_path):
     assert rc != 0
     assert "Timed out" in out or "timed out" in out
     assert seconds < 90, seconds
+
+
+def test_partly_frozen_model(runs):
+    """A model with a frozen parameter (requires_grad=False) shards; the operator acts on the
+    trainable parameters only and gives the plain run's HVP."""
+    names = runs["plain"]["frozen_param_names"]
+    assert "model.embed_tokens.weight" not in names
+    assert len(names) == len(runs["plain"]["param_names"]) - 1
+    for ws in SHARDED:
+        assert runs[ws]["frozen_param_names"] == names, ws
+        assert _rel(runs[ws]["hvp_frozen"], runs["plain"]["hvp_frozen"]) < 1e-10, ws
+
+
+def test_gradient_scale_falls_back_when_fsdp_state_is_unreadable(runs):
+    """If FSDP2's private state cannot be read (a future torch), gradient_scale assumes FSDP2's
+    default divisor (the world size) and says so in a RuntimeWarning instead of failing."""
+    for ws, n in (("ws1", 1), ("ws2", 2)):
+        assert runs[ws]["grad_scale_unreadable"] == float(n), ws
+        warned = runs[ws]["grad_scale_unreadable_warnings"]
+        assert len(warned) == 1 and warned[0].startswith("RuntimeWarning"), (ws, warned)
+        assert "gradient divide factor" in warned[0] and f"world size {n}" in warned[0], warned
+
+
+def test_gradient_scale_refuses_mixed_factors(runs):
+    """FSDP modules that divide gradients by different factors (set_gradient_divide_factor
+    called on one of them) are refused with a ValueError that says how to set them all."""
+    for ws in SHARDED:
+        msg = runs[ws]["grad_scale_mixed_error"]
+        assert msg and "different factors [1.0, 3.0]" in msg and "every FSDP module" in msg, msg
+
+
+def test_shard_geometry_fallback_gives_the_same_probe(runs):
+    """Without DTensor's private placement helper, local_flat_range says None for sharded
+    parameters and random_probe cuts its pieces from a full draw: the same global vector."""
+    for ws in SHARDED:
+        assert all(r is None for r in runs[ws]["flat_ranges_fallback"]), ws
+        assert runs[ws]["probe_rademacher_fallback"] == runs["plain"]["probe_rademacher"], ws
+    n = runs["plain"]["num_params"]
+    assert sum(b - a for a, b in runs["plain"]["flat_ranges_fallback"]) == n  # plain: whole
+
+
+@pytest.fixture(scope="module")
+def weights_run(tmp_path_factory):
+    """The JSON of ``_worker.py weights`` at world size 2 (every rank seeds its own model)."""
+    path = tmp_path_factory.mktemp("weights") / "weights.json"
+    rc, _, log = _launch("weights", path, 2)
+    assert rc == 0, f"weights run failed (rc={rc}):\n{log[-6000:]}"
+    return json.loads(path.read_text())
+
+
+def test_ranks_with_different_weights_are_refused(weights_run):
+    """Issue 13 item 2: a model seeded per rank is refused by shard_model on every rank with the
+    same ValueError, naming the first differing parameter and both remedies (and the job goes
+    on: no rank hangs). Ranks that build different architectures are refused too."""
+    msgs = weights_run["refused_all_ranks"]
+    assert msgs[0] is not None and msgs == [msgs[0]] * 2, msgs
+    assert "'model.embed_tokens.weight'" in msgs[0]  # the first parameter of the model
+    assert "differ between ranks" in msgs[0]
+    assert "torch.manual_seed" in msgs[0] and "broadcast_from_rank0=True" in msgs[0]
+    layout = weights_run["layout_refused_all_ranks"]
+    assert layout[0] is not None and layout == [layout[0]] * 2, layout
+    assert "different models" in layout[0]
+
+
+def test_broadcast_from_rank0_shards_rank0s_model(weights_run, runs):
+    """With broadcast_from_rank0=True the per-rank-seeded models become rank 0's (seed 0, the
+    plain run's model): the sharded HVP, gradient and loss equal the plain run's, and rank 0
+    (only) logs that the weights were copied."""
+    P = runs["plain"]
+    assert _rel(weights_run["hvp_broadcast"], P["hvp_eps1e-4"]) < 1e-10
+    assert _rel(weights_run["grad_broadcast"], P["grad"]) < 1e-12
+    assert weights_run["loss_broadcast"] == pytest.approx(P["loss"], rel=1e-13)
+    logs0, logs1 = weights_run["broadcast_logs"]
+    assert logs1 == [] and len(logs0) == 1 and "copied rank 0's" in logs0[0], (logs0, logs1)
+
+
+def test_batch_count_not_divisible_by_world_size(runs, tmp_path):
+    """Issue 13 item 1 (README: "what changes between one process and many: nothing"): the 3
+    global batches split over 2 ranks by partition.shard_batches (one rank runs a ZeroWeight
+    pad) give the plain run's FD HVP, gradient, loss and Lanczos coefficients on all 3
+    batches. Needs the operator to weigh ZeroWeight batches 0 (partition.ZeroWeight)."""
+    path = tmp_path / "uneven.json"
+    rc, _, log = _launch("uneven", path, 2)
+    assert rc == 0, f"uneven run failed (rc={rc}):\n{log[-6000:]}"
+    R, P = json.loads(path.read_text()), runs["plain"]
+    assert R["world_size"] == 2 and R["num_local_batches"] == [2, 2]
+    assert _rel(R["hvp_eps1e-4"], P["hvp_eps1e-4"]) < 1e-10
+    assert _rel(R["grad"], P["grad"]) < 1e-10
+    assert R["loss"] == pytest.approx(P["loss"], rel=1e-10)
+    (a, b), (a0, b0) = R["lanczos_full"], P["lanczos_full"]
+    assert _rel(a, a0) < 1e-10 and _rel(b, b0) < 1e-10
