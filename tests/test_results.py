@@ -1,17 +1,14 @@
 """RunResult <-> result.json: keys kept, estimates under their command's key, atomic writes
-with the user's umask, statuses, and the negative mass with its threshold."""
+with the user's umask, and statuses."""
 
 from __future__ import annotations
 
 import json
 import os
 
-import numpy as np
 import pytest
 
-from hessian_spectra import SpectralDensity
-from hessian_spectra.lanczos import LanczosResult
-from hessian_spectra.results import RunResult, load_result, negative_masses, result_key
+from hessian_spectra.results import RunResult, load_result, result_key
 
 
 def test_result_roundtrip_and_atomic_save(tmp_path):
@@ -73,24 +70,3 @@ def test_load_result_errors(tmp_path):
     (tmp_path / "result.json").write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_result(tmp_path)
-
-
-def _two_node_density(lo, hi):
-    """A one-probe density with nodes lo and hi, weight 1/2 each (T = [[a, b], [b, a]])."""
-    a, b = (lo + hi) / 2, (hi - lo) / 2
-    return SpectralDensity([LanczosResult.from_dict({"alpha": [a, a], "beta": [b]})], 2)
-
-
-def test_negative_mass_ignores_the_near_zero_node():
-    """Issue 13 item 5: the headline negative_mass is the mass below -1e-3 max|λ| (the node at
-    -1e-6 next to λ_max = 500 is rounding noise, not negative curvature); the raw mass below
-    zero is reported as negative_mass_below_zero. A clearly negative node counts in both."""
-    d = _two_node_density(-1e-6, 500.0)
-    m = negative_masses(d)
-    assert m["negative_mass"] == 0.0 and m["negative_mass_below_zero"] == pytest.approx(0.5)
-    assert m["negative_mass_threshold"] == pytest.approx(0.5)
-    d2 = _two_node_density(-3.0, 500.0)
-    m2 = negative_masses(d2)
-    assert m2["negative_mass"] == pytest.approx(0.5) == m2["negative_mass_below_zero"]
-    nodes, weights = d2.nodes.ravel(), d2.weights.ravel()
-    assert np.sum(weights[nodes < -m2["negative_mass_threshold"]]) == pytest.approx(0.5)

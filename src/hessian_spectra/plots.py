@@ -92,9 +92,7 @@ def plot_density(results, path, *, labels=None, sigma=None, num: int = 2001, tit
         a.grid(alpha=0.3)
     a1.legend(fontsize=8, loc="upper right")
     if title is None and len(results) == 1:
-        from .results import negative_masses
-
-        d0, nm = dens[0], negative_masses(dens[0])
+        d0, nm = dens[0], dens[0].summary()
         title = (f"Hessian spectral density (SLQ): λ_max={d0.lambda_max:.4g}, "
                  f"λ_min={d0.lambda_min:.4g}, trace={d0.trace():.4g}, "
                  f"mass below −{nm['negative_mass_threshold']:.2g}: {nm['negative_mass']:.2g}")

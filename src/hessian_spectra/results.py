@@ -17,7 +17,8 @@
   (``BlockDiagReport.to_dict()``), ``eps_sweep`` (rows of ``FDError``) or ``influence``
   (``InfluenceResult.to_dict()``);
 - ``summary``: ``lambda_max``, ``lambda_min``, ``trace``, ``negative_mass`` (None where the
-  command does not estimate it; see ``negative_masses``) and more.
+  command does not estimate it; for ``density`` the mass below ``-negative_mass_threshold``,
+  with the raw ``negative_mass_below_zero`` beside it: ``SpectralDensity.summary()``) and more.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ __all__ = [
     "RunResult",
     "atomic_write_text",
     "load_result",
-    "negative_masses",
     "peak_memory",
     "result_key",
     "versions",
@@ -129,34 +129,6 @@ def result_key(command: str) -> str:
     'eps_sweep'
     """
     return command.replace("-", "_")
-
-
-def negative_masses(dens, rel_tol: float = 1e-3) -> dict:
-    """``negative_mass`` (SLQ mass of the nodes below ``-negative_mass_threshold``, with the
-    threshold ``rel_tol * max(|lambda_max|, |lambda_min|)``), ``negative_mass_below_zero`` (mass of
-    the nodes < 0) and ``negative_mass_threshold``, taken from ``dens.summary()``.
-
-    On LLMs nearly all SLQ weight sits on one node at about 0 whose sign is rounding noise, so the
-    mass below 0 can read 0.5 or 1 where the curvature is not negative at all; the thresholded
-    mass is the headline. ``SpectralDensity.summary()`` returns these keys; for a density whose
-    ``summary()`` does not (yet) have them, they are filled here from ``dens.negative_mass``.
-
-    >>> import numpy as np
-    >>> from hessian_spectra import SpectralDensity
-    >>> from hessian_spectra.lanczos import LanczosResult
-    >>> run = LanczosResult.from_dict({"alpha": [0.9999995, 0.9999995], "beta": [1.0000005]})
-    >>> m = negative_masses(SpectralDensity([run], 2))  # nodes -1e-6 and 2, weight 1/2 each
-    >>> (m["negative_mass"], round(m["negative_mass_below_zero"], 6))
-    (0.0, 0.5)
-    """
-    s = dens.summary()
-    if "negative_mass_below_zero" in s and "negative_mass_threshold" in s:
-        keys = ("negative_mass", "negative_mass_below_zero", "negative_mass_threshold")
-        return {k: s[k] for k in keys}
-    tol = rel_tol * max(abs(s["lambda_max"]), abs(s["lambda_min"]))
-    return {"negative_mass": float(dens.negative_mass(threshold=tol)),
-            "negative_mass_below_zero": float(dens.negative_mass()),
-            "negative_mass_threshold": float(tol)}
 
 
 @dataclass

@@ -34,14 +34,6 @@ class DensityOptions:
                 "basis_dtype": self.basis_dtype}  # resume is how, not what: not saved
 
 
-def density_summary(dens) -> dict:
-    """``dens.summary()`` with the headline ``negative_mass`` (below −threshold) and the raw
-    ``negative_mass_below_zero`` (``results.negative_masses``)."""
-    from ..results import negative_masses
-
-    return {**dens.summary(), **negative_masses(dens)}
-
-
 class Density(Command):
     name = "density"
     help = "spectral density by stochastic Lanczos quadrature (SLQ)"
@@ -87,7 +79,7 @@ class Density(Command):
 
         def on_probe(i, dens):
             nonlocal t_last, t_drawn
-            s = density_summary(dens)
+            s = dens.summary()
             ctx.publish(dens.to_dict(), s)
             now = time.perf_counter()
             log.info("probe %d/%d done in %.1f s: lambda_max %.5g, lambda_min %.5g, trace %.5g",
@@ -102,7 +94,7 @@ class Density(Command):
         dens = slq(ctx.op, o.steps, num_probes, seed=ctx.config.seed, reorth=o.reorth,
                    basis_dtype=o.basis_dtype, runs=runs, on_probe=on_probe,
                    progress=not ctx.config.quiet)
-        return Outcome(dens.to_dict(), density_summary(dens))
+        return Outcome(dens.to_dict(), dens.summary())
 
     def summary_rows(self, result):
         s = result.summary
