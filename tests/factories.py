@@ -143,3 +143,15 @@ def slow_mlp():
         return _plain_loss(model, batch)
 
     return model, loss, batches
+
+
+def no_grad_loss_mlp():
+    """The MLP whose loss is computed under torch.no_grad() (a common mistake): the library
+    refuses it with a ValueError, the CLI with one line and exit 2."""
+    model, batches = _mlp()
+
+    def loss(model, batch):
+        with torch.no_grad():
+            return _plain_loss(model, batch)
+
+    return model, loss, batches

@@ -258,6 +258,9 @@ CLI_CASES = [
     ("loss-value-error", lambda f, t: ["density", *MLP, "--model", "factories:value_error_loss_mlp",
                                        "--out", str(t / "o")], 2,
      r"error: the loss does not depend on the parameters"),
+    ("loss-under-no-grad", lambda f, t: ["density", *MLP, "--model", "factories:no_grad_loss_mlp",
+                                         "--out", str(t / "o")], 2,
+     r"loss of batch 0 does not depend on the parameters.*torch\.no_grad\(\).*Compute it from"),
     # item 5: data and position limits
     ("seq-len-beyond-gpt2-n-positions", lambda f, t: ["density", *HF, "--model", f["gpt2"], "--data",
                                                       f["text"], "--seq-len", "65",

@@ -103,8 +103,7 @@ class Influence(Command):
         res = influence(ctx.op, query, cands, damping=o.damping, tol=o.cg_tol,
                         max_iter=o.cg_max_iter, progress=not ctx.config.quiet)
         cg = res.cg
-        rel = (cg.residual_norms[-1] / cg.residual_norms[0]
-               if cg.residual_norms and cg.residual_norms[0] > 0 else None)
+        rel = cg.relative_residual if cg.residual_norms else None
         summary = {"query_loss": res.query_loss, "cg_iterations": cg.iterations,
                    "cg_converged": cg.converged, "cg_negative_curvature": cg.negative_curvature,
                    "cg_relative_residual": rel, "damping": o.damping,
