@@ -77,10 +77,13 @@ def load_problem(model="embedded", data: DataConfig | None = None, *, dtype="flo
     Raises ``ModelError`` / ``DataError`` (both ``ValueError``) with what to do; ``seq_len``
     beyond the model's ``max_position_embeddings`` / ``n_positions`` is refused up front.
 
-    Example (``tests/factories.py`` on the path)::
-
-        model, loss_fn, batches, info = load_problem("factories:mlp")
-        info == {"source": "factory", "num_batches": 3}
+    >>> import sys, types
+    >>> from hessian_spectra.testing import make_problem
+    >>> mod = sys.modules["my_factories"] = types.ModuleType("my_factories")
+    >>> mod.mlp = lambda: make_problem("mlp")  # a factory: () -> (model, loss_fn, batches)
+    >>> model, loss_fn, batches, info = load_problem("my_factories:mlp")
+    >>> info["source"], info["num_batches"] == len(batches)
+    ('factory', True)
     """
     rank = _dist.rank() if rank is None else rank
     world_size = _dist.world_size() if world_size is None else world_size
