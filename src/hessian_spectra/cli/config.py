@@ -25,7 +25,12 @@ _NOT_SAVED = ("options", "threads", "quiet", "debug")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One run of an analysis command, fully resolved (module docstring)."""
+    """One run of an analysis command, fully resolved (module docstring).
+
+    >>> cfg = RunConfig(command="trace", seq_len=64)
+    >>> cfg.data_config().seq_len, cfg.to_dict()["method"]
+    (64, 'exact')
+    """
 
     command: str
     """The command name (``density``, ``eigs``, ...)."""
