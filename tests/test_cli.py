@@ -92,7 +92,8 @@ def test_resume_continues_without_recomputing(tmp_path):
     """A 2-probe run resumed to 4 probes computes only probes 3-4 (loss calls counted) and equals
     an uninterrupted 4-probe run."""
     a, b = tmp_path / "a", tmp_path / "b"
-    common = ["density", *FAST, "--steps", 5]
+    # a fixed --eps: exactly 2 gradient passes per fd HVP (the default step may redo a product)
+    common = ["density", *FAST, "--steps", 5, "--eps", 1e-4]
     factories.CALLS["loss"] = 0
     assert run([*common, "--probes", 4, "--out", b]) == EXIT_OK
     calls_4 = factories.CALLS["loss"]
@@ -102,7 +103,8 @@ def test_resume_continues_without_recomputing(tmp_path):
     factories.CALLS["loss"] = 0
     assert run([*common, "--probes", 4, "--out", a, "--resume"]) == EXIT_OK
     calls_resume = factories.CALLS["loss"]
-    # a probe = 5 HVPs x 2 fd passes x 3 batches; the fixed cost (checks, one gradient) is per run
+    # a probe = 5 HVPs x 2 fd passes x 3 batches; the fixed cost (checks, one gradient, the fd
+    # calibration) is per run
     per_probe = 5 * 2 * 3
     assert calls_4 - calls_2 == 2 * per_probe
     assert calls_resume == calls_2  # fixed cost + 2 new probes, not 4
@@ -118,7 +120,8 @@ def test_interrupted_run_keeps_finished_probes_and_resumes(tmp_path, monkeypatch
     """Ctrl-C (KeyboardInterrupt from the loss) mid-run exits 130 with the finished probes saved;
     --resume completes it to the same numbers as an uninterrupted run."""
     out, ref = tmp_path / "int", tmp_path / "ref"
-    common = ["--quiet", "--method", "fd", "--steps", 4, "--probes", 3]
+    # a fixed --eps: exactly 2 gradient passes per fd HVP (the default step may redo a product)
+    common = ["--quiet", "--method", "fd", "--eps", 1e-4, "--steps", 4, "--probes", 3]
     factories.CALLS["loss"] = 0
     assert run(["density", "--model", "factories:mlp", *common, "--out", ref]) == EXIT_OK
     calls_ref = factories.CALLS["loss"]
@@ -470,3 +473,58 @@ def test_torchrun_with_batches_that_do_not_divide_equals_one_process(tmp_path):
     assert two["operator"]["loss"] == pytest.approx(one["operator"]["loss"], rel=1e-12)
     np.testing.assert_allclose(two["density"]["runs"][0]["alpha"], one["density"]["runs"][0]["alpha"],
                                rtol=1e-7)
+
+
+def test_eps_sweep_fits_thm31(tmp_path):
+    """Issue 8.3: `eps-sweep` fits FSHP Thm 3.1's a eps² + b/eps to the measured curve: on the
+    float64 factory MLP over 1e-10..1e-1 the fitted slopes are 2 (large eps) and −1 (small eps)
+    within 0.25, the fit's best eps is within 3× of the measured best, the default step's
+    estimated error is reported, and the summary prints the fit."""
+    out = tmp_path / "fit"
+    grid = [f"{10.0 ** (k / 2):.3g}" for k in range(-20, -1)]
+    assert run(["eps-sweep", *FAST, "--eps-values", *grid, "--out", out]) == EXIT_OK
+    r = load_result(out)
+    fit, s = r["eps_sweep"]["fit"], r["summary"]
+    assert fit["slope_large"] == pytest.approx(2.0, abs=0.25)
+    assert fit["slope_small"] == pytest.approx(-1.0, abs=0.25)
+    assert s["best_eps"] / 3 <= fit["eps_best_predicted"] <= 3 * s["best_eps"]
+    assert s["fit_best_eps"] == fit["eps_best_predicted"]
+    assert 0 < s["default_rel_error_estimate"] < 1e-8
+    assert "Thm 3.1 fit" in (out / "log.txt").read_text() or s["fit_slope_large"] is not None
+
+
+def test_fd_error_estimate_in_result_and_low_precision_threshold(tmp_path, capsys):
+    """Issue 8.2/8.4: an fd density run records the calibrated error model, per probe the step
+    and estimate along its first vector, and the largest estimate in the summary; with
+    --max-fd-error below the estimated error it stops with the figure (usage exit), above it it
+    runs and records the threshold."""
+    out = tmp_path / "fd"
+    assert run(["density", *FAST, "--steps", 4, "--probes", 2, "--out", out]) == EXIT_OK
+    r = load_result(out)
+    assert r["operator"]["fd_model"]["b"] > 0 and r["operator"]["stencil"] == "central"
+    probes = r["summary"]["fd_probes"]
+    assert [p["probe"] for p in probes] == [0, 1] and all(0 < p["eps"] for p in probes)
+    assert r["summary"]["fd_max_rel_error_estimate"] == max(p["max_rel_error_estimate"]
+                                                            for p in probes)
+    assert "fd error" in capsys.readouterr().out
+    # the factory's float64 model is not cast by --dtype: the threshold in any precision (the
+    # bf16 refusal and its figure: tests/test_fd_step.py, library level)
+    few = [*FAST, "--steps", 2, "--probes", 1]
+    assert run(["density", *few, "--max-fd-error", 1e-20, "--out", tmp_path / "b2"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "estimated relative error" in err and "above --max-fd-error" in err
+    assert run(["density", *few, "--max-fd-error", 0.01, "--out", tmp_path / "b3"]) == EXIT_OK
+    r = load_result(tmp_path / "b3")
+    assert r["operator"]["max_fd_error"] == 0.01 and r["summary"]["fd_max_rel_error_estimate"] < 0.01
+
+
+def test_method_help_is_current():
+    """Issue 8.5: --method's help no longer quotes the old rule's "50-90% off"."""
+    import argparse
+
+    from hessian_spectra.cli.options import add_common
+
+    p = argparse.ArgumentParser()
+    add_common(p, "runs/out")
+    h = p.format_help()
+    assert "50-90" not in h and "Thm 3.1" in h and "--max-fd-error" in h

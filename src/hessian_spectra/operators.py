@@ -180,6 +180,7 @@ class HessianOperator:
             )
         self.fd_model: FDModel | None = None
         self.last_fd_error_estimate: FDEstimate | None = None
+        self.fd_estimates: list[FDEstimate] = []  # one per fd product, in order
         self.stats = {
             "matvecs": 0,
             "matvec_seconds": 0.0,
@@ -266,7 +267,8 @@ class HessianOperator:
                         self.stats["fd_retries"] += 1
                 est = fm.estimate(vn, e, hn, info.get("d2"))
                 self.last_fd_error_estimate = est
-                if math.isfinite(est.rel_error):
+                self.fd_estimates.append(est)
+                if eps is None and math.isfinite(est.rel_error):  # products at the default step
                     self.stats["fd_max_rel_error_estimate"] = max(
                         self.stats["fd_max_rel_error_estimate"], est.rel_error
                     )
@@ -336,9 +338,13 @@ class HessianOperator:
             f"the estimated relative error of the fd HVP along {where} is {est.rel_error:.2g} "
             f"(step {est.eps:.3g}; truncation {est.truncation:.2g}, rounding {est.rounding:.2g}"
             f" absolute; {100 * lost:.0f}% of the perturbation of a unit probe at that step is "
-            f"lost to {self.compute_dtype} rounding), above max_fd_error={self.max_fd_error:g}."
-            " Use float32 parameters (and param_dtype=float32 under FSDP2), method='exact', "
-            "or a larger max_fd_error if that error is acceptable."
+            f"lost to {self.compute_dtype} rounding), above max_fd_error={self.max_fd_error:g}. "
+            + (
+                "Use float32 parameters (and param_dtype=float32 under FSDP2), "
+                if torch.finfo(self.compute_dtype).bits < 32
+                else "Use stencil='four-point', "
+            )
+            + "method='exact', or a larger max_fd_error if that error is acceptable."
         )
 
     def _probe_for_message(self) -> Vector:

@@ -194,7 +194,8 @@ def plot_blockdiag(result: dict, path, *, title=None):
 
 
 def plot_eps_sweep(result: dict, path, *, title=None):
-    """Relative FD error against eps (log-log) of an ``eps-sweep`` run; the default step dashed."""
+    """Relative FD error against eps (log-log) of an ``eps-sweep`` run; the default step dashed,
+    the fit of FSHP Thm 3.1 (``a eps² + b/eps``) and its best eps dotted."""
     plt = _plt()
     e = result.get("eps_sweep")
     if not e:
@@ -205,6 +206,13 @@ def plot_eps_sweep(result: dict, path, *, title=None):
     ax.loglog(eps, np.where(err > 0, err, np.nan), "o-", color="C0", label=f"reference: {e.get('reference')}")
     if e.get("default_eps"):
         ax.axvline(e["default_eps"], color="C3", ls="--", lw=1, label=f"default eps {e['default_eps']:.2g}")
+    fit = e.get("fit")
+    if fit and fit.get("a", 0) > 0 and fit.get("b", 0) > 0:  # FSHP Thm 3.1: a eps² + b/eps
+        x = np.logspace(np.log10(eps.min()), np.log10(eps.max()), 200)
+        ax.loglog(x, fit["a"] * x**2 + fit["b"] / x, ":", color="C2",
+                  label=f"Thm 3.1 fit {fit['a']:.2g} eps² + {fit['b']:.2g}/eps")
+        ax.axvline(fit["eps_best_predicted"], color="C2", ls=":", lw=1,
+                   label=f"fit's best eps {fit['eps_best_predicted']:.2g}")
     ax.set_xlabel("fd step eps")
     ax.set_ylabel("relative error ||H_eps v − ref|| / ||ref||")
     ax.grid(alpha=0.3, which="both")

@@ -9,16 +9,21 @@
 - ``model`` (spec, source, dtype, device, ``num_params``), ``data`` (source, tokens, batches),
   ``world_size``, ``threads`` (CPU threads used and the rule that chose them);
 - ``operator`` (method, requested ``eps``, ``eps_unit``: the default step for the first unit probe,
-  ``loss`` and ``grad_norm`` at θ);
+  ``loss`` and ``grad_norm`` at θ; with fd also ``stencil``, ``max_fd_error`` and ``fd_model``,
+  the calibrated error model ``FDModel.to_dict()``);
 - ``timings`` (``seconds_per_hvp``, ``seconds_per_gradient``, counts, load and total seconds)
   and ``memory`` (``peak_rss_bytes`` of this process, ``cuda_peak_bytes``);
 - the estimate: ``density`` (``SpectralDensity.to_dict()``: per-probe ``alpha``, ``beta``,
   ``ritz_values`` = nodes, ``ritz_weights`` = weights), ``eigs``, ``trace``, ``blockdiag``
-  (``BlockDiagReport.to_dict()``), ``eps_sweep`` (rows of ``FDError``) or ``influence``
+  (``BlockDiagReport.to_dict()``), ``eps_sweep`` (rows of ``FDError`` and ``fit``, FSHP Thm
+  3.1's ``a eps² + b/eps`` fitted: ``ErrorFit.to_dict()``) or ``influence``
   (``InfluenceResult.to_dict()``);
 - ``summary``: ``lambda_max``, ``lambda_min``, ``trace``, ``negative_mass`` (None where the
   command does not estimate it; for ``density`` the mass below ``-negative_mass_threshold``,
-  with the raw ``negative_mass_below_zero`` beside it: ``SpectralDensity.summary()``) and more.
+  with the raw ``negative_mass_below_zero`` beside it: ``SpectralDensity.summary()``) and more;
+  with fd: ``fd_max_rel_error_estimate`` (the largest estimated relative error of an fd HVP),
+  ``fd_retries``, ``fd_calibration_gradients``, and for ``density`` ``fd_probes`` (per probe:
+  the step and estimate along its first vector, and the probe's largest estimate).
 """
 
 from __future__ import annotations

@@ -72,6 +72,10 @@ class RunConfig:
     """HVP method, resolved: ``fd``, ``exact`` or ``jvp``."""
     eps: float | None = None
     """Fixed fd step (None: the per-direction default)."""
+    max_fd_error: float | None = None
+    """Refuse fd products whose estimated relative error exceeds this (None: no threshold)."""
+    stencil: str = "central"
+    """fd formula: ``central`` or ``four-point``."""
     train_mode: bool = False
     """Analyse the train-mode objective."""
     params: tuple | None = None
@@ -101,6 +105,13 @@ class RunConfig:
             raise ValueError(f"method must be one of {_METHODS} once resolved, got {self.method!r}")
         if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"eps must be a positive finite number or None, got {self.eps!r}")
+        if self.max_fd_error is not None and not (
+            self.max_fd_error > 0 and math.isfinite(self.max_fd_error)
+        ):
+            raise ValueError(f"max_fd_error must be a positive finite number or None, got "
+                             f"{self.max_fd_error!r}")
+        if self.stencil not in ("central", "four-point"):
+            raise ValueError(f"stencil must be 'central' or 'four-point', got {self.stencil!r}")
         if self.subsample is not None and not (0 < self.subsample <= 1):
             raise ValueError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
         if self.num_batches is not None and self.subsample is not None:

@@ -77,9 +77,18 @@ class Density(Command):
                      extra, num_probes - len(runs))
         t_last = t_drawn = time.perf_counter()
 
+        fd_probes, fd_start = [], len(ctx.op.fd_estimates)
+
         def on_probe(i, dens):
-            nonlocal t_last, t_drawn
+            nonlocal t_last, t_drawn, fd_start
             s = dens.summary()
+            ests = ctx.op.fd_estimates[fd_start:]
+            fd_start = len(ctx.op.fd_estimates)
+            if ests:  # fd: the estimate along the probe's first vector, the step used, the worst
+                fd_probes.append({"probe": i, "eps": ests[0].eps,
+                                  "rel_error_estimate": ests[0].rel_error,
+                                  "max_rel_error_estimate": max(e.rel_error for e in ests)})
+                s = {**s, "fd_probes": list(fd_probes)}
             ctx.publish(dens.to_dict(), s)
             now = time.perf_counter()
             log.info("probe %d/%d done in %.1f s: lambda_max %.5g, lambda_min %.5g, trace %.5g",
@@ -94,7 +103,10 @@ class Density(Command):
         dens = slq(ctx.op, o.steps, num_probes, seed=ctx.config.seed, reorth=o.reorth,
                    basis_dtype=o.basis_dtype, runs=runs, on_probe=on_probe,
                    progress=not ctx.config.quiet)
-        return Outcome(dens.to_dict(), dens.summary())
+        summary = dens.summary()
+        if fd_probes:
+            summary["fd_probes"] = fd_probes
+        return Outcome(dens.to_dict(), summary)
 
     def summary_rows(self, result):
         s = result.summary

@@ -34,9 +34,10 @@ class EpsSweep(Command):
     help = "finite-difference HVP error against the step eps"
     description = ("Relative error of the central finite-difference HVP along one unit "
                    "Rademacher probe (from --seed) at each step in --eps-values, against the "
-                   "exact HVP (double backward) or a Richardson estimate. Always uses method fd "
-                   "for the swept HVPs (--method and --eps are ignored). Writes result.json, "
-                   "eps_sweep.png and log.txt.")
+                   "exact HVP (double backward) or a Richardson estimate, with FSHP Thm 3.1's "
+                   "error model a eps² + b/eps fitted to it (predicted best eps, slopes). Always "
+                   "uses method fd for the swept HVPs (--method and --eps are ignored). Writes "
+                   "result.json, eps_sweep.png and log.txt.")
     Options = EpsSweepOptions
 
     def add_options(self, p) -> None:
@@ -59,11 +60,14 @@ class EpsSweep(Command):
         return "fd", None  # the swept HVPs are fd whatever --method says
 
     def run(self, ctx) -> Outcome:
+        from ..fd_step import fit_error_model
         from ..vectors import unit_probe
 
         o, op, seed = ctx.config.options, ctx.op, ctx.config.seed
         v = unit_probe(op, seed)  # the direction eps_sweep uses by default
-        default_eps = op.eps_for(v)
+        op.matvec(v)  # the default product: its step (possibly redone) and error estimate
+        est = op.last_fd_error_estimate
+        default_eps = est.eps if est is not None else op.eps_for(v)
         ctx.log.info("eps sweep: %d step(s) from %.3g to %.3g against the %s reference "
                      "(default step %.3g)", len(o.eps_values), min(o.eps_values),
                      max(o.eps_values), o.reference, default_eps)
@@ -72,9 +76,19 @@ class EpsSweep(Command):
                     "rows": [dataclasses.asdict(r) for r in rows]}
         finite = [r for r in rows if math.isfinite(r.rel_error)]
         best = min(finite, key=lambda r: r.rel_error) if finite else None
+        try:  # FSHP Thm 3.1: error ≈ a eps² + b / eps
+            fit = fit_error_model([r.eps for r in rows], [r.rel_error for r in rows]).to_dict()
+        except ValueError as e:
+            ctx.log.warning("no Thm 3.1 fit: %s", e)
+            fit = None
+        estimate["fit"] = fit
         summary = {"reference": o.reference, "default_eps": default_eps,
+                   "default_rel_error_estimate": est.rel_error if est is not None else None,
                    "best_eps": best.eps if best else None,
-                   "best_rel_error": best.rel_error if best else None, "num_eps": len(rows)}
+                   "best_rel_error": best.rel_error if best else None, "num_eps": len(rows),
+                   "fit_best_eps": fit["eps_best_predicted"] if fit else None,
+                   "fit_slope_large": fit["slope_large"] if fit else None,
+                   "fit_slope_small": fit["slope_small"] if fit else None}
         return Outcome(estimate, summary)
 
     def tables(self, result) -> str:
@@ -84,6 +98,14 @@ class EpsSweep(Command):
 
     def summary_rows(self, result):
         s = result.summary
-        return [("reference", s["reference"]), ("default eps", fmt(s["default_eps"], ".3g")),
+        rows = [("reference", s["reference"]),
+                ("default eps", (f"{fmt(s['default_eps'], '.3g')} (estimated rel_error "
+                                f"{fmt(s.get('default_rel_error_estimate'), '.2g')})")),
                 ("best eps", (f"{fmt(s['best_eps'], '.3g')} "
                              f"(rel_error {fmt(s['best_rel_error'], '.3g')})"))]
+        if s.get("fit_best_eps") is not None:
+            rows.append(("Thm 3.1 fit", (f"a eps² + b/eps: best eps {fmt(s['fit_best_eps'], '.3g')}"
+                                        f", slopes {fmt(s.get('fit_slope_large'), '.2f')} "
+                                        f"(large eps, theory 2) and "
+                                        f"{fmt(s.get('fit_slope_small'), '.2f')} (small eps, -1)")))
+        return rows

@@ -52,7 +52,8 @@ _FLAG_NAMES = (
     "completion_field", "loss_on", "split", "attn_implementation", "allow_download",
     "trust_remote_code", "train_mode", "device_map", "device", "dtype", "method", "eps",
     "eps_values", "reference", "damping", "cg_tol", "cg_max_iter", "query_data", "basis_dtype",
-    "reorth", "steps", "probes", "num_steps", "num_probes", "params", "threads",
+    "reorth", "steps", "probes", "num_steps", "num_probes", "params", "threads", "max_fd_error",
+    "stencil",
 )
 _ALIASES = {"num_steps": "steps", "num_probes": "probes", "max_iter": "cg_max_iter", "tol": "cg_tol"}
 _BARE = {"subsample", "damping"}

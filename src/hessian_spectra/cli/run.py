@@ -186,6 +186,7 @@ class _Run:
 
         self.op = op = HessianOperator(model, problem.loss_fn, problem.batches, method=cfg.method,
                                        eps=cfg.eps, params=cfg.params, train_mode=cfg.train_mode,
+                                       max_fd_error=cfg.max_fd_error, stencil=cfg.stencil,
                                        progress=not cfg.quiet)
         result = self.result = RunResult(
             command=cmd.name, argv=[PROG, *self.argv], config=config, versions=versions(),
@@ -203,12 +204,19 @@ class _Run:
         from ..vectors import norm, unit_probe
 
         # the default fd step for the first (unit, seed-0 Rademacher) probe; later Lanczos
-        # vectors get their own step from the per-tensor rule (HessianOperator docstring)
+        # vectors get their own step (HessianOperator docstring). Calibrates the fd error model.
         eps_unit = None
         if op.method == "fd":
             eps_unit = op.eps if op.eps is not None else op.eps_for(unit_probe(op, 0))
         result.operator = {"method": cfg.method, "eps": cfg.eps, "eps_unit": eps_unit,
                            "loss": loss, "grad_norm": norm(g), "train_mode": cfg.train_mode}
+        if op.method == "fd":
+            result.operator.update(stencil=cfg.stencil, max_fd_error=cfg.max_fd_error,
+                                   fd_model=op.fd_model.to_dict() if op.fd_model else None)
+            if op.fd_model is not None:
+                log.info("fd error model: truncation a0 %.3g, rounding b %.3g, best step along "
+                         "the calibration probe %.3g (%d gradient passes)", op.fd_model.a0,
+                         op.fd_model.b, op.fd_model.step0, op.fd_model.gradients)
         del g
         log.info("loss %.6g, |grad| %.4g, fd step for a unit direction %s", loss,
                  result.operator["grad_norm"], f"{eps_unit:.3g}" if eps_unit is not None else "n/a")
@@ -222,7 +230,7 @@ class _Run:
                       previous=previous, publish=publish, draw=self._draw, log=log)
         outcome = cmd.run(ctx)
         result.estimate = outcome.estimate
-        result.summary = {**result.summary, **outcome.summary}
+        result.summary = {**result.summary, **outcome.summary, **_fd_summary(op)}
         result.error = outcome.problem
         self._save(outcome.status)
         if outcome.status != "complete":
@@ -232,6 +240,16 @@ class _Run:
             remove_figures(self.out, keep=written)
             print_summary(cmd, result, self.out, outcome.problem)
         return EXIT_OK if outcome.status == "complete" else EXIT_NUMERICAL
+
+
+def _fd_summary(op) -> dict:
+    """The fd products' error estimates for the summary: the largest, the number of products
+    redone at their estimated best step, and the calibration's cost (empty without fd)."""
+    if op.fd_model is None:
+        return {}
+    return {"fd_max_rel_error_estimate": op.stats["fd_max_rel_error_estimate"],
+            "fd_retries": op.stats["fd_retries"],
+            "fd_calibration_gradients": op.stats["fd_calibration_gradients"]}
 
 
 def _ranks_on_node(world_size: int) -> int:
