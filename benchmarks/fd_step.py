@@ -150,7 +150,8 @@ def run_tiny(args):
             u = [t / norm(u) for t in u]
             rows[name] = direction_row(op, u, ex.matvec(u), args.points, args.decades)
             x = rows[name]
-            print(f"{kind:11s} {name:18s} default {x['default_eps']:.2g} err {x['default_error']:.2g}"
+            print(f"{kind:11s} {name:18s} default {x['default_eps']:.2g} "
+                  f"err {x['default_error']:.2g}"
                   f" (est {x['estimate']:.2g}) | best {x['best_eps']:.2g} err {x['best_error']:.2g}"
                   f" | ×{x['default_over_best']:.2f}", flush=True)
         m64, l64, b64 = tiny_problem(kind, torch.float64)

@@ -60,11 +60,11 @@ the scale model ``a_u = a₀ (||Hu|| / ||Hu₀||)²`` is used.
 cancels; ``1.34 = (8²+8²+1+1)^½/12 / (2^½/2)`` for independent gradient errors). Its
 calibration adds a four-point Richardson pair ``a4₀ = ||h4(2S) − h4(S)|| / 15S⁴`` (8 more
 passes); its step is ``c4 / κ(v)`` with ``c4 = κ(u₀) (1.34 b / 4a4₀)^{1/5}``, and ``a4_u ≈
-D⁴ / 30||Hu||³`` by (2)'s length scale (redone outside ``[0.4, 1.8]·s*_u``). The central stencil stays the default: half the
-passes, and its error (1–5e-5 along random probes and Lanczos vectors of the issue-sized fp32
-models) gives their top eigenvalues to 1e-6, 6e-6 and 1.8e-5 (CNN) in 40 Lanczos steps; the
-four-point stencil gives 6e-8, 6e-6 and 2e-6 (``benchmarks/fd_step.py``): use it where the
-top eigenvalues must be right to 1e-5.
+D⁴ / 30||Hu||³`` by (2)'s length scale (redone outside ``[0.4, 1.8]·s*_u``). The central
+stencil stays the default: half the passes, and its error (1–5e-5 along random probes and
+Lanczos vectors of the issue-sized fp32 models) gives their top eigenvalues to 1e-6, 6e-6 and
+1.8e-5 (CNN) in 40 Lanczos steps; the four-point stencil gives 6e-8, 6e-6 and 2e-6
+(``benchmarks/fd_step.py``): use it where the top eigenvalues must be right to 1e-5.
 
 :func:`fd_error` and :func:`eps_sweep` measure the error of ``H_ε v`` against an exact HVP or a
 Richardson extrapolation; :func:`fit_error_model` fits (1) to a measured sweep.
@@ -243,7 +243,8 @@ def perturbation_rounding(
 @dataclass(frozen=True)
 class FDEstimate:
     """The error model's estimate for one fd product: ``eps`` the step used (along ``v`` as
-    given), ``rel_error`` = ``abs_error / ||Hv||``, and its two parts (absolute, for ``v``)."""
+    given), ``rel_error`` = ``abs_error / ||Hv||``, and its two parts (absolute, for ``v``).
+    """
 
     eps: float
     rel_error: float
@@ -292,7 +293,8 @@ class FDModel:
         """``a_u`` (central) or ``a4_u`` (four-point) along ``u = v/||v||``: from the even part
         ``d2`` of the product's gradient pair where given (``D = d2 / s²`` estimates
         ``||∇D²L[u,u]||``; ``a_u = D² / 6||Hu||``, ``a4_u = D⁴ / 30||Hu||³``), else from the
-        calibration by the scale model (module docstring)."""
+        calibration by the scale model (module docstring).
+        """
         s = eps * v_norm
         hu = hv_norm / v_norm
         four = self.stencil == "four-point" and self.a4 is not None
@@ -306,7 +308,8 @@ class FDModel:
         self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None
     ) -> float:
         """The step along ``v`` that minimises the estimated error (``inf`` without truncation),
-        from a product at ``eps`` (:meth:`truncation_coefficient`)."""
+        from a product at ``eps`` (:meth:`truncation_coefficient`).
+        """
         a = self.truncation_coefficient(v_norm, eps, hv_norm, d2)
         if a <= 0 or v_norm == 0:
             return math.inf
@@ -318,7 +321,8 @@ class FDModel:
         self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None
     ) -> FDEstimate:
         """The estimated error of a product ``H_eps v`` with ``||v|| = v_norm`` whose result has
-        norm ``hv_norm`` (and even part ``d2``): (1) at ``s = eps·||v||``."""
+        norm ``hv_norm`` (and even part ``d2``): (1) at ``s = eps·||v||``.
+        """
         if v_norm == 0 or eps == 0:
             return FDEstimate(eps, 0.0, 0.0, 0.0, 0.0)
         s = eps * v_norm
@@ -442,7 +446,8 @@ def _check_reference(reference: str) -> None:
 
 def fd_error(op, v: Vector, eps: float | None = None, reference: str = "exact") -> FDError:
     """The error of ``op``'s fd product along ``v`` at step ``eps`` (default: the operator's own
-    product, ``op.matvec(v, method="fd")``, at the step it chose) against an exact HVP (``op.matvec(v, method="exact")``) or a Richardson estimate (two fd
+    product, ``op.matvec(v, method="fd")``, at the step it chose) against an exact HVP
+    (``op.matvec(v, method="exact")``) or a Richardson estimate (two fd
     products, no exact HVP needed).
 
     >>> import hessian_spectra as hs

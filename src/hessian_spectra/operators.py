@@ -233,7 +233,8 @@ class HessianOperator:
     # ------------------------------------------------------------------ products
     def matvec(self, v: Vector, *, method: str | None = None, eps: float | None = None) -> Vector:
         """``H v`` (a new vector, ``self.vector_dtype``); ``method``/``eps`` override the
-        operator's for this call (``eps`` must be a positive finite number)."""
+        operator's for this call (``eps`` must be a positive finite number).
+        """
         v = check_vector(v, self.params, "v")
         method = method or self.method
         _check_method(method)
@@ -306,7 +307,8 @@ class HessianOperator:
     def eps_for(self, v: Vector) -> float:
         """The fd step used for direction ``v``: ``self.eps``, or ``c / max_i(||v_i|| /
         ||θ_i||)`` with ``c`` from the calibrated error model (:mod:`hessian_spectra.fd_step`;
-        the first call calibrates it)."""
+        the first call calibrates it).
+        """
         if self.eps is not None:
             return self.eps
         if not self.fd_calibration:
@@ -317,7 +319,8 @@ class HessianOperator:
         """The operator's fd error model (:class:`~hessian_spectra.fd_step.FDModel`), measured
         on the first call along ``unit_probe(self, seed)`` and kept (later calls return it);
         refused with :class:`~hessian_spectra.fd_step.FDAccuracyError` when ``max_fd_error``
-        is set and the best error along that probe exceeds it."""
+        is set and the best error along that probe exceeds it.
+        """
         if self.fd_model is None:
             m = _fd.calibrate(self, seed, self.stencil)
             self._fd_g0 = self.objective.gradient()[1]
@@ -354,14 +357,16 @@ class HessianOperator:
 
     def fd_error(self, v: Vector, eps: float | None = None, reference: str = "exact") -> FDError:
         """Measure the fd error along ``v`` against an exact HVP or a Richardson estimate
-        (:func:`hessian_spectra.fd_step.fd_error`)."""
+        (:func:`hessian_spectra.fd_step.fd_error`).
+        """
         return _fd.fd_error(self, v, eps, reference)
 
     def eps_sweep(
         self, eps_values, v: Vector | None = None, *, seed: int = 0, reference: str = "exact"
     ) -> list[FDError]:
         """``fd_error`` at each step in ``eps_values`` along one direction (default: a unit
-        Rademacher probe from ``seed``; :func:`hessian_spectra.fd_step.eps_sweep`)."""
+        Rademacher probe from ``seed``; :func:`hessian_spectra.fd_step.eps_sweep`).
+        """
         return _fd.eps_sweep(self, eps_values, v, seed=seed, reference=reference)
 
     def to_scipy(self):

@@ -243,8 +243,11 @@ class _Run:
 
 
 def _fd_summary(op) -> dict:
-    """The fd products' error estimates for the summary: the largest, the number of products
-    redone at their estimated best step, and the calibration's cost (empty without fd)."""
+    """The fd products' error estimates for the summary.
+
+    The largest, the number of products redone at their estimated best step, and the
+    calibration's cost (empty without fd).
+    """
     if op.fd_model is None:
         return {}
     return {"fd_max_rel_error_estimate": op.stats["fd_max_rel_error_estimate"],
