@@ -226,6 +226,9 @@ class _Bound:
     def __call__(self, *a, **k):
         return torch.func.functional_call(self.model, self.pd, a, k)
 
+    def parameters(self):
+        return iter(self.pd.values())
+
 
 def _as_float(out):
     return (out[0].float(), out[1]) if isinstance(out, tuple) else out.float()
@@ -236,9 +239,7 @@ def bf16_cast_loss(loss):
 
     def f(model, batch):
         pd = {n: p.to(torch.bfloat16) for n, p in model.named_parameters()}
-        b = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in batch) \
-            if isinstance(batch, tuple) else batch
-        return _as_float(loss(_Bound(model, pd), b))
+        return _as_float(loss(_Bound(model, pd), _cast_bf16(batch)))
 
     return f
 
@@ -253,18 +254,20 @@ def autocast_loss(loss):
     return f
 
 
+def _cast_bf16(b):
+    if isinstance(b, dict):
+        return {k: _cast_bf16(t) for k, t in b.items()}
+    if isinstance(b, tuple):
+        return tuple(_cast_bf16(t) for t in b)
+    return b.to(torch.bfloat16) if b.is_floating_point() else b
+
+
 def _low_precision_setups(m32, loss, b32):
     import copy
 
     mb = copy.deepcopy(m32).to(torch.bfloat16)
-
-    def cast(b):
-        if isinstance(b, tuple):
-            return tuple(cast(t) for t in b)
-        return b.to(torch.bfloat16) if b.is_floating_point() else b
-
     return {
-        "bf16 parameters": (mb, loss, [cast(b) for b in b32]),
+        "bf16 parameters": (mb, loss, [_cast_bf16(b) for b in b32]),
         "fp32 parameters, bf16 autocast": (m32, autocast_loss(loss), b32),
         "fp32 parameters cast to bf16 (FSDP2 MixedPrecisionPolicy)":
             (m32, bf16_cast_loss(loss), b32),
@@ -320,11 +323,10 @@ def run_low_precision(args):
         ex = hs.HessianOperator(lm.model, causal_lm_loss, bs, method="exact")
         u = hs.unit_probe(ex, 1)
         refs = {"random probe": ex.matvec(u)}
-        grid = np.array([1.0, 10.0, 100.0])
+        grid = np.array([1.0, 3.0, 10.0, 30.0, 100.0])
         setups = _low_precision_setups(lm.model, causal_lm_loss, bs)
         return {"model": args.model, "tokens": args.seq_len * args.batch_size,
-                "settings": _low_precision_rows(setups, {"random probe": u}, refs, grid,
-                                                calibrate=False)}
+                "settings": _low_precision_rows(setups, {"random probe": u}, refs, grid)}
     out = {}
     for kind in ("mlp", "transformer", "cnn"):
         m64, loss, b64 = tiny_problem(kind, torch.float64)
