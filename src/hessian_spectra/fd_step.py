@@ -345,7 +345,7 @@ class FDModel:
 def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
     """Measure ``a₀`` and ``b`` of (1) along the unit probe ``unit_probe(op, seed)`` with central
     products (module docstring): typically 6–10 gradient passes, at most 26; the four-point
-    stencil adds ``a4₀`` (8–16 passes).
+    stencil adds ``a4₀`` (8–24 passes).
 
     >>> import hessian_spectra as hs
     >>> from hessian_spectra.testing import make_problem
