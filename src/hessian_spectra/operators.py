@@ -102,8 +102,8 @@ class HessianOperator:
         stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
         fd_calibration: measure the error model on first use (default): about 11 gradient
-            passes once, ``∇L(θ)`` kept (one vector) and one temporary vector per product, in
-            exchange for the step, an error estimate per product
+            passes once, ``∇L(θ)`` kept (one vector) and one temporary vector per product
+            (+11% time per product on SmolLM2-135M, CPU, one thread), in exchange for the step, an error estimate per product
             (``op.last_fd_error_estimate``) and a second product at the estimated best step
             where the first one's step was > 2.5× off (``op.stats["fd_retries"]``). ``False``:
             the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``, exactly two
