@@ -83,7 +83,7 @@ def test_default_step_error_within_3x_of_the_sweep_best(kind, dtype):
 def test_default_step_follows_the_documented_rule(dtype):
     """eps_for(v) = c / max_i(||v_i|| / ||θ_i||), computed here tensor by tensor, with c the
     calibrated scale = step0 · κ(u₀); along the calibration probe the step is step0, the
-    minimiser (b / 2a₀)^{1/3} of the calibrated model snapped to a power of 2; the uncalibrated
+    minimiser (b / 2a₀)^{1/3} of the calibrated model snapped to a power of √2; the uncalibrated
     rule
     (fd_calibration=False) is 0.1·ε_mach^{1/3} / κ(v)."""
     m, loss_fn, bs, _ = _dense_problem("transformer", dtype)
@@ -98,7 +98,7 @@ def test_default_step_follows_the_documented_rule(dtype):
     assert op.eps_for(v) == pytest.approx(fm.scale / kappa, rel=1e-10)
     assert op.eps_for(hs.unit_probe(op, 0)) == pytest.approx(fm.step0, rel=1e-10)
     assert fm.step0 == snap((fm.b / (2 * fm.a0)) ** (1 / 3))
-    assert fm.step0 == 2.0 ** round(math.log2(fm.step0))
+    assert 2 * math.log2(fm.step0) == round(2 * math.log2(fm.step0))
     plain = hs.HessianOperator(m, loss_fn, bs, method="fd", fd_calibration=False)
     c = 0.1 * torch.finfo(dtype).eps ** (1 / 3)
     assert plain.eps_for(v) == pytest.approx(c / kappa, rel=1e-10)
