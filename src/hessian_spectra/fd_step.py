@@ -65,9 +65,10 @@ calibration adds a four-point Richardson pair ``a4₀ = ||h4(2S) − h4(S)|| / 1
 passes); its step is ``c4 / κ(v)`` with ``c4 = κ(u₀) (1.34 b / 4a4₀)^{1/5}``, and ``a4_u ≈
 D⁴ / 30||Hu||³`` by (2)'s length scale (redone outside ``[0.4, 1.8]·s*_u``). The central
 stencil stays the default: half the passes, and its error (1–5e-5 along random probes and
-Lanczos vectors of the issue-sized fp32 models) gives their top eigenvalues to 1e-6, 6e-6 and
-1.8e-5 (CNN) in 40 Lanczos steps; the four-point stencil gives 6e-8, 6e-6 and 2e-6
-(``benchmarks/fd_step.py``): use it where the top eigenvalues must be right to 1e-5.
+Lanczos vectors of the issue-sized fp32 models) gives their top eigenvalues to 3.5e-6, 1.8e-6
+and 1.6e-5 (CNN) in 40 Lanczos steps; the four-point stencil gives 4e-8, 5e-6 and 1.4e-6 at
+1.6–1.8× the time (``benchmarks/fd_step.py``): use it where top eigenvalues must be right to
+1e-5.
 
 :func:`fd_error` and :func:`eps_sweep` measure the error of ``H_ε v`` against an exact HVP or a
 Richardson extrapolation; :func:`fit_error_model` fits (1) to a measured sweep.
