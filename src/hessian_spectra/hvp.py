@@ -40,12 +40,14 @@ __all__ = ["JvpUnsupported", "hvp_exact", "hvp_fd", "hvp_jvp"]
 
 class JvpUnsupported(RuntimeError):
     """``torch.func`` forward-over-reverse failed inside PyTorch on an op of the model or loss
-    (its backward has no forward-mode derivative, or that derivative is broken)."""
+    (its backward has no forward-mode derivative, or that derivative is broken).
+    """
 
 
 def _sdpa_math():
     """Force the math SDPA backend: fused CPU/flash kernels have no double backward / forward
-    AD."""
+    AD.
+    """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -70,7 +72,8 @@ def hvp_fd(
     With ``g0`` (the normalised gradient at θ) and a dict ``info``, also sets ``info["d2"] =
     ||∇L(θ+εv) + ∇L(θ−εv) − 2 g0||``, the even part of the pair (``≈ ε² ||∇(D²L[v,v])||``), read
     between the passes with one temporary vector: the error model's curvature-change scale
-    (:mod:`.fd_step`)."""
+    (:mod:`.fd_step`).
+    """
     if eps == 0.0:
         return obj.zeros()
     points, divisor = stencil_points(stencil)
@@ -186,7 +189,8 @@ class _LossModule(torch.nn.Module):
 
 def hvp_jvp(obj: Objective, v: Vector) -> Vector:
     """``Σ_b w_b`` jvp(grad(l_b))(θ; v), normalised (module docstring); raises
-    :class:`JvpUnsupported` where PyTorch cannot do forward-over-reverse through an op."""
+    :class:`JvpUnsupported` where PyTorch cannot do forward-over-reverse through an op.
+    """
     from torch.func import functional_call, grad, jvp
 
     wrapper = _LossModule(obj.model, obj.loss_fn)
