@@ -71,7 +71,8 @@ IGNORE = -100
 def causal_lm_forward(model, batch) -> torch.Tensor:
     """The logits ``(B, T, V)`` of a Hugging Face causal LM on a batch of
     :func:`hessian_spectra.data.make_batches` (``input_ids``, ``attention_mask``)."""
-    dev = next(model.parameters()).device
+    params = getattr(model, "parameters", None)  # a stand-in for the model may have none
+    dev = next(params()).device if params is not None else batch["input_ids"].device
     ids = batch["input_ids"].to(dev)
     mask = batch["attention_mask"].to(dev)
     return model(input_ids=ids, attention_mask=mask).logits
