@@ -118,7 +118,7 @@ def test_ggn_equals_hessian_for_linear_model_with_mse():
 def test_ggn_spectrum_by_lanczos_and_psd():
     """The GGN of a convex loss is PSD (dense: smallest eigenvalue ≥ −1e-10·λmax) and of rank
     ≤ 5 examples × 2 (softmax) = 10 on the CNN; top_eigenvalues on the exact GGNOperator gives its
-    top 4 eigenvalues to 1e-8 relative and no Ritz value below −1e-8·λmax; xtrace with 2P
+    top 4 eigenvalues to 1e-8 relative and no Ritz value below −1e-8·λmax; xtrace with 2(P + 1)
     products gives its trace to 1e-8."""
     model, fwd, lof, batches, G = case("cnn")
     op = hs.GGNOperator(model, fwd, lof, batches, method="exact")
@@ -129,7 +129,7 @@ def test_ggn_spectrum_by_lanczos_and_psd():
     top = hs.top_eigenvalues(op, 4, num_steps=12)
     np.testing.assert_allclose(top.eigenvalues, lam[::-1][:4], rtol=1e-8)
     assert top.run.ritz_values.min() >= -1e-8 * scale
-    est = hs.trace(op, 2 * op.num_params, method="xtrace")
+    est = hs.trace(op, 2 * (op.num_params + 1), method="xtrace")
     assert est.estimate == pytest.approx(float(np.trace(G.numpy())), rel=1e-8)
 
 
