@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -183,11 +184,12 @@ class TraceEstimate(tuple):
 
 def trace(
     op,
-    num_matvecs: int,
+    num_matvecs: int | None = None,
     *,
     method: str = "xtrace",
     seed: int = 0,
     progress: bool = False,
+    num_probes: int | None = None,
 ) -> TraceEstimate:
     """A stochastic estimate of tr(H) from ``num_matvecs`` products, with its standard error.
 
@@ -217,7 +219,7 @@ def trace(
     transformer's GGN at 30 and 60 matvecs, 1.6–11× below Hutchinson's; decaying and outlier
     spectra); Hutchinson won only on a flat spectrum (0.5–1.5, by 1.7–2.4×) and at 12 matvecs on
     the MLP and CNN Hessians (by 1.1–1.2×). ``num_matvecs`` must then be ≥ 2 (an odd one leaves
-    one product unused).
+    one product unused). ``num_probes`` is the old name of ``num_matvecs`` (deprecated).
 
     >>> import torch
     >>> from hessian_spectra import DenseOperator
@@ -229,6 +231,18 @@ def trace(
     6.0
     """
     op = as_operator(op)
+    if num_probes is not None:
+        if num_matvecs is not None:
+            raise TypeError("pass num_matvecs only (num_probes is its old name)")
+        warnings.warn(
+            "trace(..., num_probes=) is now trace(..., num_matvecs=) (the number of products, "
+            "whatever the method)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        num_matvecs = num_probes
+    if num_matvecs is None:
+        raise TypeError("trace() needs num_matvecs, the number of operator products to spend")
     num_matvecs = check_positive_int("num_matvecs", num_matvecs)
     if method not in TRACE_METHODS:
         raise ValueError(
