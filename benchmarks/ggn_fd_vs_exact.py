@@ -43,7 +43,7 @@ def _tiny():
         return F.cross_entropy(o.reshape(-1, o.shape[-1]), t.reshape(-1)), t.numel()
 
     m64, _, b64 = make_problem("transformer2")
-    m32, loss32, b32 = make_problem("transformer2", dtype=torch.float32)
+    m32, _, b32 = make_problem("transformer2", dtype=torch.float32)
     G = dense_ggn(m64, fwd, lof, b64)
     return m32, fwd, lof, b32, G, "transformer2 (328 params), float32 vs dense float64 GGN"
 

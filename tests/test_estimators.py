@@ -140,7 +140,8 @@ def test_trace_std_error_coverage(method):
     Hutchinson 0.92–0.96, Hutch++ 0.90–0.94 (10 deflated samples), XTrace's jackknife 0.96–1.00;
     the paper's std/sqrt(s) gave 0.79–0.91 for XTrace)."""
     for eigs in SPECTRA.values():
-        err, se = _errors(known_spectrum_matrix(eigs), method, 30, 80 if method == "xtrace" else 200)
+        seeds = 80 if method == "xtrace" else 200
+        err, se = _errors(known_spectrum_matrix(eigs), method, 30, seeds)
         assert np.mean(np.abs(err) <= 2 * se) >= 0.85
 
 

@@ -88,7 +88,7 @@ def test_fd_ggn_float32_error():
     """In float32 the fd GGN of the transformer is within 1e-2 relative of the exact float64 GGN
     (rounding of the output difference dominates: measured ~1e-3), and the exact float32 GGN
     within 1e-5."""
-    model, fwd, lof, batches, G = case("transformer")
+    _, fwd, lof, _, G = case("transformer")
     m32 = make_problem("transformer", dtype=torch.float32)[0]
     b32 = make_problem("transformer", dtype=torch.float32)[2]
     v = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -194,8 +194,8 @@ def _dict_batches(batches):
 def test_causal_lm_helpers_match_data_loss_and_dense_ggn():
     """On a tiny float64 GPT-2, causal_lm_loss_of_logits(causal_lm_forward(m, b), b) equals
     data.causal_lm_loss(m, b) (the same token count; the loss to 1e-6, as data.causal_lm_loss
-    computes in float32 even for float64 logits, where the helper keeps float64), and the exact GGN built from the two
-    helpers equals dense_ggn to 1e-10 relative."""
+    computes in float32 even for float64 logits, where the helper keeps float64), and the exact
+    GGN built from the two helpers equals dense_ggn to 1e-10 relative."""
     from hessian_spectra.data import causal_lm_loss
 
     model, _, batches = make_hf_problem("gpt2")

@@ -227,8 +227,10 @@ def trace(
     >>> est, se = trace(op, 4, method="hutchinson")  # z^T H z = tr(H) for ±1 probes, diagonal H
     >>> est, se
     (6.0, 0.0)
-    >>> round(trace(op, 8)[0], 10)   # xtrace, 4 probes: each leave-one-out Q spans R^3, exact
-    6.0
+    >>> from hessian_spectra.testing import known_spectrum_matrix
+    >>> low_rank = known_spectrum_matrix([5.0, -2.0, 1.0] + [0.0] * 17)   # rank 3, tr = 4
+    >>> round(trace(low_rank, 10)[0], 10)   # xtrace, 5 probes: each Q_i spans the range: exact
+    4.0
     """
     op = as_operator(op)
     if num_probes is not None:
@@ -250,7 +252,9 @@ def trace(
             "deflate the largest eigenvalues; hutchinson is the plain probe average)"
         )
     if method == "xtrace" and num_matvecs < 2:
-        raise ValueError(f"method='xtrace' needs num_matvecs ≥ 2 (pairs of products), got {num_matvecs}")
+        raise ValueError(
+            f"method='xtrace' needs num_matvecs ≥ 2 (pairs of products), got {num_matvecs}"
+        )
     desc = f"trace ({method})"
     with progress_bar(progress, total=num_matvecs, desc=desc, unit="matvec") as bar:
         mv = _Counted(op, bar)
@@ -359,10 +363,10 @@ def _xtrace(mv: _Counted, s: int, seed: int):
 
 
 def _xtrace_terms(R, M, A, d, js, drops, chunk: int = 1024) -> np.ndarray:
-    """For each ``j = js[t]``: ``tr(Q_j^T H Q_j) + ω_j^T (I−Q_jQ_j^T) H (I−Q_jQ_j^T) ω_j`` with
-    ``Q_j`` a basis of ``H Ω`` without the columns ``drops[t]`` (``j`` among them), from the small
-    matrices ``R = Q^T H Ω``, ``M = Q^T H Q``, ``A = Q^T Ω``, ``d_j = ω_j^T H ω_j`` (batched SVDs,
-    ``chunk`` at a time)."""
+    """For each ``j = js[t]``: ``tr(Q_j^T H Q_j) + ω_j^T (I−Q_jQ_j^T) H (I−Q_jQ_j^T) ω_j``
+    with ``Q_j`` a basis of ``H Ω`` without the columns ``drops[t]`` (``j`` among them), from the
+    small matrices ``R = Q^T H Ω``, ``M = Q^T H Q``, ``A = Q^T Ω``, ``d_j = ω_j^T H ω_j``
+    (batched SVDs, ``chunk`` at a time)."""
     r, s = R.shape
     out = np.zeros(len(js))
     for lo in range(0, len(js), chunk):

@@ -219,8 +219,12 @@ class EmpiricalFisherOperator(ObjectiveOperator):
         """``out += Jᵀ (w ⊙ J v)`` with ``J`` the Jacobian of the per-example losses."""
         params = self.objective.params
         u = torch.zeros_like(losses, requires_grad=True)  # (n,)
-        g = torch.autograd.grad(losses, params, grad_outputs=u, create_graph=True, allow_unused=True)
-        pairs = [(gi, vi.to(gi.dtype)) for gi, vi in zip(g, v) if gi is not None and gi.requires_grad]
+        g = torch.autograd.grad(
+            losses, params, grad_outputs=u, create_graph=True, allow_unused=True
+        )
+        pairs = [
+            (gi, vi.to(gi.dtype)) for gi, vi in zip(g, v) if gi is not None and gi.requires_grad
+        ]
         jv = None
         if pairs:
             (jv,) = torch.autograd.grad(

@@ -140,7 +140,10 @@ class BlockOperator:
     __matmul__ = matvec
 
     def __repr__(self):
-        return f"BlockOperator(num_params={self.num_params}, tensors={len(self.params)}, of={self.op!r})"
+        return (
+            f"BlockOperator(num_params={self.num_params}, tensors={len(self.params)}, "
+            f"of={self.op!r})"
+        )
 
 
 def per_block_slq(

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
-from _worker import build_model, full, global_data, local_data  # noqa: E402
+from _worker import build_model, full, global_data, local_data
 
-from hessian_spectra import GGNOperator, per_block_slq, random_probe, trace  # noqa: E402
-from hessian_spectra import distributed as D  # noqa: E402
+from hessian_spectra import GGNOperator, per_block_slq, random_probe, trace
+from hessian_spectra import distributed as D
 
 
 def forward_fn(model, batch):
