@@ -7,6 +7,7 @@ fixed seed, small enough that a dense Hessian is cheap.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -96,3 +97,61 @@ def tiny_hf_checkpoint(folder, *, vocab_size: int = 320, seed: int = 0):
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+def raising_factory():
+    """A factory whose own code fails: the CLI must say the error came from the factory."""
+    raise RuntimeError("the dataset file my_data.pt is missing")
+
+
+def tiny_gpt2_checkpoint(folder, *, n_positions: int = 64, seed: int = 0):
+    """Save a tiny GPT-2 (n_positions 64) with the byte-level BPE tokenizer of
+    ``tiny_hf_checkpoint`` to ``folder``: a model whose position limit is ``n_positions``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tiny_hf_checkpoint(folder)  # writes the tokenizer (and a Llama, replaced below)
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=n_positions,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    for f in Path(folder).glob("model*.safetensors"):
+        f.unlink()
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def value_error_loss_mlp():
+    """The MLP whose loss raises ValueError (as the library does for a loss that does not
+    depend on the parameters): the CLI must report it as a user error, exit 2, one line."""
+    model, batches = _mlp()
+
+    def loss(model, batch):
+        raise ValueError("the loss does not depend on the parameters: compute it from model(...)")
+
+    return model, loss, batches
+
+
+def slow_mlp():
+    """The MLP whose loss sleeps $HS_SLEEP seconds per call (default 0.05): a run that lasts
+    long enough to be signalled or raced."""
+    model, batches = _mlp()
+
+    def loss(model, batch):
+        import time
+
+        time.sleep(float(os.environ.get("HS_SLEEP", "0.05")))
+        return _plain_loss(model, batch)
+
+    return model, loss, batches
+
+
+def no_grad_loss_mlp():
+    """The MLP whose loss is computed under torch.no_grad() (a common mistake): the library
+    refuses it with a ValueError, the CLI with one line and exit 2."""
+    model, batches = _mlp()
+
+    def loss(model, batch):
+        with torch.no_grad():
+            return _plain_loss(model, batch)
+
+    return model, loss, batches

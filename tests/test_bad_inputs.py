@@ -2,6 +2,10 @@
 
 Each row of ``CASES`` is (id, a thunk that must raise, the exception type, a regex the message
 must match). The regexes check for the *remedy* part of the message, not just the complaint.
+
+``CLI_CASES`` is the same table for the command line: (id, arguments, exit status, a regex the
+last line on stderr must match); every user error is one line on stderr, exit 2, naming the
+fix, and no traceback without ``--debug``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hessian_spectra as hs
 from conftest import known_spectrum_matrix, make_problem
+from hessian_spectra.cli import main
 
 
 def _mlp():
@@ -71,9 +76,7 @@ def _shuffled_loader():
     return op.matvec(hs.random_probe(op))
 
 
-def _batchnorm_train():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
+def _batchnorm_train_on(model):
     b = [(torch.randn(8, 4), torch.randn(8, 1))]
     op = hs.HessianOperator(model, lambda m, x: ((m(x[0]) - x[1]) ** 2).mean(), b, train_mode=True)
     return op.matvec(hs.random_probe(op))
@@ -136,7 +139,6 @@ CASES = [
     ("eps-string", lambda: _op(eps="1e-3"), ValueError, r"positive finite number or None"),
     ("fd-bf16", _bf16_fd, ValueError, r"allow_low_precision_fd=True|method='exact'"),
     ("dropout-train-mode", _dropout_train, ValueError, r"not deterministic.*train_mode=False"),
-    ("batchnorm-train-mode", _batchnorm_train, ValueError, r"changed model buffers.*train_mode=False"),
     ("fd-error-bad-reference", lambda: _OP.fd_error(hs.random_probe(_OP), reference="exact2"), ValueError, r"'exact' or 'richardson'"),
     # --- Lanczos / SLQ / estimators
     ("reorth-negative", lambda: hs.lanczos(_H, 3, reorth=-2), ValueError, r"window must be ≥ 0"),
@@ -171,16 +173,13 @@ def test_allow_low_precision_fd_warns_instead():
                            method="fd", allow_low_precision_fd=True)
 
 
-def test_refused_batchnorm_leaves_buffers_unchanged():
-    """When the buffer-change check refuses a train-mode BatchNorm model, the running statistics
-    it touched are put back bit-for-bit."""
+def test_batchnorm_in_train_mode_is_no_longer_refused():
+    """Issue 13 item 8 (ops branch): a train-mode BatchNorm is accepted (its buffers kept and
+    restored around each pass; test_objective checks the Hessian), so it left this table."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
     before = {n: t.clone() for n, t in model.named_buffers()}
-    b = [(torch.randn(8, 4), torch.randn(8, 1))]
-    op = hs.HessianOperator(model, lambda m, x: ((m(x[0]) - x[1]) ** 2).mean(), b, train_mode=True)
-    with pytest.raises(ValueError):
-        op.matvec(hs.random_probe(op))
+    assert len(_batchnorm_train_on(model)) == 6
     assert all(torch.equal(before[n], t) for n, t in model.named_buffers())
 
 
@@ -191,3 +190,121 @@ def test_batchnorm_in_eval_mode_is_fine():
     b = [(torch.randn(8, 4), torch.randn(8, 1))]
     op = hs.HessianOperator(model, lambda m, x: ((m(x[0]) - x[1]) ** 2).mean(), b)
     assert len(op.matvec(hs.random_probe(op))) == 6
+
+
+# ----------------------------------------------------------------------------- the command line
+def _jsonl(d, rows):
+    import json
+
+    f = d / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """A tiny Llama (256 positions), a tiny GPT-2 (64 positions), a text file, a plain file, and
+    a JSONL file whose second record's text is a number."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import factories
+
+    d = tmp_path_factory.mktemp("cli")
+    text = d / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    a_file = d / "a_file"
+    a_file.write_text("not a folder")
+    assert main(["trace", *MLP[:5], "--probes", "1", "--out", str(d / "run")]) == 0
+    return {"llama": str(factories.tiny_hf_checkpoint(d / "llama")),
+            "gpt2": str(factories.tiny_gpt2_checkpoint(d / "gpt2", n_positions=64)),
+            "text": str(text), "file": str(a_file), "run": str(d / "run"),
+            "jsonl": str(_jsonl(d, [{"text": "a fine sentence of text"}, {"text": 12345}]))}
+
+
+MLP = ["--quiet", "--model", "factories:mlp", "--method", "fd", "--steps", "2", "--probes", "1"]
+HF = ["--quiet", "--steps", "2", "--probes", "1", "--batch-size", "1"]
+
+CLI_CASES = [
+    # item 11: --out that cannot be a run folder
+    ("out-is-a-file", lambda f, t: ["density", *MLP, "--out", f["file"]], 2,
+     r"--out .* is a file, not a folder: choose a folder"),
+    ("out-under-a-file", lambda f, t: ["density", *MLP, "--out", f["file"] + "/sub/run"], 2,
+     r"--out .* cannot be created: part of its path is a file"),
+    ("out-unwritable", lambda f, t: ["density", *MLP, "--out", "/sys/hs-spectra-out"], 2,
+     r"--out .* cannot be created \(Operation not permitted\): choose a folder you can write"),
+    ("plot-out-is-a-file", lambda f, t: ["plot", f["run"], "--out", f["file"]], 2,
+     r"--out .* is a file, not a folder"),
+    # item 12: user mistakes that were internal errors
+    ("factory-raises", lambda f, t: ["density", *MLP, "--model", "factories:raising_factory",
+                                     "--out", str(t / "o")], 2,
+     r"factory 'factories:raising_factory' raised RuntimeError: the dataset file .*factory's code"),
+    ("device-cuda-without-cuda", lambda f, t: ["density", *MLP, "--device", "cuda",
+                                               "--out", str(t / "o")], 2,
+     r"--device cuda but CUDA is not available.*use --device cpu"),
+    ("device-unknown", lambda f, t: ["density", *MLP, "--device", "tpu9", "--out", str(t / "o")],
+     2, r"unknown device 'tpu9': use \"cpu\", \"cuda\" or \"cuda:N\""),
+    ("eps-negative", lambda f, t: ["density", *MLP, "--eps", "-1e-3"], 2,
+     r"argument --eps: expected a positive number, got '-1e-3'"),
+    ("eps-negative-equals", lambda f, t: ["density", *MLP, "--eps=-1e-3"], 2,
+     r"argument --eps: expected a positive number, got '-1e-3'"),
+    ("eps-values-negative", lambda f, t: ["eps-sweep", *MLP[:3], "--eps-values", "1e-3", "-2"], 2,
+     r"argument --eps-values: expected a positive number, got '-2'"),
+    ("eps-inf", lambda f, t: ["density", *MLP, "--eps", "inf"], 2,
+     r"expected a positive finite number, got 'inf'"),
+    ("damping-negative", lambda f, t: ["influence", *MLP[:3], "--damping", "-1e-2"], 2,
+     r"argument --damping: expected a finite number ≥ 0, got '-1e-2'"),
+    ("loss-value-error", lambda f, t: ["density", *MLP, "--model", "factories:value_error_loss_mlp",
+                                       "--out", str(t / "o")], 2,
+     r"error: the loss does not depend on the parameters"),
+    ("loss-under-no-grad", lambda f, t: ["density", *MLP, "--model", "factories:no_grad_loss_mlp",
+                                         "--out", str(t / "o")], 2,
+     r"loss of batch 0 does not depend on the parameters.*torch\.no_grad\(\).*Compute it from"),
+    # item 5: data and position limits
+    ("seq-len-beyond-gpt2-n-positions", lambda f, t: ["density", *HF, "--model", f["gpt2"], "--data",
+                                                      f["text"], "--seq-len", "65",
+                                                      "--out", str(t / "o")], 2,
+     r"--seq-len 65 exceeds the model's limit of 64 positions \(n_positions.*--seq-len <= 64"),
+    ("seq-len-beyond-llama-max-positions", lambda f, t: ["density", *HF, "--model", f["llama"],
+                                                         "--data", f["text"], "--seq-len", "300",
+                                                         "--out", str(t / "o")], 2,
+     r"--seq-len 300 exceeds the model's limit of 256 positions \(max_position_embeddings"),
+    ("jsonl-number-text", lambda f, t: ["density", *HF, "--model", f["llama"], "--data", f["jsonl"],
+                                        "--seq-len", "8", "--out", str(t / "o")], 2,
+     r"record 2 field 'text' is a JSON number .*choose another field with --text-field"),
+    ("num-batches-beyond-data", lambda f, t: ["density", *HF, "--model", f["llama"], "--data",
+                                              f["text"], "--seq-len", "64", "--num-batches", "999",
+                                              "--out", str(t / "o")], 2,
+     r"--num-batches 999 asks for more than the .* batches .*ask for fewer"),
+]
+
+
+@pytest.mark.parametrize("make_args,code,match", [c[1:] for c in CLI_CASES],
+                         ids=[c[0] for c in CLI_CASES])
+def test_bad_cli_input_is_one_line_exit_2(cli_files, tmp_path, capsys, make_args, code, match):
+    """The bad command line exits with ``code``; its error is the last line on stderr, matches
+    ``match`` (the fix, in terms of flags) and no traceback is printed."""
+    import re
+
+    if "CUDA is not available" in match and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+    assert main(make_args(cli_files, tmp_path)) == code
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err, err
+    assert last.startswith("hessian-spectra") and "error:" in last, err
+    assert re.search(match, last), last
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1, err
+
+
+def test_factory_error_traceback_under_debug(tmp_path, capsys):
+    """Issue 13 item 12: with --debug the error from a factory shows the factory's own
+    traceback (the line that raised), still exit 2."""
+    args = ["density", *MLP, "--debug", "--model", "factories:raising_factory", "--out",
+            str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in raising_factory" in err and "my_data.pt is missing" in err

