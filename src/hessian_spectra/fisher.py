@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -42,7 +43,7 @@ from .vectors import Vector, check_vector
 
 __all__ = ["PER_EXAMPLE", "EmpiricalFisherOperator", "PerExampleError", "split_examples"]
 
-PER_EXAMPLE = ("vmap", "loop")
+PER_EXAMPLE = ("vmap", "loop", "auto")
 
 
 class PerExampleError(ValueError):
@@ -108,8 +109,9 @@ class EmpiricalFisherOperator(ObjectiveOperator):
         batches: a re-iterable of batches whose tensors hold the examples along dimension 0.
         params, reduction, train_mode, check_determinism, progress: as for
             :class:`~hessian_spectra.HessianOperator`.
-        per_example: ``"vmap"`` (default; ``torch.func.vmap`` over the examples of a batch) or
-            ``"loop"`` (one forward and backward per example; any model).
+        per_example: ``"vmap"`` (default; ``torch.func.vmap`` over the examples of a batch),
+            ``"loop"`` (one forward and backward per example; any model) or ``"auto"`` (vmap,
+            and the loop with a warning from the first batch vmap cannot run).
     """
 
     method = "ef"
@@ -167,8 +169,19 @@ class EmpiricalFisherOperator(ObjectiveOperator):
         rec = PassRecord()
         with obj.mode(), _sdpa_math(), _explain_second_order("exact"):
             for i, batch, zero in obj.iter_batches("empirical Fisher"):
-                if self.per_example == "vmap":
-                    losses, w = self._losses_vmap(batch, i)
+                vm = None
+                if self.per_example in ("vmap", "auto"):
+                    try:
+                        vm = self._losses_vmap(batch, i)
+                    except PerExampleError as e:
+                        if self.per_example == "vmap":
+                            raise
+                        warnings.warn(
+                            f"{e} Using per_example='loop' for this operator.", stacklevel=2
+                        )
+                        self.per_example = "loop"
+                if vm is not None:
+                    losses, w = vm
                     self._accumulate(out, losses, w * (0.0 if zero else 1.0), v)
                 else:
                     losses, w = self._loop(out, batch, i, zero, v)

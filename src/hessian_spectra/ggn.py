@@ -60,8 +60,10 @@ from .vectors import Vector, check_vector
 __all__ = [
     "GGN_METHODS",
     "GGNOperator",
+    "SplitLoss",
     "causal_lm_forward",
     "causal_lm_loss_of_logits",
+    "split_loss",
 ]
 
 GGN_METHODS = ("exact", "fd")
@@ -98,6 +100,45 @@ def causal_lm_loss_of_logits(logits: torch.Tensor, batch):
         z.reshape(-1, z.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return loss / count.clamp(min=1), count
+
+
+class SplitLoss:
+    """A ``loss_fn(model, batch)`` that keeps its two parts: ``loss_of_output_fn(forward_fn(model,
+    batch), batch)``. Use it as any loss function; where a GGN is asked for (the CLI's
+    ``--curvature ggn`` on a ``module:factory`` model) its parts are taken from it.
+
+    >>> loss_fn = SplitLoss(lambda m, b: m(b[0]), lambda o, b: ((o - b[1]) ** 2).mean())
+    >>> m = torch.nn.Linear(2, 1)
+    >>> float(loss_fn(m, (torch.zeros(3, 2), m.bias.detach().expand(3, 1))))
+    0.0
+    """
+
+    def __init__(self, forward_fn, loss_of_output_fn):
+        self.forward_fn = forward_fn
+        self.loss_of_output_fn = loss_of_output_fn
+
+    def __call__(self, model, batch):
+        return self.loss_of_output_fn(self.forward_fn(model, batch), batch)
+
+    def __repr__(self):
+        return f"SplitLoss({self.forward_fn!r}, {self.loss_of_output_fn!r})"
+
+
+def split_loss(loss_fn):
+    """``(forward_fn, loss_of_output_fn)`` of ``loss_fn``: the parts of a :class:`SplitLoss`,
+    the causal-LM pair for :func:`hessian_spectra.data.causal_lm_loss`; None for any other.
+
+    >>> from hessian_spectra.data import causal_lm_loss
+    >>> split_loss(causal_lm_loss) == (causal_lm_forward, causal_lm_loss_of_logits)
+    True
+    """
+    from .data import causal_lm_loss
+
+    if isinstance(loss_fn, SplitLoss):
+        return loss_fn.forward_fn, loss_fn.loss_of_output_fn
+    if loss_fn is causal_lm_loss:
+        return causal_lm_forward, causal_lm_loss_of_logits
+    return None
 
 
 def _check_method(method: str) -> None:

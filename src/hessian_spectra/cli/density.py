@@ -28,10 +28,15 @@ class DensityOptions:
     """Storage dtype of the Lanczos vectors (None: the HVP dtype)."""
     resume: bool = False
     """Continue the run in --out: keep its finished probes (all of them), compute the rest."""
+    per_block: bool = False
+    """SLQ of each diagonal block H_bb (one per transformer layer, plus the other modules)."""
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "probes": self.probes, "reorth": self.reorth,
-                "basis_dtype": self.basis_dtype}  # resume is how, not what: not saved
+        d = {"steps": self.steps, "probes": self.probes, "reorth": self.reorth,
+             "basis_dtype": self.basis_dtype}  # resume is how, not what: not saved
+        if self.per_block:
+            d["per_block"] = True
+        return d
 
 
 class Density(Command):
@@ -57,15 +62,29 @@ class Density(Command):
         p.add_argument("--basis-dtype", choices=DTYPE_NAMES,
                        default=None, help="storage dtype of the Lanczos vectors, bfloat16 halves "
                                           "their memory (default: the HVP dtype)")
+        p.add_argument("--per-block", action="store_true",
+                       help="the SLQ density of each diagonal block H_bb instead (one block per "
+                            "transformer layer, plus embeddings, final norm and head; the "
+                            "curvature of the loss in that block's parameters alone), drawn on "
+                            "one figure: blocks x probes x steps HVPs; summary: the extremes "
+                            "over blocks, the trace sum of the blocks' (= tr H)")
         p.add_argument("--resume", action="store_true",
                        help="continue the run in --out: keep its finished probes (all of them, "
                             "also beyond --probes), compute the rest")
+
+    def check(self, config, world_size: int) -> None:
+        from .errors import CliError
+
+        if config.options.per_block and config.options.resume:
+            raise CliError("--per-block runs cannot be resumed yet: drop --resume")
 
     def run(self, ctx) -> Outcome:
         from .. import slq
         from ..lanczos import LanczosResult
 
         o, log = ctx.config.options, ctx.log
+        if o.per_block:
+            return self._run_per_block(ctx)
         runs = []
         if ctx.previous is not None and ctx.previous.get("density"):
             runs = [LanczosResult.from_dict(r) for r in ctx.previous["density"]["runs"]]
@@ -96,6 +115,52 @@ class Density(Command):
                    progress=not ctx.config.quiet)
         return Outcome(dens.to_dict(), dens.summary())
 
+    def _run_per_block(self, ctx) -> Outcome:
+        from .. import slq
+        from ..per_block import BlockOperator, resolve_blocks
+
+        o, log = ctx.config.options, ctx.log
+        groups = resolve_blocks(ctx.op.param_names)
+        log.info("per-block SLQ: %d block(s) x %d probe(s) x up to %d steps", len(groups),
+                 o.probes, o.steps)
+        blocks = {}
+        for k, (name, names) in enumerate(groups.items()):
+            blk = BlockOperator(ctx.op, names)
+            dens = slq(blk, min(o.steps, blk.num_params), o.probes, seed=ctx.config.seed,
+                       reorth=o.reorth, basis_dtype=o.basis_dtype,
+                       progress=not ctx.config.quiet)
+            dens.config.update(block=name, params=list(blk.param_names))
+            blocks[name] = dens
+            s = dens.summary()
+            log.info("block %d/%d %s (%d parameters): lambda_max %.5g, lambda_min %.5g", k + 1,
+                     len(groups), name, blk.num_params, s["lambda_max"], s["lambda_min"])
+            ctx.publish(*_per_block_outcome(blocks))
+        return Outcome(*_per_block_outcome(blocks))
+
+    def figures(self, result: dict, out):
+        d = result.get("density") or {}
+        if not d.get("per_block"):
+            return super().figures(result, out)
+        from ..plots import plot_density
+
+        names = list(d["per_block"])
+        parts = [{"density": d["per_block"][n]} for n in names]
+        curv = result.get("config", {}).get("curvature", "hessian")
+        title = f"per-block spectral densities (SLQ of each diagonal block, {curv})"
+        return [plot_density(parts, out / "density.png", labels=names, title=title)]
+
+    def tables(self, result):
+        blocks = (result.summary or {}).get("blocks")
+        if not blocks:
+            return None
+        w = max(len(k) for k in blocks)
+        lines = [f"{'block':<{w}}  {'params':>10}  {'lambda_min':>12}  {'lambda_max':>12}  "
+                 f"{'trace':>12}"]
+        for k, b in blocks.items():
+            lines.append(f"{k:<{w}}  {b['num_params']:>10,}  {b['lambda_min']:>12.5g}  "
+                         f"{b['lambda_max']:>12.5g}  {b['trace']:>12.5g}")
+        return "\n".join(lines)
+
     def summary_rows(self, result):
         s = result.summary
         rows = [("lambda_max", fmt(s.get("lambda_max"))), ("lambda_min", fmt(s.get("lambda_min")))]
@@ -112,3 +177,23 @@ class Density(Command):
             rows.append(("probes", (f"{n} (kept every finished probe; --probes asked "
                                    f"{result.config['probes']})")))
         return rows
+
+
+def _per_block_outcome(blocks: dict) -> tuple[dict, dict]:
+    """(estimate, summary) of a per-block run: every block's density; the extremes over blocks,
+    the sum of their traces (tr H = Σ_b tr H_bb) and the dimension-weighted negative mass."""
+    sums = {k: d.summary() for k, d in blocks.items()}
+    n = {k: d.num_params for k, d in blocks.items()}
+    total = sum(n.values())
+    summary = {
+        "lambda_max": max(s["lambda_max"] for s in sums.values()),
+        "lambda_min": min(s["lambda_min"] for s in sums.values()),
+        "trace": sum(d.trace() for d in blocks.values()),
+        "negative_mass": sum(n[k] * sums[k]["negative_mass"] for k in blocks) / total,
+        "num_blocks": len(blocks),
+        "blocks": {k: {"num_params": n[k], "lambda_max": sums[k]["lambda_max"],
+                       "lambda_min": sums[k]["lambda_min"], "trace": blocks[k].trace()}
+                   for k in blocks},
+    }
+    estimate = {"per_block": {k: d.to_dict() for k, d in blocks.items()}}
+    return estimate, summary

@@ -143,6 +143,12 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="JSONL completion field (default: completion)")
 
     o = p.add_argument_group("operator")
+    o.add_argument("--curvature", choices=["hessian", "ggn", "ef"], default="hessian",
+                   help="the matrix analysed: hessian (default), ggn = generalised Gauss-Newton "
+                        "J^T H_out J of the logits and their next-token loss (--method exact, or "
+                        "fd: a central difference of the outputs, shard-local), ef = empirical "
+                        "Fisher, mean of per-sequence gradient outer products (one process; "
+                        "--method is not used). density, eigs, trace and blockdiag only")
     o.add_argument("--method", choices=["auto", "fd", "exact", "jvp"], default="auto",
                    help="HVP: exact = double backward, fd = central finite differences of "
                         "gradients (shard-local, the only one under FSDP2), jvp = "
@@ -156,7 +162,8 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
     o.add_argument("--train-mode", action="store_true",
                    help="analyse the train-mode objective (default: eval mode)")
     o.add_argument("--params", nargs="+", default=None, metavar="NAME",
-                   help="analyse only these parameters (names as in model.named_parameters())")
+                   help="analyse only these parameters: names as in model.named_parameters(), "
+                        "or glob patterns such as 'model.layers.3.*'")
 
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="probe s uses seed + s (default: 0)")
