@@ -148,7 +148,7 @@ CASES = [
     ("basis-dtype-unknown", lambda: hs.lanczos(_H, 3, basis_dtype="fp8"), ValueError, r"basis_dtype must be one of"),
     ("return-basis-without-full", lambda: hs.lanczos(_H, 3, reorth=2, return_basis=True), ValueError, r"needs reorth='full'"),
     ("slq-probes-zero", lambda: hs.slq(_H, 3, 0), ValueError, r"num_probes must be a positive integer"),
-    ("trace-probes-zero", lambda: hs.trace(_H, 0), ValueError, r"num_probes must be a positive integer"),
+    ("trace-probes-zero", lambda: hs.trace(_H, 0), ValueError, r"num_matvecs must be a positive integer"),
     ("top-k-zero", lambda: hs.top_eigenvalues(_H, 0), ValueError, r"k must be a positive integer"),
     ("top-k-too-big", lambda: hs.top_eigenvalues(_H, 11), ValueError, r"exceeds the operator's dimension"),
     ("not-an-operator", lambda: hs.lanczos("H", 3), TypeError, r"HessianOperator.*square matrix"),

@@ -116,7 +116,6 @@ def test_params_globs(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["eigs", "--model", "factories:mlp", "--curvature", "ggn"], "SplitLoss"),
     (["eps-sweep", "--model", "factories:mlp", "--curvature", "ef"], "Hessian only"),
-    (["trace", "--model", "factories:mlp", "--probes", 1], "--probes >= 2"),
     (["eigs", "--model", "factories:mlp", "--params", "9.*"], "matches no parameter"),
     (["density", "--model", "factories:mlp", "--per-block", "--resume"], "cannot be resumed"),
 ])

@@ -218,8 +218,9 @@ def trace(
     ``benchmarks/trace_estimators.py`` (the Hessians of the tiny MLP, CNN and transformer and the
     transformer's GGN at 30 and 60 matvecs, 1.6–11× below Hutchinson's; decaying and outlier
     spectra); Hutchinson won only on a flat spectrum (0.5–1.5, by 1.7–2.4×) and at 12 matvecs on
-    the MLP and CNN Hessians (by 1.1–1.2×). ``num_matvecs`` must then be ≥ 2 (an odd one leaves
-    one product unused). ``num_probes`` is the old name of ``num_matvecs`` (deprecated).
+    the MLP and CNN Hessians (by 1.1–1.2×). An odd ``num_matvecs`` leaves one product unused
+    with XTrace; with fewer than 2 (XTrace) or 3 (Hutch++) products there is nothing to deflate
+    with, and the estimate is Hutchinson's (``.method`` says so). ``num_probes`` is the old name of ``num_matvecs`` (deprecated).
 
     >>> import torch
     >>> from hessian_spectra import DenseOperator
@@ -251,18 +252,15 @@ def trace(
             f"method must be one of {TRACE_METHODS}, got {method!r} (hutch++ and xtrace "
             "deflate the largest eigenvalues; hutchinson is the plain probe average)"
         )
-    if method == "xtrace" and num_matvecs < 2:
-        raise ValueError(
-            f"method='xtrace' needs num_matvecs ≥ 2 (pairs of products), got {num_matvecs}"
-        )
-    desc = f"trace ({method})"
+    desc = "Hutchinson probes" if method == "hutchinson" else f"trace ({method})"
     with progress_bar(progress, total=num_matvecs, desc=desc, unit="matvec") as bar:
         mv = _Counted(op, bar)
         if method == "hutch++" and num_matvecs >= 3:
             est, se, samples = _hutchpp(mv, num_matvecs, seed)
-        elif method == "xtrace":
+        elif method == "xtrace" and num_matvecs >= 2:
             est, se, samples = _xtrace(mv, num_matvecs // 2, seed)
-        else:
+        else:  # hutchinson, or too few products to deflate with
+            method = "hutchinson"
             samples = np.asarray([_quad(mv, _probe(op, seed + s)) for s in range(num_matvecs)])
             est, se = float(samples.mean()), std_error(samples)
     return TraceEstimate(est, se, samples, method=method, num_matvecs=mv.count)

@@ -44,18 +44,11 @@ class Trace(Command):
         d = TraceOptions()
         p.add_argument("--probes", type=positive_int, default=d.probes, metavar="S",
                        help=f"number of HVPs to spend (default: {d.probes}); xtrace uses "
-                            "S/2 probes and needs S >= 2, hutch++ S/3 to deflate")
+                            "S/2 probes, hutch++ S/3 to deflate (with S < 2, resp. < 3: "
+                            "Hutchinson's estimate)")
         p.add_argument("--trace-method", choices=TRACE_METHODS, default=d.trace_method,
                        help="estimator (default: xtrace: the smallest error at equal HVPs in "
                             "16 of 21 measured cases; hutchinson is best on a flat spectrum)")
-
-    def check(self, config, world_size: int) -> None:
-        from .errors import CliError
-
-        o = config.options
-        if o.trace_method == "xtrace" and o.probes < 2:
-            raise CliError("--trace-method xtrace needs --probes >= 2 (it uses pairs of HVPs); "
-                           "use --trace-method hutchinson for a single probe")
 
     def run(self, ctx) -> Outcome:
         from .. import trace
