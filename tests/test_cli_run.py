@@ -35,7 +35,9 @@ def test_resume_with_fewer_probes_keeps_every_finished_probe(tmp_path, capsys):
     assert main(["density", *FAST, "--steps", 4, "--probes", 2, "--out", out]) == EXIT_OK
     before = load_result(out)
     capsys.readouterr()
-    assert main(["density", *FAST, "--steps", 4, "--probes", 1, "--resume", "--out", out]) == EXIT_OK
+    assert (
+        main(["density", *FAST, "--steps", 4, "--probes", 1, "--resume", "--out", out]) == EXIT_OK
+    )
     after = load_result(out)
     assert len(after["density"]["runs"]) == 2 and after["status"] == "complete"
     assert after["density"]["runs"] == before["density"]["runs"]
@@ -63,17 +65,30 @@ def test_most_harmful_is_the_largest_positive_score():
     query loss), "most helpful" the most negative; None when no score has that sign."""
     from hessian_spectra.cli.influence import extremes
 
-    assert extremes([-3.0, 2.0, 0.5]) == {"most_helpful": 0, "most_harmful": 1,
-                                          "score_min": -3.0, "score_max": 2.0}
+    assert extremes([-3.0, 2.0, 0.5]) == {
+        "most_helpful": 0,
+        "most_harmful": 1,
+        "score_min": -3.0,
+        "score_max": 2.0,
+    }
     assert extremes([1.0, 2.0])["most_helpful"] is None
     assert extremes([-1.0, -2.0])["most_harmful"] is None
 
 
 def _cli(args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent)])}
-    return subprocess.Popen([sys.executable, "-m", "hessian_spectra", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent)]),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "hessian_spectra", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _wait_for_probe(out: Path, proc, timeout=120.0):
@@ -94,8 +109,20 @@ def test_sigterm_saves_finished_probes_and_exits_143(tmp_path):
     Ctrl-C: finished probes saved, status interrupted, exit 143 (128 + SIGTERM), one log line
     and no traceback; --resume then completes the run."""
     out = tmp_path / "term"
-    args = ["density", "--quiet", "--model", "factories:slow_mlp", "--method", "fd", "--steps", 3,
-            "--probes", 40, "--out", out]
+    args = [
+        "density",
+        "--quiet",
+        "--model",
+        "factories:slow_mlp",
+        "--method",
+        "fd",
+        "--steps",
+        3,
+        "--probes",
+        40,
+        "--out",
+        out,
+    ]
     proc = _cli(args)
     _wait_for_probe(out, proc)
     proc.send_signal(signal.SIGTERM)
@@ -129,8 +156,20 @@ def test_concurrent_runs_one_wins(tmp_path):
     """Two real processes on one --out: while the first runs, the second is refused with exit 2
     and writes nothing; the first's result is its own (then stopped with SIGTERM)."""
     out = tmp_path / "race"
-    args = ["density", "--quiet", "--model", "factories:slow_mlp", "--method", "fd", "--steps", 3,
-            "--probes", 200, "--out", out]
+    args = [
+        "density",
+        "--quiet",
+        "--model",
+        "factories:slow_mlp",
+        "--method",
+        "fd",
+        "--steps",
+        3,
+        "--probes",
+        200,
+        "--out",
+        out,
+    ]
     first = _cli(args)
     _wait_for_probe(out, first)
     second = _cli([*args[:-4], "--probes", 1, "--out", out])
@@ -202,8 +241,12 @@ def test_threads_are_chosen_and_recorded(tmp_path, monkeypatch):
         assert choose_threads(ranks_on_node=99)["num_threads"] == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        assert choose_threads() == {"num_threads": 1, "rule": "OMP_NUM_THREADS",
-                                    "cores": usable_cores(), "busy_cores": None}
+        assert choose_threads() == {
+            "num_threads": 1,
+            "rule": "OMP_NUM_THREADS",
+            "cores": usable_cores(),
+            "busy_cores": None,
+        }
     finally:
         torch.set_num_threads(before)
 
@@ -226,7 +269,9 @@ def test_run_configuration_is_frozen_and_validated():
     cfg = from_namespace(ns, COMMANDS["eps-sweep"], world_size=1)
     assert vars(ns) == before  # resolving did not write into the arguments
     assert cfg.method == "fd" and cfg.eps is None and cfg.options.reference == "exact"
-    assert from_namespace(build_parser().parse_args(["trace"]), COMMANDS["trace"], 1).method == "exact"
+    assert (
+        from_namespace(build_parser().parse_args(["trace"]), COMMANDS["trace"], 1).method == "exact"
+    )
     assert from_namespace(build_parser().parse_args(["trace"]), COMMANDS["trace"], 2).method == "fd"
     assert cfg.to_dict()["eps_values"][0] == 1e-5 and "options" not in cfg.to_dict()
 

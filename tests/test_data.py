@@ -35,7 +35,7 @@ TOK = CharTokenizer()
 
 
 def test_default_texts_are_english_prose():
-    """The embedded default is the stdlib's pydoc topics: many documents, hundreds of kB of English."""
+    """The embedded default is the stdlib's pydoc topics: many documents, hundreds of kB."""
     docs = default_texts()
     assert len(docs) > 50
     assert sum(map(len, docs)) > 300_000
@@ -43,10 +43,12 @@ def test_default_texts_are_english_prose():
 
 
 def test_packing_shapes_and_padding():
-    """Documents are joined with EOS and cut into seq_len rows; only the last row is padded (-100)."""
+    """Documents are joined with EOS and cut into seq_len rows; only the last is padded (-100)."""
     docs = ["abcdefghij", "klmno"]  # 10 + 1 + 5 + 1 = 17 tokens
     batches = make_batches(TOK, DataConfig(seq_len=8, batch_size=2), docs=docs)
-    assert len(batches) == 1  # rows of 8, 8 and a 1-token tail (no target: dropped) -> one batch of 2 rows
+    assert (
+        len(batches) == 1
+    )  # rows of 8, 8 and a 1-token tail (no target: dropped) -> one batch of 2 rows
     b0 = batches[0]
     assert set(b0) == {"input_ids", "attention_mask", "labels"}
     assert b0["input_ids"].shape == (2, 8)
@@ -57,7 +59,9 @@ def test_packing_shapes_and_padding():
 
 def test_partial_last_block_is_padded_with_ignore_labels():
     """A partial final row has attention 0 and labels -100 on its padding."""
-    batches = make_batches(TOK, DataConfig(seq_len=8, batch_size=1), docs=["abcdefghijklm"])  # 14 tokens
+    batches = make_batches(
+        TOK, DataConfig(seq_len=8, batch_size=1), docs=["abcdefghijklm"]
+    )  # 14 tokens
     last = batches[-1]
     assert last["attention_mask"][0].tolist() == [1] * 6 + [0] * 2
     assert last["labels"][0, 6:].tolist() == [-100, -100]
@@ -68,7 +72,9 @@ def test_num_batches_and_subsample():
     docs = ["x" * 1000]
     all_b = make_batches(TOK, DataConfig(seq_len=10, batch_size=2), docs=docs)
     first = make_batches(TOK, DataConfig(seq_len=10, batch_size=2, num_batches=3), docs=docs)
-    assert len(first) == 3 and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, all_b))
+    assert len(first) == 3 and all(
+        torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, all_b)
+    )
     half = make_batches(TOK, DataConfig(seq_len=10, batch_size=2, subsample=0.5), docs=docs)
     assert len(half) == pytest.approx(len(all_b) / 2, abs=1)
     with pytest.raises(DataError, match="more than"):
@@ -88,7 +94,9 @@ def test_rank_slices_partition_the_batches_and_drop_nothing():
     assert not any(isinstance(b, ZeroWeight) for b in r0)
     assert isinstance(r1[-1], ZeroWeight)
     real = r0 + [b for b in r1 if not isinstance(b, ZeroWeight)]
-    assert sorted(b["input_ids"].tolist() for b in real) == sorted(b["input_ids"].tolist() for b in one)
+    assert sorted(b["input_ids"].tolist() for b in real) == sorted(
+        b["input_ids"].tolist() for b in one
+    )
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(r0, one[0::2]))
     assert count_target_tokens(r0) + count_target_tokens(r1) == count_target_tokens(one) == 7 * 9
 
@@ -109,8 +117,14 @@ def test_one_batch_over_two_ranks_runs():
 def test_completion_loss_masks_the_prompt(tmp_path):
     """With loss_on='completion' only completion tokens (and EOS) are targets."""
     f = tmp_path / "pc.jsonl"
-    f.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in [("abc", "de"), ("fghij", "k")]))
-    batches = make_batches(TOK, DataConfig(path=str(f), seq_len=12, batch_size=2, loss_on="completion"))
+    f.write_text(
+        "\n".join(
+            json.dumps({"prompt": p, "completion": c}) for p, c in [("abc", "de"), ("fghij", "k")]
+        )
+    )
+    batches = make_batches(
+        TOK, DataConfig(path=str(f), seq_len=12, batch_size=2, loss_on="completion")
+    )
     lab = batches[0]["labels"]
     assert (lab[0] != -100).sum().item() == 3  # "d", "e", EOS
     assert lab[0, :3].tolist() == [-100] * 3
@@ -118,7 +132,7 @@ def test_completion_loss_masks_the_prompt(tmp_path):
 
 
 def test_jsonl_text_field_and_errors(tmp_path):
-    """JSONL uses --text-field; a missing field, bad JSON and empty files are one-line DataErrors."""
+    """JSONL uses the text field; a missing field, bad JSON, empty files: one-line DataErrors."""
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"body": "hello world " * 5}) + "\n")
     assert load_documents(DataConfig(path=str(f), text_field="body")) == ["hello world " * 5]
@@ -134,14 +148,24 @@ def test_jsonl_text_field_and_errors(tmp_path):
         make_batches(TOK, DataConfig(path=str(empty)))
 
 
-@pytest.mark.parametrize("value, kind", [(5, "number"), (None, "null"), (["a", "b"], "array"),
-                                         ({"x": "y"}, "object"), (True, "boolean")])
+@pytest.mark.parametrize(
+    "value, kind",
+    [
+        (5, "number"),
+        (None, "null"),
+        (["a", "b"], "array"),
+        ({"x": "y"}, "object"),
+        (True, "boolean"),
+    ],
+)
 def test_jsonl_non_string_text_is_refused(tmp_path, value, kind):
     """Issue 13 item 5: a non-string JSONL text value was turned into a string (``str(5)``,
     ``"None"``) and trained on; it is refused naming the record number and the field."""
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"text": "fine text"}) + "\n" + json.dumps({"text": value}) + "\n")
-    with pytest.raises(DataError, match=rf"record 2 field 'text' is a JSON {kind}.*expected a string"):
+    with pytest.raises(
+        DataError, match=rf"record 2 field 'text' is a JSON {kind}.*expected a string"
+    ):
         load_documents(DataConfig(path=str(f)))
 
 
@@ -204,7 +228,9 @@ def test_loss_is_mean_over_targets_with_token_count_weight():
     """causal_lm_loss = mean next-token CE over labels != -100, weight = their number."""
     torch.manual_seed(0)
     model = TinyLM()
-    batch = make_batches(TOK, DataConfig(seq_len=8, batch_size=1), docs=["abcdefghijklm"])[-1]  # padded row
+    batch = make_batches(TOK, DataConfig(seq_len=8, batch_size=1), docs=["abcdefghijklm"])[
+        -1
+    ]  # padded row
     loss, count = causal_lm_loss(model, batch)
     logits = model(batch["input_ids"]).logits[0]
     tgt = batch["labels"][0, 1:]

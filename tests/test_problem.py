@@ -66,9 +66,13 @@ def test_seq_len_beyond_the_position_limit_is_refused(tmp_path, arch, limit):
     text = tmp_path / "t.txt"
     text.write_text("words " * 2000)
     cfg = DataConfig(path=str(text), seq_len=limit + 1, batch_size=1, num_batches=1)
-    with pytest.raises(DataError, match=rf"seq_len {limit + 1} exceeds the model's limit of "
-                                        rf"{limit} positions.*seq_len <= {limit}"):
+    with pytest.raises(
+        DataError,
+        match=rf"seq_len {limit + 1} exceeds the model's limit of "
+        rf"{limit} positions.*seq_len <= {limit}",
+    ):
         load_problem(str(folder), cfg)
-    ok = load_problem(str(folder), DataConfig(path=str(text), seq_len=limit, batch_size=1,
-                                              num_batches=1))
+    ok = load_problem(
+        str(folder), DataConfig(path=str(text), seq_len=limit, batch_size=1, num_batches=1)
+    )
     assert ok.batches[0]["input_ids"].shape == (1, limit)

@@ -13,8 +13,12 @@ from hessian_spectra.results import RunResult, load_result, result_key
 
 def test_result_roundtrip_and_atomic_save(tmp_path):
     """RunResult <-> dict is lossless; NaN becomes null; no temporary file is left behind."""
-    r = RunResult(command="trace", config={"probes": 2}, estimate={"estimate": 1.5},
-                  summary={"trace": 1.5, "trace_std_error": float("nan")})
+    r = RunResult(
+        command="trace",
+        config={"probes": 2},
+        estimate={"estimate": 1.5},
+        summary={"trace": 1.5, "trace_std_error": float("nan")},
+    )
     path = r.save(tmp_path)
     d = json.loads(path.read_text())
     assert d["summary"]["trace_std_error"] is None and d["summary"]["lambda_max"] is None
@@ -36,8 +40,14 @@ def test_estimate_is_written_under_the_commands_key_and_old_keys_stay():
 
 def test_old_result_files_load(tmp_path):
     """A result.json written before the refactor (all estimate keys present) loads back."""
-    old = {"command": "density", "status": "complete", "density": {"runs": []}, "eigs": None,
-           "summary": {"lambda_max": 1.0}, "config": {"steps": 2}}
+    old = {
+        "command": "density",
+        "status": "complete",
+        "density": {"runs": []},
+        "eigs": None,
+        "summary": {"lambda_max": 1.0},
+        "config": {"steps": 2},
+    }
     r = RunResult.from_dict(old)
     assert r.estimate == {"runs": []} and r.summary["lambda_max"] == 1.0
     (tmp_path / "result.json").write_text(json.dumps(old))

@@ -28,7 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def check_positive_int(name: str, value) -> int:
-    """``value`` as an ``int`` if it is an integer ≥ 1 (not a bool); else a ``ValueError`` naming ``name``.
+    """``value`` as an ``int`` if it is an integer ≥ 1 (not a bool), else a ``ValueError``.
 
     >>> check_positive_int("num_steps", 3)
     3
@@ -48,7 +48,9 @@ def parse_dtype(dtype, what: str = "dtype") -> torch.dtype | None:
         return dtype
     key = str(dtype).replace("torch.", "")
     if key not in DTYPES:
-        raise ValueError(f"{what} must be one of float32, float64, bfloat16, float16; got {dtype!r}")
+        raise ValueError(
+            f"{what} must be one of float32, float64, bfloat16, float16; got {dtype!r}"
+        )
     return DTYPES[key]
 
 

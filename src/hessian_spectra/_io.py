@@ -24,7 +24,8 @@ def _umask() -> int:
 
 def atomic_write_with(path, write: Callable[[Path], None]) -> Path:
     """Let ``write(tmp)`` create a temporary file next to ``path``, then move it over ``path``
-    atomically (module docstring); for writers that want a file name (safetensors, savefig)."""
+    atomically (module docstring); for writers that want a file name (safetensors, savefig).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

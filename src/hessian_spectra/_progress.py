@@ -8,8 +8,15 @@ __all__ = ["progress_bar"]
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, *, total=None, initial: int = 0, desc: str = "", unit: str = "it",
-                 leave: bool = True):
+def progress_bar(
+    enabled: bool,
+    *,
+    total=None,
+    initial: int = 0,
+    desc: str = "",
+    unit: str = "it",
+    leave: bool = True,
+):
     """A ``tqdm`` bar (``bar.update(n)``) on rank 0 when ``enabled``, else None; closed on exit.
 
     >>> with progress_bar(False, total=3) as bar:

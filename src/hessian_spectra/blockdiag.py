@@ -39,8 +39,9 @@ def default_blocks(names) -> dict[str, list[str]]:
     """One block per transformer layer (``...layers.N.``, ``...h.N.``, ``...blocks.N.``), the
     other parameters grouped by their module (embeddings, final norm, head, ...).
 
-    >>> default_blocks(["model.layers.0.q.weight", "model.layers.0.k.weight",
-    ...                 "model.layers.1.q.weight", "lm_head.weight"])  # doctest: +NORMALIZE_WHITESPACE
+    >>> names = ["model.layers.0.q.weight", "model.layers.0.k.weight",
+    ...          "model.layers.1.q.weight", "lm_head.weight"]
+    >>> default_blocks(names)  # doctest: +NORMALIZE_WHITESPACE
     {'model.layers.0': ['model.layers.0.q.weight', 'model.layers.0.k.weight'],
      'model.layers.1': ['model.layers.1.q.weight'], 'lm_head': ['lm_head.weight']}
     """

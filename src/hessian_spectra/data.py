@@ -51,7 +51,8 @@ IGNORE = -100  # the label of a position without a next-token target (padding, p
 
 class DataError(ValueError):
     """Data that cannot be used; the message says what to do (one line, in the words of
-    ``DataConfig``: ``seq_len``, ``text_field``, ...)."""
+    ``DataConfig``: ``seq_len``, ``text_field``, ...).
+    """
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,19 @@ class DataConfig:
     split: str = "train"
 
     def __post_init__(self):
-        names = ("seq_len", "batch_size") + (("num_batches",) if self.num_batches is not None else ())
+        names = ("seq_len", "batch_size") + (
+            ("num_batches",) if self.num_batches is not None else ()
+        )
         for name in names:
             try:
                 check_positive_int(name, getattr(self, name))
             except ValueError as e:
                 raise DataError(str(e)) from None
         if self.seq_len < 2:
-            raise DataError(f"seq_len must be at least 2 (a next-token loss needs two tokens), "
-                            f"got {self.seq_len}")
+            raise DataError(
+                f"seq_len must be at least 2 (a next-token loss needs two tokens), "
+                f"got {self.seq_len}"
+            )
         if self.subsample is not None and not (0 < self.subsample <= 1):
             raise DataError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
         if self.num_batches is not None and self.subsample is not None:
@@ -99,6 +104,7 @@ class DataConfig:
             raise DataError(f"loss_on must be 'all' or 'completion', got {self.loss_on!r}")
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict."""
         return asdict(self)
 
 
@@ -119,7 +125,9 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise DataError(
+                    f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{i} is a JSON {type(obj).__name__}, expected an object")
             rows.append(obj)
@@ -128,18 +136,23 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _field(rows, field: str, where: str, arg: str) -> list[str]:
     """The string values of ``field``, one per record (records numbered from 1); a missing or
-    non-string value is refused, never turned into a string."""
+    non-string value is refused, never turned into a string.
+    """
     out = []
     for i, r in enumerate(rows, 1):
         if field not in r:
             keys = sorted(r)[:8]
-            raise DataError(f"{where}: record {i} has no field {field!r} (fields: {keys}); "
-                            f"choose one with {arg}")
+            raise DataError(
+                f"{where}: record {i} has no field {field!r} (fields: {keys}); "
+                f"choose one with {arg}"
+            )
         v = r[field]
         if not isinstance(v, str):
-            raise DataError(f"{where}: record {i} field {field!r} is a JSON "
-                            f"{_json_type(v)} ({str(v)[:40]!r}), expected a string of text: "
-                            f"fix the record or choose another field with {arg}")
+            raise DataError(
+                f"{where}: record {i} field {field!r} is a JSON "
+                f"{_json_type(v)} ({str(v)[:40]!r}), expected a string of text: "
+                f"fix the record or choose another field with {arg}"
+            )
         out.append(v)
     return out
 
@@ -151,15 +164,22 @@ def _json_type(v) -> str:
 
 def load_documents(cfg: DataConfig):
     """The documents of ``cfg.path``: a list of strings, or of (prompt, completion) pairs when
-    ``cfg.loss_on == "completion"``."""
+    ``cfg.loss_on == "completion"``.
+    """
     if cfg.path is None:
         if cfg.loss_on == "completion":
-            raise DataError("loss_on='completion' needs a JSONL file of prompt/completion "
-                            "records as the data path")
+            raise DataError(
+                "loss_on='completion' needs a JSONL file of prompt/completion "
+                "records as the data path"
+            )
         return default_texts()
     p = Path(cfg.path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + (".jsonl",)
+        )
         if not files:
             raise DataError(f"folder {str(p)!r} has no .txt, .md or .jsonl files")
         docs = []
@@ -170,38 +190,56 @@ def load_documents(cfg: DataConfig):
         if p.suffix.lower() in (".jsonl", ".ndjson"):
             rows = _read_jsonl(p)
             if cfg.loss_on == "completion":
-                return list(zip(_field(rows, cfg.prompt_field, str(p), "prompt_field"),
-                                _field(rows, cfg.completion_field, str(p), "completion_field")))
+                return list(
+                    zip(
+                        _field(rows, cfg.prompt_field, str(p), "prompt_field"),
+                        _field(rows, cfg.completion_field, str(p), "completion_field"),
+                    )
+                )
             return _field(rows, cfg.text_field, str(p), "text_field")
         if cfg.loss_on == "completion":
-            raise DataError(f"loss_on='completion' needs a JSONL file of prompt/completion "
-                            f"records, got {str(p)!r}")
+            raise DataError(
+                f"loss_on='completion' needs a JSONL file of prompt/completion "
+                f"records, got {str(p)!r}"
+            )
         try:
             return [p.read_text(encoding="utf-8")]
         except UnicodeDecodeError:
             raise DataError(f"{str(p)!r} is not UTF-8 text") from None
     # not a local path: a Hugging Face dataset
-    if cfg.path.startswith(("/", ".", "~")) or cfg.path.endswith(TEXT_SUFFIXES + (".jsonl", ".json")):
+    if cfg.path.startswith(("/", ".", "~")) or cfg.path.endswith(
+        TEXT_SUFFIXES + (".jsonl", ".json")
+    ):
         raise DataError(f"data file {cfg.path!r} does not exist: check the path")
     try:
         import datasets
     except ImportError:
         raise DataError(
-            f"data path {cfg.path!r} is not a local file or folder; to read a Hugging Face dataset by name "
+            f"data path {cfg.path!r} is not a local file or folder; to read a Hugging Face "
+            "dataset by name "
             "install the datasets package (pip install datasets)"
         ) from None
     try:
         ds = datasets.load_dataset(cfg.path, split=cfg.split)
     except Exception as e:
-        raise DataError(f"cannot load dataset {cfg.path!r} (split {cfg.split!r}): {str(e).splitlines()[0]}") from e
+        raise DataError(
+            f"cannot load dataset {cfg.path!r} (split {cfg.split!r}): {str(e).splitlines()[0]}"
+        ) from e
     if cfg.loss_on == "completion":
-        return list(zip(_field(ds, cfg.prompt_field, cfg.path, "prompt_field"),
-                        _field(ds, cfg.completion_field, cfg.path, "completion_field")))
+        return list(
+            zip(
+                _field(ds, cfg.prompt_field, cfg.path, "prompt_field"),
+                _field(ds, cfg.completion_field, cfg.path, "completion_field"),
+            )
+        )
     if cfg.text_field not in ds.column_names:
-        raise DataError(f"dataset {cfg.path!r} has no column {cfg.text_field!r} "
-                        f"(columns: {ds.column_names}); choose one with text_field")
-    return _field([{cfg.text_field: t} for t in ds[cfg.text_field]], cfg.text_field, cfg.path,
-                  "text_field")
+        raise DataError(
+            f"dataset {cfg.path!r} has no column {cfg.text_field!r} "
+            f"(columns: {ds.column_names}); choose one with text_field"
+        )
+    return _field(
+        [{cfg.text_field: t} for t in ds[cfg.text_field]], cfg.text_field, cfg.path, "text_field"
+    )
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -270,7 +308,9 @@ def _to_batch(rows, seq_len: int, pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def make_batches(tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_size: int = 1) -> list[dict]:
+def make_batches(
+    tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_size: int = 1
+) -> list[dict]:
     """Tokenise, pack and batch ``cfg``'s data; return this rank's batches.
 
     Batch ``i`` of the selected ones goes to rank ``i % world_size``
@@ -284,8 +324,14 @@ def make_batches(tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_
         raise DataError(f"rank {rank} is outside world size {world_size}")
     docs = load_documents(cfg) if docs is None else docs
     if not docs or all(not (d if isinstance(d, str) else "".join(d)).strip() for d in docs):
-        raise DataError(f"the data {cfg.path or '(embedded)'!r} is empty: no text to compute a loss on")
-    rows = _completion_rows(tokenizer, docs, cfg.seq_len) if cfg.loss_on == "completion" else _pack(tokenizer, docs, cfg.seq_len)
+        raise DataError(
+            f"the data {cfg.path or '(embedded)'!r} is empty: no text to compute a loss on"
+        )
+    rows = (
+        _completion_rows(tokenizer, docs, cfg.seq_len)
+        if cfg.loss_on == "completion"
+        else _pack(tokenizer, docs, cfg.seq_len)
+    )
     groups = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     if cfg.num_batches is not None:
         if cfg.num_batches > len(groups):
@@ -296,7 +342,11 @@ def make_batches(tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_
         groups = groups[: cfg.num_batches]
     elif cfg.subsample is not None:
         k = max(1, math.ceil(cfg.subsample * len(groups)))
-        idx = sorted({round(i * (len(groups) - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [0]
+        idx = (
+            sorted({round(i * (len(groups) - 1) / max(k - 1, 1)) for i in range(k)})
+            if k > 1
+            else [0]
+        )
         groups = [groups[i] for i in idx]
     pad = _pad_id(tokenizer)
     batches = [_to_batch(g, cfg.seq_len, pad) for g in groups]
@@ -311,8 +361,9 @@ def count_target_tokens(batches) -> int:
     >>> count_target_tokens([b, ZeroWeight(b)])
     2
     """
-    return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches
-               if not isinstance(b, ZeroWeight))
+    return sum(
+        int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches if not isinstance(b, ZeroWeight)
+    )
 
 
 def causal_lm_loss(model, batch):
@@ -329,6 +380,9 @@ def causal_lm_loss(model, batch):
     targets = labels[:, 1:]  # (B, T-1)
     count = (targets != IGNORE).sum()
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     return loss / count.clamp(min=1), count

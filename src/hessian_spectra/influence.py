@@ -41,7 +41,8 @@ __all__ = ["InfluenceResult", "influence"]
 @dataclass
 class InfluenceResult:
     """Scores (one per candidate batch, same order; negative = helpful), the query loss and
-    the CG report; ``status`` says whether the scores are what was asked for."""
+    the CG report; ``status`` says whether the scores are what was asked for.
+    """
 
     scores: np.ndarray
     query_loss: float
@@ -100,6 +101,7 @@ def influence(
             runs out of iterations, ``result.status`` is ``"not_converged"`` (raise
             ``damping``, or ``max_iter``).
         progress: a progress bar over the candidates (rank 0 only).
+
     Returns:
         an :class:`InfluenceResult`; ``scores[j] = −∇L_q^T (H + λI)^{-1} ∇l_j``.
     """

@@ -77,6 +77,7 @@ class DenseOperator:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
         return (self.num_params, self.num_params)
 
     def matvec(self, v: Vector) -> Vector:
@@ -93,13 +94,18 @@ class DenseOperator:
 class _Completed:
     """An object with ``matvec`` and ``params`` only, with the other members of ``Operator``
     filled in: names ``"0"``, ``"1"``, ..., the dimension from ``params``, float64 vectors for
-    float64 parameters (else float32) and method ``"custom"``."""
+    float64 parameters (else float32) and method ``"custom"``.
+    """
 
     def __init__(self, obj):
         self._obj = obj
         self.params = list(obj.params)
-        self.param_names = list(getattr(obj, "param_names", None) or [str(i) for i in range(len(self.params))])
-        self.num_params = int(getattr(obj, "num_params", None) or sum(p.numel() for p in self.params))
+        self.param_names = list(
+            getattr(obj, "param_names", None) or [str(i) for i in range(len(self.params))]
+        )
+        self.num_params = int(
+            getattr(obj, "num_params", None) or sum(p.numel() for p in self.params)
+        )
         dts = {p.dtype for p in self.params}
         self.vector_dtype = getattr(obj, "vector_dtype", None) or (
             torch.float64 if dts == {torch.float64} else torch.float32
@@ -118,7 +124,8 @@ class _Completed:
 def as_operator(obj) -> Operator:
     """An :class:`Operator` from ``obj``: an operator as is, a square matrix (tensor or array) as
     a :class:`DenseOperator`, an object with ``matvec`` and ``params`` completed (module
-    docstring); anything else is a ``TypeError``."""
+    docstring); anything else is a ``TypeError``.
+    """
     if isinstance(obj, Operator):
         return obj
     if hasattr(obj, "matvec") and hasattr(obj, "params"):

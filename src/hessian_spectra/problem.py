@@ -53,16 +53,26 @@ class Problem:
 
 def _split(batches, rank: int, world_size: int):
     """This rank's share of a sequence of batches (``shard_batches``); other iterables (a
-    DataLoader) are read whole by every rank."""
+    DataLoader) are read whole by every rank.
+    """
     if world_size > 1 and isinstance(batches, (list, tuple)):
         return shard_batches(batches, rank, world_size)
     return batches
 
 
-def load_problem(model="embedded", data: DataConfig | None = None, *, dtype="float32",
-                 attn_implementation=None, device=None, device_map=None,
-                 trust_remote_code: bool = False, allow_download: bool = False,
-                 rank: int | None = None, world_size: int | None = None) -> Problem:
+def load_problem(
+    model="embedded",
+    data: DataConfig | None = None,
+    *,
+    dtype="float32",
+    attn_implementation=None,
+    device=None,
+    device_map=None,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> Problem:
     """Load the model of the spec ``model`` and its data (module docstring).
 
     Args:
@@ -95,20 +105,38 @@ def load_problem(model="embedded", data: DataConfig | None = None, *, dtype="flo
         return Problem(lm.model, lm.loss_fn, _split(lm.batches, rank, world_size), info, lm)
     data = DataConfig(num_batches=1) if data is None else data
     device = resolve_device(device, device_map)  # default: CUDA when available, else CPU
-    lm = load_model(spec, dtype=dtype, attn_implementation=attn_implementation, device=device,
-                    device_map=device_map, trust_remote_code=trust_remote_code,
-                    allow_download=allow_download)
+    lm = load_model(
+        spec,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device=device,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        allow_download=allow_download,
+    )
     limit = max_positions(lm.model)
     if limit is not None and data.seq_len > limit:
-        raise DataError(f"seq_len {data.seq_len} exceeds the model's limit of {limit} positions "
-                        f"({_limit_name(lm.model)} in its config): use seq_len <= {limit}")
+        raise DataError(
+            f"seq_len {data.seq_len} exceeds the model's limit of {limit} positions "
+            f"({_limit_name(lm.model)} in its config): use seq_len <= {limit}"
+        )
     batches = make_batches(lm.tokenizer, data)  # every batch: the global data, then this rank's
-    info = {"source": data.path or EMBEDDED_DATA, "config": data.to_dict(),
-            "num_batches": len(batches), "target_tokens": count_target_tokens(batches)}
+    info = {
+        "source": data.path or EMBEDDED_DATA,
+        "config": data.to_dict(),
+        "num_batches": len(batches),
+        "target_tokens": count_target_tokens(batches),
+    }
     return Problem(lm.model, causal_lm_loss, _split(batches, rank, world_size), info, lm)
 
 
 def _limit_name(model) -> str:
     cfg = getattr(model, "config", None)
-    return next((n for n in ("n_positions", "max_position_embeddings")
-                 if isinstance(getattr(cfg, n, None), int)), "max_position_embeddings")
+    return next(
+        (
+            n
+            for n in ("n_positions", "max_position_embeddings")
+            if isinstance(getattr(cfg, n, None), int)
+        ),
+        "max_position_embeddings",
+    )

@@ -167,8 +167,9 @@ class RunResult:
 
     def __post_init__(self):
         if not isinstance(self.command, str) or not self.command.replace("-", "_").isidentifier():
-            raise ValueError(f"a result's command must be a command name such as 'density', "
-                             f"got {self.command!r}")
+            raise ValueError(
+                f"a result's command must be a command name such as 'density', got {self.command!r}"
+            )
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
         for k in SUMMARY_KEYS:
@@ -207,7 +208,9 @@ def load_result(path) -> dict:
     if p.is_dir():
         p = p / RESULT_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"no {RESULT_FILE} in {str(path)!r}: is it the --out folder of a run?")
+        raise FileNotFoundError(
+            f"no {RESULT_FILE} in {str(path)!r}: is it the --out folder of a run?"
+        )
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -24,7 +24,8 @@ __all__ = ["CGInfo", "cg_solve"]
 @dataclass
 class CGInfo:
     """What CG did: iterations, residual norms (``||r_0||`` first), convergence, negative
-    curvature."""
+    curvature.
+    """
 
     iterations: int
     residual_norms: list[float] = field(default_factory=list)
@@ -74,6 +75,7 @@ def cg_solve(
         max_iter: at most this many matvecs.
         x0: starting guess (default zeros).
         callback: ``callback(k, x, residual_norm)`` after each iteration.
+
     Returns:
         ``(x, info)``.
     """

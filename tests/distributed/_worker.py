@@ -50,9 +50,15 @@ def build_model(dtype=torch.float64, tied=False, seed=0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
-        tie_word_embeddings=tied, attn_implementation="eager",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
@@ -78,7 +84,9 @@ def loss_fn(model, batch):
     logits = model(input_ids=ids).logits  # (B, T, V)
     tgt = labels[:, 1:].reshape(-1)
     n = (tgt != -100).sum()
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt, ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), tgt, ignore_index=-100, reduction="sum"
+    )
     return loss / n.clamp_min(1), n
 
 
@@ -89,7 +97,9 @@ def full(op, vec):
     out = []
     for p, t in zip(op.params, vec):
         if D.is_sharded(p):
-            t = DTensor.from_local(t.to(p.dtype), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+            t = DTensor.from_local(
+                t.to(p.dtype), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            ).full_tensor()
         out.append(t.detach().double().reshape(-1).cpu())
     return torch.cat(out).tolist()
 
@@ -186,7 +196,9 @@ def run_main(out_path):
             lanczos(op, 6, seed=3, checkpoint=ck, callback=stop_at_3)
         except Stop:
             pass
-        res["checkpoint_files"] = D.all_gather_object(sorted(os.listdir(tmp)) if os.path.isdir(tmp) else [])
+        res["checkpoint_files"] = D.all_gather_object(
+            sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
+        )
         r = lanczos(op, 6, seed=3, checkpoint=ck)
         res["lanczos_resumed"] = [r.alpha.tolist(), r.beta.tolist()]
         D.barrier()  # every rank is done with rank 0's directory before it goes
@@ -195,7 +207,9 @@ def run_main(out_path):
     res["trace"] = float(trace(op, 2, seed=9)[0])
     res["eigs"] = top_eigenvalues(op, 2, num_steps=8, seed=1).largest.tolist()
     rep = block_diagonal_test(op, num_probes=1, seed=2)
-    res["blockdiag"] = [[row.block, row.num_params, row.rel_error, row.cosine] for row in rep.blocks]
+    res["blockdiag"] = [
+        [row.block, row.num_params, row.rel_error, row.cosine] for row in rep.blocks
+    ]
     x, _ = cg_solve(op, g, damping=1.0, max_iter=4)
     res["cg_x"] = full(op, x)
 
@@ -244,7 +258,9 @@ def run_main(out_path):
             f"{w.category.__name__}: {w.message}" for w in caught
         ]
         # factors that differ between FSDP modules: refused (the operator needs one)
-        next(m for m in model.modules() if isinstance(m, FSDPModule)).set_gradient_divide_factor(3.0)
+        next(m for m in model.modules() if isinstance(m, FSDPModule)).set_gradient_divide_factor(
+            3.0
+        )
         try:
             D.gradient_scale(model)
             res["grad_scale_mixed_error"] = None
@@ -345,6 +361,11 @@ def run_uneven(out_path):
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    fn = {"main": run_main, "fail": run_fail, "hang": run_hang, "weights": run_weights,
-          "uneven": run_uneven}[mode]
+    fn = {
+        "main": run_main,
+        "fail": run_fail,
+        "hang": run_hang,
+        "weights": run_weights,
+        "uneven": run_uneven,
+    }[mode]
     sys.exit(D.launch(fn, out))

@@ -29,23 +29,49 @@ WORKER = Path(__file__).with_name("_worker.py")
 LAUNCH_TIMEOUT_S = 240
 
 
-def _launch(mode: str, out: Path, nproc: int | None, extra_env: dict | None = None, timeout: float = LAUNCH_TIMEOUT_S):
+def _launch(
+    mode: str,
+    out: Path,
+    nproc: int | None,
+    extra_env: dict | None = None,
+    timeout: float = LAUNCH_TIMEOUT_S,
+):
     """Run the worker (under torchrun when ``nproc``); return (returncode, seconds, output)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60", **(extra_env or {})}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HESSIAN_SPECTRA_DIST_TIMEOUT": "60",
+        **(extra_env or {}),
+    }
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # a plain run must not think it is under torchrun
     cmd = [sys.executable]
     if nproc is not None:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0"]
+        cmd += [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+        ]
     cmd += [str(WORKER), mode, str(out)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (hang?). Output:\n{output[-4000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} did not finish in {timeout} s (hang?). Output:\n{output[-4000:]}"
+        )
     return proc.returncode, time.monotonic() - t0, output
 
 
@@ -80,7 +106,9 @@ def test_runs_are_what_they_claim(runs):
     total = runs["plain"]["num_params"]
     assert runs["ws2"]["num_params"] == total == runs["ws1"]["num_params"]
     local = runs["ws2"]["local_numel"]
-    assert sum(local) == total and all(n < total for n in local) and local[0] != local[1]  # uneven rows
+    assert (
+        sum(local) == total and all(n < total for n in local) and local[0] != local[1]
+    )  # uneven rows
     assert runs["ws2"]["grad_scale"] == 2.0  # FSDP2 averages over 2 ranks; the operator undoes it
 
 
@@ -194,7 +222,9 @@ def test_failing_rank_ends_the_job(tmp_path):
 def test_missing_rank_times_out(tmp_path):
     """Rank 1 never joins a collective: rank 0 raises after HESSIAN_SPECTRA_DIST_TIMEOUT
     seconds (here 5) and the job ends instead of waiting forever."""
-    rc, seconds, out = _launch("hang", tmp_path / "hang.json", 2, {"HESSIAN_SPECTRA_DIST_TIMEOUT": "5"}, timeout=120)
+    rc, seconds, out = _launch(
+        "hang", tmp_path / "hang.json", 2, {"HESSIAN_SPECTRA_DIST_TIMEOUT": "5"}, timeout=120
+    )
     assert rc != 0
     assert "Timed out" in out or "timed out" in out
     assert seconds < 90, seconds

@@ -51,15 +51,27 @@ def test_find_blocks_automatic_by_name_and_explicit():
 def test_find_blocks_hf_llama():
     """A Hugging Face decoder model's blocks are its decoder layers."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     assert D.find_blocks(model) == list(model.model.layers)
 
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64,
-          torch.uint8, torch.complex64]
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.int64,
+    torch.uint8,
+    torch.complex64,
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

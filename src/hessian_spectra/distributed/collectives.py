@@ -103,5 +103,5 @@ def differing_entries(values: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return torch.zeros(0, dtype=torch.int64)
     mm = all_reduce_max(torch.cat([v, -v]))
-    hi, lo = mm[: v.numel()], -mm[v.numel():]
+    hi, lo = mm[: v.numel()], -mm[v.numel() :]
     return torch.nonzero(hi != lo).reshape(-1).cpu()

@@ -59,9 +59,7 @@ def find_blocks(model: torch.nn.Module, blocks=None) -> list[torch.nn.Module]:
         owned = {id(m) for m in model.modules()}
         stray = [type(b).__name__ for b in blocks if id(b) not in owned]
         if stray:
-            raise ValueError(
-                f"blocks contains modules that are not part of the model: {stray[:3]}"
-            )
+            raise ValueError(f"blocks contains modules that are not part of the model: {stray[:3]}")
         return list(blocks)
     if blocks is not None:
         if not all(isinstance(b, str) for b in blocks):
@@ -71,8 +69,7 @@ def find_blocks(model: torch.nn.Module, blocks=None) -> list[torch.nn.Module]:
         if not found:
             present = sorted({type(m).__name__ for m in model.modules()})
             raise ValueError(
-                f"no module of class {sorted(names)} in the model; classes present: "
-                f"{present[:20]}"
+                f"no module of class {sorted(names)} in the model; classes present: {present[:20]}"
             )
         return found
     hf = getattr(model, "_no_split_modules", None)
@@ -105,7 +102,8 @@ def _outermost(model: torch.nn.Module, pred) -> list[torch.nn.Module]:
 # ---------------------------------------------------------------------- same weights on all ranks
 def _named_states(model: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     """``(kind, name, tensor)`` for every parameter and buffer (shared ones once), except
-    DTensors: those are sharded already, and each rank rightly holds a different piece."""
+    DTensors: those are sharded already, and each rank rightly holds a different piece.
+    """
     out = [("parameter", n, p) for n, p in model.named_parameters()]
     out += [("buffer", n, b) for n, b in model.named_buffers()]
     return [s for s in out if not isinstance(s[2], _private.DTensor)]
@@ -153,7 +151,8 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
 
 def _refuse_different_layout(states) -> None:
     """One all-reduce of two numbers: the same ValueError on every rank unless all ranks built
-    parameters and buffers of the same names, shapes and dtypes."""
+    parameters and buffers of the same names, shapes and dtypes.
+    """
     code, n = _layout_code(states), len(states)
     if differing_entries(torch.tensor([code, n])).numel():
         raise ValueError(
@@ -203,7 +202,9 @@ def _same_weights_on_all_ranks(model: torch.nn.Module, broadcast_from_rank0: boo
         log.warning(
             "shard_model: the weights differed between ranks (%s %r%s); copied rank 0's "
             "parameters and buffers to every rank (broadcast_from_rank0=True)",
-            kind, name, more,
+            kind,
+            name,
+            more,
         )
 
 

@@ -218,7 +218,8 @@ def print0(*args, **kwargs) -> None:
 
 def write_text0(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (``hessian_spectra._io``), on rank 0 only.
-    Returns the path on every rank."""
+    Returns the path on every rank.
+    """
     path = Path(path)
     if is_rank0():
         atomic_write_text(path, text)
