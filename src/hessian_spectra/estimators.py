@@ -154,6 +154,7 @@ class TraceEstimate(tuple):
         method: str = "hutchinson",
         num_matvecs: int | None = None,
     ):
+        """``(estimate, std_error)`` with the samples, method and products used."""
         obj = super().__new__(cls, (float(estimate), float(std_error)))
         obj.samples = np.asarray(samples, dtype=np.float64)
         obj.method = method
@@ -172,7 +173,8 @@ class TraceEstimate(tuple):
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``estimate``, ``std_error``, ``method``, ``num_matvecs``,
-        ``samples``."""
+        ``samples``.
+        """
         return {
             "estimate": self.estimate,
             "std_error": self.std_error,
@@ -220,7 +222,8 @@ def trace(
     spectra); Hutchinson won only on a flat spectrum (0.5–1.5, by 1.7–2.4×) and at 12 matvecs on
     the MLP and CNN Hessians (by 1.1–1.2×). An odd ``num_matvecs`` leaves one product unused
     with XTrace; with fewer than 2 (XTrace) or 3 (Hutch++) products there is nothing to deflate
-    with, and the estimate is Hutchinson's (``.method`` says so). ``num_probes`` is the old name of ``num_matvecs`` (deprecated).
+    with, and the estimate is Hutchinson's (``.method`` says so). ``num_probes`` is the old name
+    of ``num_matvecs`` (deprecated).
 
     >>> import torch
     >>> from hessian_spectra import DenseOperator
@@ -292,7 +295,8 @@ def _quad(mv: _Counted, z: Vector) -> float:
 def _orthonormalise(Y: list[Vector]) -> tuple[list[Vector], np.ndarray]:
     """``(Q, R)`` with ``Y = Q R`` by Gram–Schmidt with reorthogonalisation (CGS2), in place in
     ``Y``'s tensors. A column whose new direction is below ``1000·u`` of its norm (``H`` of
-    lower rank) adds no basis vector: ``R`` is ``(len(Q), len(Y))``."""
+    lower rank) adds no basis vector: ``R`` is ``(len(Q), len(Y))``.
+    """
     Q: list[Vector] = []
     R = np.zeros((len(Y), len(Y)))
     u = float(torch.finfo(Y[0][0].dtype).eps) if Y else 0.0
@@ -364,7 +368,8 @@ def _xtrace_terms(R, M, A, d, js, drops, chunk: int = 1024) -> np.ndarray:
     """For each ``j = js[t]``: ``tr(Q_j^T H Q_j) + ω_j^T (I−Q_jQ_j^T) H (I−Q_jQ_j^T) ω_j``
     with ``Q_j`` a basis of ``H Ω`` without the columns ``drops[t]`` (``j`` among them), from the
     small matrices ``R = Q^T H Ω``, ``M = Q^T H Q``, ``A = Q^T Ω``, ``d_j = ω_j^T H ω_j``
-    (batched SVDs, ``chunk`` at a time)."""
+    (batched SVDs, ``chunk`` at a time).
+    """
     r, s = R.shape
     out = np.zeros(len(js))
     for lo in range(0, len(js), chunk):

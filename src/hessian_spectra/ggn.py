@@ -72,7 +72,8 @@ IGNORE = -100
 
 def causal_lm_forward(model, batch) -> torch.Tensor:
     """The logits ``(B, T, V)`` of a Hugging Face causal LM on a batch of
-    :func:`hessian_spectra.data.make_batches` (``input_ids``, ``attention_mask``)."""
+    :func:`hessian_spectra.data.make_batches` (``input_ids``, ``attention_mask``).
+    """
     params = getattr(model, "parameters", None)  # a stand-in for the model may have none
     dev = next(params()).device if params is not None else batch["input_ids"].device
     ids = batch["input_ids"].to(dev)
@@ -118,6 +119,7 @@ class SplitLoss:
         self.loss_of_output_fn = loss_of_output_fn
 
     def __call__(self, model, batch):
+        """``loss_of_output_fn(forward_fn(model, batch), batch)``."""
         return self.loss_of_output_fn(self.forward_fn(model, batch), batch)
 
     def __repr__(self):
@@ -162,7 +164,8 @@ def _outputs(out, i: int) -> torch.Tensor:
 
 def _h_out(loss_of_output_fn, out: torch.Tensor, batch, i: int, zero: bool, u: torch.Tensor):
     """``(H_out u, loss, weight, given)``: the Hessian of ``loss_of_output_fn`` with respect to
-    the outputs ``out`` (detached) applied to ``u`` by double backward on the outputs only."""
+    the outputs ``out`` (detached) applied to ``u`` by double backward on the outputs only.
+    """
     o = out.detach().requires_grad_(True)
     with torch.enable_grad():
         loss, w, given = normalise(loss_of_output_fn(o, batch), i, zero)
@@ -267,7 +270,8 @@ class GGNOperator(ObjectiveOperator):
 
     def matvec(self, v: Vector, *, method: str | None = None, eps: float | None = None) -> Vector:
         """``G v`` (a new vector, ``self.vector_dtype``); ``method``/``eps`` override the
-        operator's for this call."""
+        operator's for this call.
+        """
         v = check_vector(v, self.params, "v")
         method = method or self.method
         _check_method(method)

@@ -127,7 +127,8 @@ class BlockOperator:
 
     def matvec(self, v: Vector) -> Vector:
         """``H_bb v``: ``v`` padded with zeros to the whole operator's layout, one product,
-        the block's part of the result."""
+        the block's part of the result.
+        """
         v = check_vector(v, self.params, "v")
         full = [
             torch.zeros_like(_dist.local(p), dtype=self.vector_dtype) for p in self.op.params

@@ -73,6 +73,7 @@ class Density(Command):
                             "also beyond --probes), compute the rest")
 
     def check(self, config, world_size: int) -> None:
+        """Refuse ``--per-block`` with ``--resume``."""
         from .errors import CliError
 
         if config.options.per_block and config.options.resume:
@@ -138,6 +139,7 @@ class Density(Command):
         return Outcome(*_per_block_outcome(blocks))
 
     def figures(self, result: dict, out):
+        """density.png and ritz.png; for ``--per-block``, every block's density on one figure."""
         d = result.get("density") or {}
         if not d.get("per_block"):
             return super().figures(result, out)
@@ -150,6 +152,7 @@ class Density(Command):
         return [plot_density(parts, out / "density.png", labels=names, title=title)]
 
     def tables(self, result):
+        """One line per block of a ``--per-block`` run (else none)."""
         blocks = (result.summary or {}).get("blocks")
         if not blocks:
             return None
@@ -181,7 +184,8 @@ class Density(Command):
 
 def _per_block_outcome(blocks: dict) -> tuple[dict, dict]:
     """(estimate, summary) of a per-block run: every block's density; the extremes over blocks,
-    the sum of their traces (tr H = Σ_b tr H_bb) and the dimension-weighted negative mass."""
+    the sum of their traces (tr H = Σ_b tr H_bb) and the dimension-weighted negative mass.
+    """
     sums = {k: d.summary() for k, d in blocks.items()}
     n = {k: d.num_params for k, d in blocks.items()}
     total = sum(n.values())

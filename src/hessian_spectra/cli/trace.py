@@ -28,10 +28,13 @@ class TraceOptions:
                              f"got {self.trace_method!r}")
 
     def to_dict(self) -> dict:
+        """The options as saved in result.json's config."""
         return asdict(self)
 
 
 class Trace(Command):
+    """The ``trace`` command."""
+
     name = "trace"
     help = "estimate of tr(H) from --probes HVPs (XTrace, Hutch++ or Hutchinson)"
     description = ("A stochastic estimate of the trace of the Hessian (or of --curvature) from "
@@ -41,6 +44,7 @@ class Trace(Command):
     Options = TraceOptions
 
     def add_options(self, p) -> None:
+        """``--probes`` and ``--trace-method``."""
         d = TraceOptions()
         p.add_argument("--probes", type=positive_int, default=d.probes, metavar="S",
                        help=f"number of HVPs to spend (default: {d.probes}); xtrace uses "
@@ -51,6 +55,7 @@ class Trace(Command):
                             "16 of 21 measured cases; hutchinson is best on a flat spectrum)")
 
     def run(self, ctx) -> Outcome:
+        """``hs.trace`` on the run's operator; the estimate is ``TraceEstimate.to_dict()``."""
         from .. import trace
 
         o = ctx.config.options
@@ -60,6 +65,7 @@ class Trace(Command):
         return Outcome(est.to_dict(), {"trace": est.estimate, "trace_std_error": est.std_error})
 
     def summary_rows(self, result):
+        """The trace ± its standard error."""
         s = result.summary
         se = s.get("trace_std_error")
         pm = f" ± {se:.3g}" if se is not None and math.isfinite(se) else ""
