@@ -84,7 +84,7 @@ def measure(name, problem, args) -> dict:
         v = hs.unit_probe(fd, seed=s)
         ref = ex @ v
         row = {"seed": s, "eps_default": fd.eps_for(v)}
-        for mult in (0.1, 1.0, 10.0):
+        for mult in (0.1, 1.0, 10.0, 100.0):
             e = fd.eps_for(v) * mult
             row[f"rel_error_fd_eps_x{mult:g}"] = _rel(fd.matvec(v, eps=e), ref)
         if G is not None:

@@ -203,7 +203,7 @@ def test_causal_lm_helpers_match_data_loss_and_dense_ggn():
     for b in batches:
         a, n = causal_lm_loss_of_logits(causal_lm_forward(model, b), b)
         a2, n2 = causal_lm_loss(model, b)
-        assert int(n) == int(n2) and float(a) == pytest.approx(float(a2.detach()), rel=1e-6)
+        assert int(n) == int(n2) and float(a.detach()) == pytest.approx(float(a2.detach()), rel=1e-6)
     G = dense_ggn(model, causal_lm_forward, causal_lm_loss_of_logits, batches)
     op = hs.GGNOperator(model, causal_lm_forward, causal_lm_loss_of_logits, batches)
     v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
