@@ -150,3 +150,15 @@ def test_curvature_ggn_on_a_tiny_hf_folder(tmp_path):
     op = hs.GGNOperator(prob.model, causal_lm_forward, causal_lm_loss_of_logits, prob.batches)
     top = hs.top_eigenvalues(op, 1, num_steps=12).eigenvalues[0]
     assert r["summary"]["largest"][0] == pytest.approx(float(top), rel=1e-6)
+
+
+def test_density_curvature_ggn_figures(tmp_path):
+    """`density --curvature ggn` writes density.png and ritz.png, and its SLQ nodes (steps = P)
+    have the dense GGN's extreme eigenvalues (1e-8·λmax)."""
+    lam = torch.linalg.eigvalsh(ggn_factories.dense_ggn_of_mlp()).numpy()
+    out = tmp_path / "d"
+    assert run(["density", *Q, "--model", "ggn_factories:mlp_split", "--curvature", "ggn",
+                "--steps", 20, "--probes", 1, "--out", out]) == EXIT_OK
+    assert (out / "density.png").exists() and (out / "ritz.png").exists()
+    r = load_result(out)
+    assert r["summary"]["lambda_max"] == pytest.approx(float(lam[-1]), rel=1e-8)

@@ -141,15 +141,27 @@ class Density(Command):
     def figures(self, result: dict, out):
         """density.png and ritz.png; for ``--per-block``, every block's density on one figure."""
         d = result.get("density") or {}
+        curv = result.get("config", {}).get("curvature", "hessian")
+        names = {"hessian": "Hessian", "ggn": "Gauss-Newton (GGN)", "ef": "empirical Fisher"}
         if not d.get("per_block"):
-            return super().figures(result, out)
+            if curv == "hessian" or not d.get("runs"):
+                return super().figures(result, out)
+            from ..plots import plot_density, plot_ritz
+
+            s = result.get("summary") or {}
+            title = (f"{names.get(curv, curv)} spectral density (SLQ): "
+                     f"λ_max={s.get('lambda_max', float('nan')):.4g}, "
+                     f"λ_min={s.get('lambda_min', float('nan')):.4g}, "
+                     f"trace={s.get('trace', float('nan')):.4g}")
+            return [plot_density(result, out / "density.png", title=title),
+                    plot_ritz(result, out / "ritz.png")]
         from ..plots import plot_density
 
-        names = list(d["per_block"])
-        parts = [{"density": d["per_block"][n]} for n in names]
-        curv = result.get("config", {}).get("curvature", "hessian")
-        title = f"per-block spectral densities (SLQ of each diagonal block, {curv})"
-        return [plot_density(parts, out / "density.png", labels=names, title=title)]
+        blocks = list(d["per_block"])
+        parts = [{"density": d["per_block"][n]} for n in blocks]
+        title = (f"per-block spectral densities of the {names.get(curv, curv)} "
+                 "(SLQ of each diagonal block)")
+        return [plot_density(parts, out / "density.png", labels=blocks, title=title)]
 
     def tables(self, result):
         """One line per block of a ``--per-block`` run (else none)."""
