@@ -35,8 +35,13 @@ def _lm_out(out, batch):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), tgt.reshape(-1)), tgt.numel()
 
 
+def _ce_labels_out(out, batch):  # cross-entropy on the MLP, labels = argmax of its targets
+    return F.cross_entropy(out, batch[1].argmax(dim=1)), batch[0].shape[0]
+
+
 CASES = {
     "mlp": ("mlp", _fwd, _mse_out),  # MSE
+    "mlp_ce": ("mlp", _fwd, _ce_labels_out),  # cross-entropy
     "cnn": ("cnn", _fwd, _ce_out),  # cross-entropy
     "transformer": ("transformer", _lm_fwd, _lm_out),  # LayerNorm + attention, next-token CE
 }
@@ -57,8 +62,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_exact_ggn_equals_dense(name):
-    """The exact GGN product equals dense_ggn @ v to ≤ 1e-10 relative on the float64 MLP (MSE),
-    CNN (cross-entropy) and LayerNorm transformer (next-token CE), for three random v; the
+    """The exact GGN product equals dense_ggn @ v to ≤ 1e-10 relative on the float64 MLP (MSE and
+    cross-entropy), CNN (cross-entropy) and LayerNorm transformer (next-token CE), for three random v; the
     parameters are bit-for-bit unchanged."""
     model, fwd, lof, batches, G = case(name)
     before = [p.detach().clone() for p in model.parameters()]
