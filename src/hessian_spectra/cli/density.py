@@ -206,6 +206,8 @@ def _per_block_outcome(blocks: dict) -> tuple[dict, dict]:
         "lambda_min": min(s["lambda_min"] for s in sums.values()),
         "trace": sum(d.trace() for d in blocks.values()),
         "negative_mass": sum(n[k] * sums[k]["negative_mass"] for k in blocks) / total,
+        "negative_mass_below_zero": sum(n[k] * sums[k]["negative_mass_below_zero"]
+                                        for k in blocks) / total,
         "num_blocks": len(blocks),
         "blocks": {k: {"num_params": n[k], "lambda_max": sums[k]["lambda_max"],
                        "lambda_min": sums[k]["lambda_min"], "trace": blocks[k].trace()}
