@@ -196,7 +196,8 @@ class Density(Command):
 
 def _per_block_outcome(blocks: dict) -> tuple[dict, dict]:
     """(estimate, summary) of a per-block run: every block's density; the extremes over blocks,
-    the sum of their traces (tr H = Σ_b tr H_bb) and the dimension-weighted negative mass.
+    the sum of their traces (tr H = Σ_b tr H_bb) and the dimension-weighted negative masses
+    (those of the block-diagonal matrix diag(H_bb)).
     """
     sums = {k: d.summary() for k, d in blocks.items()}
     n = {k: d.num_params for k, d in blocks.items()}
