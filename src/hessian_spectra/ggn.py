@@ -110,7 +110,7 @@ class SplitLoss:
 
     >>> loss_fn = SplitLoss(lambda m, b: m(b[0]), lambda o, b: ((o - b[1]) ** 2).mean())
     >>> m = torch.nn.Linear(2, 1)
-    >>> float(loss_fn(m, (torch.zeros(3, 2), m.bias.detach().expand(3, 1))))
+    >>> float(loss_fn(m, (torch.zeros(3, 2), m.bias.detach().expand(3, 1))).detach())
     0.0
     """
 
