@@ -52,22 +52,37 @@ __all__ = [
 ]
 
 
-_DOT_CHUNK = 1 << 16
+_DOT_BLOCK = 1 << 16  # entries per block of a low-precision dot product (see _dot64)
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any operand is float64, else float32 (bf16/fp16 are read as float32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a · b`` accumulated in float64. On CPU, non-float64 tensors are converted in chunks of
-    64k entries that stay in cache: 10× faster than converting whole tensors (measured 25 vs
-    254 ms for 28M float32 entries, one thread), and no float64 copies of a whole parameter."""
+    """``a · b`` as a float64 scalar tensor, in one pass over ``a`` and ``b``.
+
+    float64 operands: one ``torch.dot``. Otherwise the vectors are cut into blocks of
+    ``_DOT_BLOCK`` (2^16) entries; each block's dot product is accumulated in float32 by
+    ``torch.dot`` (bf16/fp16 blocks are converted to float32 in cache first) and the block sums
+    are added in float64. The error is that of one block: ``|err| ≲ sqrt(2^16)·ε32·Σ|a_i b_i|``
+    ≈ 1.5e-5·Σ|a_i b_i| (rounding errors of a block add up like a random walk; the float64 sum
+    of the blocks adds nothing measurable), whatever the length; tested on 1e8 entries in
+    ``tests/test_vectors.py``. A plain float32 dot of 1e8 entries is not bounded this way, and
+    converting every entry to float64 (the former implementation) cost 3 passes where this
+    costs 1.1 (one thread, 16M entries: 4.3 ms against 3.5 ms for ``torch.dot``).
+    """
     a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype == torch.float64 and b.dtype == torch.float64:
+    cd = _compute_dtype(a.dtype, b.dtype)
+    if cd == torch.float64 and a.dtype == b.dtype:
         return torch.dot(a, b)
-    if a.device.type != "cpu" or a.numel() <= _DOT_CHUNK:
-        return torch.dot(a.double(), b.double())
+    if a.numel() <= _DOT_BLOCK:
+        return torch.dot(a.to(cd), b.to(cd)).double()
     parts = [
-        torch.dot(x.double(), y.double()) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))
+        torch.dot(x.to(cd), y.to(cd)) for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
     ]
-    return torch.stack(parts).sum()
+    return torch.stack(parts).double().sum()
 
 
 def _local_sums(pairs) -> torch.Tensor:
