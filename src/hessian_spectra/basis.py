@@ -190,13 +190,12 @@ class KrylovBasis:
 
     def put(self, t: int, q: torch.Tensor) -> None:
         """Keep vector ``t`` (a flat buffer in the basis dtype), dropping vector
-        ``t - capacity``."""
+        ``t - capacity`` (whose file is removed at the next ``put``)."""
         slot = t % self.capacity
-        old = [s for s, sl in self.kept.items() if sl == slot]
-        for s in old:
+        for s in [s for s, sl in self.kept.items() if sl == slot]:
             del self.kept[s]
-            if self.dir is not None:
-                self.path(s).unlink(missing_ok=True)
+        if self.dir is not None:  # one step late: the last checkpoint may still reference it
+            self.path(t - self.capacity - 1).unlink(missing_ok=True)
         t0 = time.perf_counter()
         if self._rows is not None:
             self._rows[slot].copy_(q, non_blocking=False)

@@ -383,12 +383,10 @@ def lanczos(
     layout = Layout(op.params)
     basis = None
     if window != 0:
-        # a window over files keeps one more file, so that the last checkpoint's stay valid
-        extra = 1 if basis_dir is not None and window is not None else 0
         basis = KrylovBasis(
             layout,
             store,
-            capacity=(num_steps if window is None else window + extra),
+            capacity=(num_steps if window is None else window),
             basis_device=basis_device,
             basis_dir=basis_dir,
             name=_basis_name(ckpt),
