@@ -188,6 +188,15 @@ class KrylovBasis:
     def __len__(self) -> int:
         return len(self.kept)
 
+    def claim(self, t: int) -> torch.Tensor:
+        """Keep vector ``t`` in its row, which the caller fills: the row itself, a flat view
+        (resident bases only: ``not streamed``); drops vector ``t - capacity``."""
+        slot = t % self.capacity
+        for s in [s for s, sl in self.kept.items() if sl == slot]:
+            del self.kept[s]
+        self.kept[t] = slot
+        return self._rows[slot]
+
     def put(self, t: int, q: torch.Tensor) -> None:
         """Keep vector ``t`` (a flat buffer in the basis dtype), dropping vector
         ``t - capacity`` (whose file is removed at the next ``put``)."""

@@ -245,8 +245,9 @@ def _parse_reorth(reorth) -> int | None:
 
 
 def _num_kept(window: int | None):
-    """The map ``n ↦`` the number of vectors reorthogonalisation keeps after ``n`` steps."""
-    return lambda n: n if window is None else min(n, window)
+    """The map ``n ↦`` the number of kept vectors a checkpoint after ``n`` steps holds: those
+    that step ``n`` reorthogonalises against besides ``q_n`` (all, or the last ``window − 1``)."""
+    return lambda n: n if window is None else min(n, max(window - 1, 0))
 
 
 def _start(op, v0, seed: int, probe: str, work: torch.dtype, store: torch.dtype) -> LanczosState:
@@ -386,7 +387,7 @@ def lanczos(
         basis = KrylovBasis(
             layout,
             store,
-            capacity=(num_steps if window is None else window),
+            capacity=(num_steps if window is None else max(window, 2)),
             basis_device=basis_device,
             basis_dir=basis_dir,
             name=_basis_name(ckpt),
@@ -427,33 +428,46 @@ def _run(op, num_steps, window, basis, layout, v0, seed, probe, work, store, tol
     io_s = st.io_seconds
     matvec_s = st.matvec_seconds
     vector_s = st.vector_seconds
-    # q_j and q_{j-1}: two flat buffers in the basis dtype, used in turn
-    flat = [layout.empty(store), layout.empty(store)]
-    for buf, vec in ((flat[n0 % 2], st.q), (flat[(n0 - 1) % 2], st.q_prev)):
+    # q_j and q_{j-1} as flat buffers in the basis dtype: rows of a resident basis (no copy
+    # to keep them), else two buffers used in turn
+    resident = basis is not None and not basis.streamed
+    flat = [] if resident else [layout.empty(store), layout.empty(store)]
+    bufs: dict[int, torch.Tensor] = {}
+
+    def place(t: int, vec: Vector | None) -> None:
+        buf = basis.claim(t) if resident else flat[t % 2]
         if vec is not None:
-            for view, t in zip(layout.views(buf), vec):
-                view.copy_(t)
+            for view, x in zip(layout.views(buf), vec):
+                view.copy_(x)
+        bufs[t] = buf
+
     if basis is not None and n0:
         if basis.dir is not None:
             for t in st.basis_kept:
                 basis.adopt(t)
-        else:
-            for k, vec in enumerate(st.kept):
+        for k, vec in enumerate(st.kept):
+            t = n0 - len(st.kept) + k
+            if resident:
+                place(t, vec)
+            else:
                 tmp = layout.empty(store)
-                for view, t in zip(layout.views(tmp), vec):
-                    view.copy_(t)
-                basis.put(n0 - len(st.kept) + k, tmp)
+                for view, x in zip(layout.views(tmp), vec):
+                    view.copy_(x)
+                basis.put(t, tmp)
+    if n0 and n0 - 1 not in bufs:
+        place(n0 - 1, st.q_prev)
+    place(n0, st.q)
     io_s0 = basis.io_seconds if basis is not None else 0.0
     breakdown, residual = False, 0.0
     with progress_bar(
         progress, total=num_steps, initial=n0, desc="Lanczos", unit="step", leave=False
     ) as bar:
         for j in range(n0, num_steps):
-            q = layout.views(flat[j % 2])  # q_j
-            q_prev = layout.views(flat[(j - 1) % 2]) if j > 0 else None  # q_{j-1}
+            q = layout.views(bufs[j])  # q_j
+            q_prev = layout.views(bufs[j - 1]) if j > 0 else None  # q_{j-1}
             tv = time.perf_counter()
-            if basis is not None:
-                basis.put(j, flat[j % 2])
+            if basis is not None and not resident:
+                basis.put(j, bufs[j])
             tm = time.perf_counter()
             w = cast(op.matvec(cast(q, work)), work)  # H q_j
             tw = time.perf_counter()
@@ -483,9 +497,11 @@ def _run(op, num_steps, window, basis, layout, v0, seed, probe, work, store, tol
                 break
             st.beta.append(beta)
             tv = time.perf_counter()
-            nxt = flat[(j + 1) % 2]  # q_{j+1} = w / beta, over q_{j-1}
+            place(j + 1, None)  # q_{j+1} = w / beta, over q_{j+1-capacity} (or q_{j-1})
+            nxt = bufs[j + 1]
             for view, wi in zip(layout.views(nxt), w):
                 torch.mul(wi, 1.0 / beta, out=view)
+            bufs.pop(j - 1, None)
             vector_s += time.perf_counter() - tv
             if ckpt is not None:
                 tc = time.perf_counter()
@@ -493,7 +509,7 @@ def _run(op, num_steps, window, basis, layout, v0, seed, probe, work, store, tol
                 st.kept = []
                 st.basis_kept = []
                 if basis is not None:
-                    keep = sorted(basis.kept)[-_num_kept(window)(j + 1):]
+                    keep = sorted(t for t in basis.kept if t <= j)[-_num_kept(window)(j + 1):]
                     if basis.dir is not None:
                         st.basis_kept = keep
                     else:

@@ -77,11 +77,15 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cd = _compute_dtype(a.dtype, b.dtype)
     if cd == torch.float64 and a.dtype == b.dtype:
         return torch.dot(a, b)
-    if a.numel() <= _DOT_BLOCK:
-        return torch.dot(a.to(cd), b.to(cd)).double()
-    parts = [
-        torch.dot(x.to(cd), y.to(cd)) for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
-    ]
+    if a.dtype != cd or b.dtype != cd:  # each block converted in cache
+        parts = [
+            torch.dot(x.to(cd), y.to(cd))
+            for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
+        ]
+    elif a.numel() <= _DOT_BLOCK:
+        return torch.dot(a, b).double()
+    else:
+        parts = [torch.dot(x, y) for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))]
     return torch.stack(parts).double().sum()
 
 

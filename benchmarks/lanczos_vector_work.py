@@ -1,0 +1,190 @@
+"""Lanczos vector work against the memory-traffic floor, and resident memory against steps.
+
+Part 1 (issue 12 item 1): a diagonal operator (its matvec is one pass) on ``--numel`` float32
+entries in ``--tensors`` tensors; for each reorth mode and basis dtype, the vector work per
+Lanczos step (wall time of the run minus the time inside the matvecs, which the benchmark
+measures itself so that it also runs against an older checkout without the timing split),
+(steps 1 .. m−1, timed from the callbacks: the start-up and the probe are left out), in units
+of one ``torch._foreach_copy_`` of a work vector measured in the same run, repeats
+interleaved, one thread, median over repeats. The floor is what the recurrence must move:
+
+    none: 4.5 copies (one dot, one fused update of w with q and q_prev, one norm, one scale);
+    window r / full with k kept vectors: + 1 (keeping q) + 2k + 3 (CGS2: per pass the dots read
+    the k vectors and w, the update reads them and reads/writes w), averaged over the steps.
+
+Part 2 (item 2): peak RSS of full-reorth runs against the number of steps, with the basis in
+memory and in files (``basis_dir``), each point in a fresh process.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lanczos_vector_work.py \\
+        --out benchmarks/results/lanczos_vector_work.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _op(torch, numel: int, tensors: int, seed: int = 0):
+    class Diag:
+        """A diagonal operator; ``matvec_seconds`` accumulates the time inside its products."""
+
+        def __init__(self):
+            g = torch.Generator().manual_seed(seed)
+            n = numel // tensors
+            self.params = [torch.zeros(n) for _ in range(tensors)]
+            self.param_names = [f"p{i}" for i in range(tensors)]
+            self.num_params = n * tensors
+            self.vector_dtype = torch.float32
+            self.method = "diag"
+            self.diags = [torch.rand(n, generator=g) for _ in range(tensors)]
+            self.matvec_seconds = 0.0
+
+        def matvec(self, v):
+            t0 = time.perf_counter()
+            out = [d * x for d, x in zip(self.diags, v)]
+            self.matvec_seconds += time.perf_counter() - t0
+            return out
+
+        __matmul__ = matvec
+
+    return Diag()
+
+
+def _floor(reorth, steps: int) -> float:
+    if reorth == "none":
+        return 4.5
+    ks = [min(j + 1, steps if reorth == "full" else int(reorth)) for j in range(1, steps)]
+    return 4.5 + 1 + statistics.mean(2 * k + 3 for k in ks)
+
+
+def vector_work(args) -> dict:
+    import torch
+
+    import hessian_spectra as hs
+
+    torch.set_num_threads(1)
+    op = _op(torch, args.numel, args.tensors)
+    src = [torch.randn(t.shape) for t in op.params]
+    dst = [torch.empty_like(t) for t in op.params]
+    modes = [("none", args.steps_short), (2, args.steps_short), ("full", args.steps_full)]
+    dtypes = ["float32", "bfloat16", "float64"]
+    runs = {f"{m}/{d}": [] for m, _ in modes for d in dtypes}
+    copies = []
+    v0 = hs.random_probe(op, 0)
+    for rep in range(args.repeats):
+        for m, steps in modes:
+            for d in dtypes:
+                t0 = time.perf_counter()
+                torch._foreach_copy_(dst, src)
+                copies.append(time.perf_counter() - t0)
+                marks = []  # (time, matvec seconds so far) at every step's end
+
+                def mark(step, alpha, beta):
+                    marks.append((time.perf_counter(), op.matvec_seconds))
+
+                r = hs.lanczos(op, steps, reorth=m, basis_dtype=d, v0=v0, callback=mark)
+                (t1, m1), (t2, m2) = marks[0], marks[-1]  # steps 1 .. steps-1, set-up excluded
+                runs[f"{m}/{d}"].append(((t2 - t1) - (m2 - m1)) / (steps - 1))
+                print(f"rep {rep} {m}/{d}: {runs[f'{m}/{d}'][-1] * 1e3:.1f} ms/step", flush=True)
+                del r
+    copy = statistics.median(copies)
+    rows = []
+    for m, steps in modes:
+        for d in dtypes:
+            per_step = statistics.median(runs[f"{m}/{d}"])
+            rows.append(
+                {
+                    "reorth": m,
+                    "steps": steps,
+                    "basis_dtype": d,
+                    "ms_per_step": per_step * 1e3,
+                    "copies_per_step": per_step / copy,
+                    "floor_copies": _floor(m, steps),
+                }
+            )
+    return {"copy_ms": copy * 1e3, "rows": rows}
+
+
+def rss_point(args) -> None:
+    """One process: a full-reorth run of ``--steps`` steps; prints its peak RSS (MiB)."""
+    import resource
+
+    import torch
+
+    import hessian_spectra as hs
+
+    torch.set_num_threads(1)
+    op = _op(torch, args.numel, args.tensors)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as d:
+        hs.lanczos(op, args.steps, reorth="full", basis_dir=d if args.offload else None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": peak, "before_run_mib": base}))
+
+
+def rss_curve(args) -> list[dict]:
+    out = []
+    for steps in args.rss_steps:
+        for offload in (False, True):
+            cmd = [sys.executable, __file__, "--rss-point", "--steps", str(steps),
+                   "--numel", str(args.rss_numel), "--tensors", str(args.tensors)]
+            cmd += ["--offload"] if offload else []
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row.update(steps=steps, offload=offload, vector_mib=args.rss_numel * 4 / 2**20)
+            print(row, flush=True)
+            out.append(row)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--numel", type=int, default=20_000_000)
+    p.add_argument("--tensors", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps-short", type=int, default=10)
+    p.add_argument("--steps-full", type=int, default=20)
+    p.add_argument("--rss-numel", type=int, default=4_000_000)
+    p.add_argument("--rss-steps", type=int, nargs="*", default=[10, 20, 40, 80])
+    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-work", action="store_true")
+    p.add_argument("--out")
+    p.add_argument("--rss-point", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rss_point:
+        return rss_point(args)
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": 1,
+        "numel": args.numel,
+        "tensors": args.tensors,
+        "note": "shared machine (other engineers' test runs): compare ratios, not times",
+        "load_average": os.getloadavg(),
+    }
+    if not args.skip_work:
+        result["vector_work"] = vector_work(args)
+        print(f"\ncopy of one vector ({args.numel} float32): "
+              f"{result['vector_work']['copy_ms']:.1f} ms")
+        print(f"{'reorth':>7} {'steps':>5} {'basis':>9} {'ms/step':>8} {'copies':>7} {'floor':>6}")
+        for r in result["vector_work"]["rows"]:
+            print(f"{r['reorth']!s:>7} {r['steps']:>5} {r['basis_dtype']:>9} "
+                  f"{r['ms_per_step']:>8.1f} {r['copies_per_step']:>7.1f} {r['floor_copies']:>6.1f}")
+    if not args.skip_rss:
+        result["rss"] = rss_curve(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
