@@ -81,8 +81,9 @@ class Layout:
 
 
 def block_dots(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``Q @ w`` as float64 ``(k,)`` for rows ``Q`` ``(k, n)`` and ``w`` ``(n,)``: one GEMV in
-    float64, else one float32 GEMV per block of ``_DOT_BLOCK`` columns, blocks summed in float64.
+    """``Q @ w`` as float64 ``(k,)`` for rows ``Q`` ``(k, n)`` and ``w`` ``(n,)``: one GEMV when
+    both are float64, else one float32 GEMV per block of ``_DOT_BLOCK`` columns (converted in
+    cache), blocks summed in float64.
 
     >>> import torch
     >>> block_dots(torch.ones(2, 3), torch.tensor([1.0, 2.0, 3.0])).tolist()
@@ -90,7 +91,7 @@ def block_dots(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     w = w.reshape(-1)
     cd = _compute_dtype(Q.dtype, w.dtype)
-    if cd == torch.float64 and Q.dtype == w.dtype:
+    if cd == torch.float64:
         return torch.mv(Q, w)
     n = w.numel()
     parts = [
