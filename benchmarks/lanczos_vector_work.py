@@ -113,6 +113,38 @@ def vector_work(args) -> dict:
     return {"copy_ms": copy * 1e3, "rows": rows}
 
 
+def dot_accuracy(numel: int) -> list[dict]:
+    """Relative error of ``hs.dot`` against a float64 reference, |err| / Σ|u_i v_i|, for a
+    well-conditioned (u ≈ v) and an ill-conditioned (independent) pair, float32 and bf16 u."""
+    import torch
+
+    import hessian_spectra as hs
+
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        u = torch.rand(numel, generator=g).to(dt)
+        for kind in ("u≈v", "independent"):
+            v = u.float() + 0.1 * torch.rand(numel, generator=g) if kind == "u≈v" else (
+                torch.randn(numel, generator=g))
+            ch = 1 << 22
+            ref = sum(float(torch.dot(x.double(), y.double()))
+                      for x, y in zip(u.split(ch), v.split(ch)))
+            ref_abs = sum(float(torch.dot(x.double().abs(), y.double().abs()))
+                          for x, y in zip(u.split(ch), v.split(ch)))
+            t0 = time.perf_counter()
+            got = hs.dot([u], [v])
+            sec = time.perf_counter() - t0
+            out.append({"u_dtype": str(dt), "pair": kind, "numel": numel,
+                        "err_over_sum_abs": abs(got - ref) / ref_abs,
+                        "plain_fp32_dot_err_over_sum_abs":
+                            abs(float(torch.dot(u.float(), v)) - ref) / ref_abs,
+                        "seconds": sec})
+            print(out[-1], flush=True)
+            del v
+    return out
+
+
 def rss_point(args) -> None:
     """One process: a full-reorth run of ``--steps`` steps; prints its peak RSS (MiB)."""
     import resource
@@ -155,6 +187,7 @@ def main(argv=None):
     p.add_argument("--rss-numel", type=int, default=4_000_000)
     p.add_argument("--rss-steps", type=int, nargs="*", default=[10, 20, 40, 80])
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--accuracy-numel", type=int, default=100_000_000)
     p.add_argument("--skip-work", action="store_true")
     p.add_argument("--out")
     p.add_argument("--rss-point", action="store_true", help=argparse.SUPPRESS)
@@ -181,6 +214,8 @@ def main(argv=None):
                   f"{r['ms_per_step']:>8.1f} {r['copies_per_step']:>7.1f} {r['floor_copies']:>6.1f}")
     if not args.skip_rss:
         result["rss"] = rss_curve(args)
+    if args.accuracy_numel:
+        result["dot_accuracy"] = dot_accuracy(args.accuracy_numel)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as _dist
-from .vectors import _DOT_BLOCK, Vector, _compute_dtype
+from .vectors import _DOT_BLOCK, Vector, _compute_dtype, _rows_dot
 
 __all__ = ["GROUP", "KrylovBasis", "Layout"]
 
@@ -93,6 +93,8 @@ def block_dots(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     cd = _compute_dtype(Q.dtype, w.dtype)
     if cd == torch.float64:
         return torch.mv(Q, w)
+    if Q.dtype == w.dtype == cd and Q.stride(-1) == 1 and w.is_contiguous():
+        return _rows_dot(Q, w)
     n = w.numel()
     parts = [
         torch.mv(Q[:, i : i + _DOT_BLOCK].to(cd), w[i : i + _DOT_BLOCK].to(cd))

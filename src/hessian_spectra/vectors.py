@@ -79,16 +79,28 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cd = _compute_dtype(a.dtype, b.dtype)
     if cd == torch.float64:
         return torch.dot(a, b)
-    if a.dtype != cd or b.dtype != cd:  # each block converted in cache
-        parts = [
-            torch.dot(x.to(cd), y.to(cd))
-            for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
-        ]
-    elif a.numel() <= _DOT_BLOCK:
-        return torch.dot(a, b).double()
-    else:
-        parts = [torch.dot(x, y) for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))]
+    if a.dtype == b.dtype == cd and a.is_contiguous() and b.is_contiguous():
+        return _rows_dot(b.view(1, -1), a)[0]
+    parts = [  # each block converted in cache
+        torch.dot(x.to(cd), y.to(cd)) for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
+    ]
     return torch.stack(parts).double().sum()
+
+
+def _rows_dot(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Q @ w`` as float64 ``(k,)`` for float32 rows ``Q`` ``(k, n)`` (columns contiguous)
+    and ``w`` ``(n,)``: one batched product over the blocks of ``_DOT_BLOCK`` entries, block
+    sums in float32, their sum in float64 (as fast as one ``torch.mv``)."""
+    n = w.numel()
+    nb, B = n // _DOT_BLOCK, _DOT_BLOCK
+    m = nb * B
+    acc = torch.zeros(Q.shape[0], dtype=torch.float64, device=w.device)
+    if nb:
+        r = torch.bmm(w[:m].view(nb, 1, B), Q[:, :m].unflatten(1, (nb, B)).permute(1, 2, 0))
+        acc += r.view(nb, -1).double().sum(0)  # (nb, 1, k) block sums
+    if m < n:
+        acc += torch.mv(Q[:, m:], w[m:]).double()
+    return acc
 
 
 def _local_sums(pairs) -> torch.Tensor:
