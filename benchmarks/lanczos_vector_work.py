@@ -87,7 +87,7 @@ def vector_work(args) -> dict:
                 copies.append(time.perf_counter() - t0)
                 marks = []  # (time, matvec seconds so far) at every step's end
 
-                def mark(step, alpha, beta):
+                def mark(step, alpha, beta, marks=marks):
                     marks.append((time.perf_counter(), op.matvec_seconds))
 
                 r = hs.lanczos(op, steps, reorth=m, basis_dtype=d, v0=v0, callback=mark)
@@ -125,21 +125,33 @@ def dot_accuracy(numel: int) -> list[dict]:
     for dt in (torch.float32, torch.bfloat16):
         u = torch.rand(numel, generator=g).to(dt)
         for kind in ("u≈v", "independent"):
-            v = u.float() + 0.1 * torch.rand(numel, generator=g) if kind == "u≈v" else (
-                torch.randn(numel, generator=g))
+            v = (
+                u.float() + 0.1 * torch.rand(numel, generator=g)
+                if kind == "u≈v"
+                else (torch.randn(numel, generator=g))
+            )
             ch = 1 << 22
-            ref = sum(float(torch.dot(x.double(), y.double()))
-                      for x, y in zip(u.split(ch), v.split(ch)))
-            ref_abs = sum(float(torch.dot(x.double().abs(), y.double().abs()))
-                          for x, y in zip(u.split(ch), v.split(ch)))
+            ref = sum(
+                float(torch.dot(x.double(), y.double())) for x, y in zip(u.split(ch), v.split(ch))
+            )
+            ref_abs = sum(
+                float(torch.dot(x.double().abs(), y.double().abs()))
+                for x, y in zip(u.split(ch), v.split(ch))
+            )
             t0 = time.perf_counter()
             got = hs.dot([u], [v])
             sec = time.perf_counter() - t0
-            out.append({"u_dtype": str(dt), "pair": kind, "numel": numel,
-                        "err_over_sum_abs": abs(got - ref) / ref_abs,
-                        "plain_fp32_dot_err_over_sum_abs":
-                            abs(float(torch.dot(u.float(), v)) - ref) / ref_abs,
-                        "seconds": sec})
+            out.append(
+                {
+                    "u_dtype": str(dt),
+                    "pair": kind,
+                    "numel": numel,
+                    "err_over_sum_abs": abs(got - ref) / ref_abs,
+                    "plain_fp32_dot_err_over_sum_abs": abs(float(torch.dot(u.float(), v)) - ref)
+                    / ref_abs,
+                    "seconds": sec,
+                }
+            )
             print(out[-1], flush=True)
             del v
     return out
@@ -166,8 +178,17 @@ def rss_curve(args) -> list[dict]:
     out = []
     for steps in args.rss_steps:
         for offload in (False, True):
-            cmd = [sys.executable, __file__, "--rss-point", "--steps", str(steps),
-                   "--numel", str(args.rss_numel), "--tensors", str(args.tensors)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--rss-point",
+                "--steps",
+                str(steps),
+                "--numel",
+                str(args.rss_numel),
+                "--tensors",
+                str(args.tensors),
+            ]
             cmd += ["--offload"] if offload else []
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(res.stdout.strip().splitlines()[-1])
@@ -206,12 +227,16 @@ def main(argv=None):
     }
     if not args.skip_work:
         result["vector_work"] = vector_work(args)
-        print(f"\ncopy of one vector ({args.numel} float32): "
-              f"{result['vector_work']['copy_ms']:.1f} ms")
+        print(
+            f"\ncopy of one vector ({args.numel} float32): "
+            f"{result['vector_work']['copy_ms']:.1f} ms"
+        )
         print(f"{'reorth':>7} {'steps':>5} {'basis':>9} {'ms/step':>8} {'copies':>7} {'floor':>6}")
         for r in result["vector_work"]["rows"]:
-            print(f"{r['reorth']!s:>7} {r['steps']:>5} {r['basis_dtype']:>9} "
-                  f"{r['ms_per_step']:>8.1f} {r['copies_per_step']:>7.1f} {r['floor_copies']:>6.1f}")
+            print(
+                f"{r['reorth']!s:>7} {r['steps']:>5} {r['basis_dtype']:>9} "
+                f"{r['ms_per_step']:>8.1f} {r['copies_per_step']:>7.1f} {r['floor_copies']:>6.1f}"
+            )
     if not args.skip_rss:
         result["rss"] = rss_curve(args)
     if args.accuracy_numel:

@@ -66,7 +66,7 @@ def test_groups_are_runs_of_consecutive_slots():
     B = KrylovBasis(lay, torch.float32, capacity=20)
     for t in range(19):
         B.put(t, torch.full((3,), float(t)))
-    assert B.groups(range(19)) == [list(range(0, 8)), list(range(8, 16)), [16, 17, 18]]
+    assert B.groups(range(19)) == [list(range(8)), list(range(8, 16)), [16, 17, 18]]
     R = KrylovBasis(lay, torch.float32, capacity=4)
     for t in range(6):
         R.put(t, torch.full((3,), float(t)))
@@ -84,7 +84,7 @@ def test_basis_dir_and_host_give_the_in_memory_numbers(tmp_path, reorth, dtype):
     afterwards (and so is the directory the run made)."""
     work = torch.float64 if dtype == "float64" else torch.float32
     op = DiagOp(work)
-    kw = dict(reorth=reorth, basis_dtype=dtype, seed=3)
+    kw = {"reorth": reorth, "basis_dtype": dtype, "seed": 3}
     mem = hs.lanczos(op, 2 * GROUP + 3, **kw)
     d = tmp_path / "basis"
     files = hs.lanczos(op, 2 * GROUP + 3, basis_dir=d, **kw)
@@ -146,7 +146,7 @@ def test_checkpoint_with_offloaded_basis_resumes_identically(tmp_path, reorth):
     from safetensors import safe_open
 
     with safe_open(str(ck), framework="pt") as f:
-        assert not [k for k in f.keys() if k.startswith("kept.")]
+        assert not [k for k in f.keys() if k.startswith("kept.")]  # noqa: SIM118
     assert len(list(d.glob("*.bin"))) >= (6 if reorth == "full" else 3)
     again = hs.lanczos(op, 12, reorth=reorth, basis_dir=d, checkpoint=ck)
     assert again.alpha.tolist() == full.alpha.tolist()

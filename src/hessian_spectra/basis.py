@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 
 from . import distributed as _dist
-from .vectors import _DOT_BLOCK, Vector, _compute_dtype, _rows_dot
+from .vectors import _DOT_BLOCK, Vector, _as, _compute_dtype, _rows_dot
 
 __all__ = ["GROUP", "KrylovBasis", "Layout"]
 
-GROUP = 8  # rows of the basis per streamed group (and per matrix-vector product)
+GROUP = 8  # rows of the basis per streamed group (and per matrix-vector product); the
+# conversion scratch of hessian_spectra.vectors._as holds GROUP blocks
 
 
 class Layout:
@@ -67,9 +68,7 @@ class Layout:
 
     def views(self, flat: torch.Tensor) -> Vector:
         """Per-parameter views of a flat ``(numel,)`` buffer (no copy)."""
-        return [
-            flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)
-        ]
+        return [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
 
     def columns(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter column slices ``rows[:, o:o+n]`` of a ``(k, numel)`` block of rows."""
@@ -97,7 +96,7 @@ def block_dots(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _rows_dot(Q, w)
     n = w.numel()
     parts = [
-        torch.mv(Q[:, i : i + _DOT_BLOCK].to(cd), w[i : i + _DOT_BLOCK].to(cd))
+        torch.mv(_as(Q[:, i : i + _DOT_BLOCK], cd, 0), _as(w[i : i + _DOT_BLOCK], cd, 1))
         for i in range(0, n, _DOT_BLOCK)
     ]
     if not parts:
@@ -121,7 +120,7 @@ def block_subtract(Q: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> None:
         flat.addmv_(Q.t(), c, alpha=-1)
         return
     for i in range(0, flat.numel(), _DOT_BLOCK):
-        flat[i : i + _DOT_BLOCK].addmv_(Q[:, i : i + _DOT_BLOCK].to(w.dtype).t(), c, alpha=-1)
+        flat[i : i + _DOT_BLOCK].addmv_(_as(Q[:, i : i + _DOT_BLOCK], w.dtype).t(), c, alpha=-1)
 
 
 class KrylovBasis:

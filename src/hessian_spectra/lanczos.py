@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from . import distributed as _dist
 from ._checks import check_positive_int, dtype_name, parse_dtype
 from ._progress import progress_bar
-from . import distributed as _dist
 from .basis import KrylovBasis, Layout
 from .lanczos_state import LanczosState, checkpoint_path, resume, save_checkpoint
 from .linop import as_operator
-from .vectors import Vector, axpy, cast, check_vector, dot, norm, random_probe, scale
+from .vectors import Vector, _as, axpy, cast, check_vector, dot, norm, random_probe, scale
 
 __all__ = ["LanczosResult", "lanczos", "tridiagonal_eigh"]
 
@@ -277,9 +277,9 @@ def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta:
             pf = pi.reshape(-1) if pi is not None else None
             for s in range(0, wf.numel(), _UPDATE_BLOCK):
                 blk = wf[s : s + _UPDATE_BLOCK]
-                blk.add_(qf[s : s + _UPDATE_BLOCK].to(wi.dtype), alpha=-alpha)
+                blk.add_(_as(qf[s : s + _UPDATE_BLOCK], wi.dtype), alpha=-alpha)
                 if pf is not None:
-                    blk.add_(pf[s : s + _UPDATE_BLOCK].to(wi.dtype), alpha=-beta)
+                    blk.add_(_as(pf[s : s + _UPDATE_BLOCK], wi.dtype), alpha=-beta)
             continue
         if not wi.is_contiguous():
             wi.add_(qi, alpha=-alpha)
@@ -405,8 +405,24 @@ def lanczos(
         )
     ok = False
     try:
-        res = _run(op, num_steps, window, basis, layout, v0, seed, probe, work, store, tol,
-                   config, ckpt, t0, callback, progress)
+        res = _run(
+            op,
+            num_steps,
+            window,
+            basis,
+            layout,
+            v0,
+            seed,
+            probe,
+            work,
+            store,
+            tol,
+            config,
+            ckpt,
+            t0,
+            callback,
+            progress,
+        )
         if return_basis:
             res.basis = [
                 layout.views(basis.vector(t).clone() if basis.streamed else basis.vector(t))
@@ -421,8 +437,24 @@ def lanczos(
     return res
 
 
-def _run(op, num_steps, window, basis, layout, v0, seed, probe, work, store, tol, config,
-         ckpt, t0, callback, progress) -> LanczosResult:
+def _run(
+    op,
+    num_steps,
+    window,
+    basis,
+    layout,
+    v0,
+    seed,
+    probe,
+    work,
+    store,
+    tol,
+    config,
+    ckpt,
+    t0,
+    callback,
+    progress,
+) -> LanczosResult:
     """The steps of :func:`lanczos` (its arguments, checked)."""
     st = resume(
         ckpt,
@@ -520,7 +552,7 @@ def _run(op, num_steps, window, basis, layout, v0, seed, probe, work, store, tol
                 st.kept = []
                 st.basis_kept = []
                 if basis is not None:
-                    keep = sorted(t for t in basis.kept if t <= j)[-_num_kept(window)(j + 1):]
+                    keep = sorted(t for t in basis.kept if t <= j)[-_num_kept(window)(j + 1) :]
                     if basis.dir is not None:
                         st.basis_kept = keep
                     else:
@@ -529,8 +561,7 @@ def _run(op, num_steps, window, basis, layout, v0, seed, probe, work, store, tol
                 st.matvec_seconds = matvec_s
                 moved = basis.io_seconds - io_s0 if basis is not None else 0.0
                 st.vector_seconds, st.io_seconds = vector_s - moved, io_s + moved
-                save_checkpoint(ckpt, st, config,
-                                basis_name=basis.name if st.basis_kept else None)
+                save_checkpoint(ckpt, st, config, basis_name=basis.name if st.basis_kept else None)
                 io_s += time.perf_counter() - tc
 
     io_s += basis.io_seconds - io_s0 if basis is not None else 0.0

@@ -314,7 +314,11 @@ def resume(
     if path.exists():
         try:
             state = load_checkpoint(
-                path, config, params=params, dtype=dtype, num_kept=num_kept,
+                path,
+                config,
+                params=params,
+                dtype=dtype,
+                num_kept=num_kept,
                 basis_name=basis_name,
             )
         except CheckpointError as e:

@@ -82,9 +82,25 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == b.dtype == cd and a.is_contiguous() and b.is_contiguous():
         return _rows_dot(b.view(1, -1), a)[0]
     parts = [  # each block converted in cache
-        torch.dot(x.to(cd), y.to(cd)) for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
+        torch.dot(_as(x, cd, 0), _as(y, cd, 1))
+        for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
     ]
     return torch.stack(parts).double().sum()
+
+
+_SCRATCH: dict = {}
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """``x`` (at most ``GROUP × _DOT_BLOCK`` entries) in ``dtype``: itself, or converted into
+    a reused scratch buffer (a fresh temporary would page-fault on every block)."""
+    if x.dtype == dtype:
+        return x
+    key = (x.device, dtype, slot)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(8 * _DOT_BLOCK, dtype=dtype, device=x.device)
+    return buf[: x.numel()].view(x.shape).copy_(x)
 
 
 def _rows_dot(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
