@@ -200,3 +200,17 @@ def test_basis_dir_that_is_a_file_is_refused(tmp_path):
     f.write_text("")
     with pytest.raises(ValueError, match="basis_dir"):
         hs.lanczos(DiagOp(), 4, basis_dir=f)
+
+
+def test_slq_and_top_eigenvalues_pass_the_basis_settings(tmp_path):
+    """slq and top_eigenvalues with basis_dir (and basis_device) give the in-memory numbers and
+    leave no file behind; each run of slq records the files storage in its config."""
+    op = DiagOp(torch.float32)
+    a = hs.slq(op, 10, 2)
+    b = hs.slq(op, 10, 2, basis_dir=tmp_path, basis_device="cpu")
+    assert np.array_equal(a.nodes, b.nodes) and np.array_equal(a.weights, b.weights)
+    assert all(r.config["basis_storage"] == "files" for r in b.runs)
+    e1 = hs.top_eigenvalues(op, 2)
+    e2 = hs.top_eigenvalues(op, 2, basis_dir=tmp_path)
+    assert e1.eigenvalues.tolist() == e2.eigenvalues.tolist()
+    assert not any(tmp_path.iterdir())

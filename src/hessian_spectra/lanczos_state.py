@@ -9,11 +9,15 @@ and the seconds spent so far: a :class:`LanczosState`.
 written atomically (a reader never sees half a file, also after ``kill -9``):
 
 - tensors, each one parameter's local piece of a vector, in the basis dtype:
-  ``q.{i}`` (``q_{j+1}``), ``kept.{k}.{i}`` (the kept vectors, oldest first) and, only when none
-  are kept (``reorth="none"``), ``q_prev.{i}`` (otherwise ``q_j`` is the last kept vector);
+  ``q.{i}`` (``q_{j+1}``), ``kept.{k}.{i}`` (the kept vectors the next step reorthogonalises
+  against besides ``q_{j+1}``, oldest first: all of them, or the last ``r − 1`` of a window
+  ``r``) and, only when none are kept, ``q_prev.{i}`` (otherwise ``q_j`` is the last kept
+  vector). With an offloaded basis (``lanczos(..., basis_dir=...)``) the kept vectors stay in
+  their raw files under ``basis_dir`` and the state lists them (``basis``: the file stem and
+  the indices ``t``); they are checked (size) when the run resumes;
 - metadata ``format`` = ``"hessian_spectra.lanczos_checkpoint"``, ``version`` = ``"1"`` and
   ``state``: JSON with the run's ``config`` and ``alpha``, ``beta``, ``scale``, ``v0_norm``,
-  ``seconds``.
+  ``seconds`` (and its split ``matvec_seconds``, ``vector_seconds``, ``io_seconds``).
 
 Reading it parses a JSON header and copies raw tensor bytes: nothing in the file is code, and
 nothing is ever unpickled (a pickle in its place is refused, not run). Every field is checked
