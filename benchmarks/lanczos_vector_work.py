@@ -9,8 +9,10 @@ of one ``torch._foreach_copy_`` of a work vector measured in the same run, repea
 interleaved, one thread, median over repeats. The floor is what the recurrence must move:
 
     none: 4.5 copies (one dot, one fused update of w with q and q_prev, one norm, one scale);
-    window r / full with k kept vectors: + 1 (keeping q) + 2k + 3 (CGS2: per pass the dots read
-    the k vectors and w, the update reads them and reads/writes w), averaged over the steps.
+    window r / full with k kept vectors: + 2k + 3 (CGS2: per pass the dots read the k vectors
+    and w, the update reads them and reads/writes w), averaged over the steps; a bf16 basis
+    moves half the bytes per stored vector (plus the cast of q for the matvec). A float64 basis
+    is measured with a float64 operator, in copies of a float64 vector.
 
 Part 2 (item 2): peak RSS of full-reorth runs against the number of steps, with the basis in
 memory and in files (``basis_dir``), each point in a fresh process.
@@ -32,19 +34,21 @@ import tempfile
 import time
 
 
-def _op(torch, numel: int, tensors: int, seed: int = 0):
+def _op(torch, numel: int, tensors: int, seed: int = 0, dtype=None):
+    dt = dtype or torch.float32
+
     class Diag:
         """A diagonal operator; ``matvec_seconds`` accumulates the time inside its products."""
 
         def __init__(self):
             g = torch.Generator().manual_seed(seed)
             n = numel // tensors
-            self.params = [torch.zeros(n) for _ in range(tensors)]
+            self.params = [torch.zeros(n, dtype=dt) for _ in range(tensors)]
             self.param_names = [f"p{i}" for i in range(tensors)]
             self.num_params = n * tensors
-            self.vector_dtype = torch.float32
+            self.vector_dtype = dt
             self.method = "diag"
-            self.diags = [torch.rand(n, generator=g) for _ in range(tensors)]
+            self.diags = [torch.rand(n, generator=g, dtype=dt) for _ in range(tensors)]
             self.matvec_seconds = 0.0
 
         def matvec(self, v):
@@ -58,11 +62,15 @@ def _op(torch, numel: int, tensors: int, seed: int = 0):
     return Diag()
 
 
-def _floor(reorth, steps: int) -> float:
+def _floor(reorth, steps: int, basis_bytes: int, work_bytes: int) -> float:
+    """Copies of a work vector per step that the recurrence must move (module docstring), with
+    ``s`` = basis bytes / work bytes per entry."""
+    s = basis_bytes / work_bytes
+    none = 2.5 + 2 * s + ((s + 1) / 2 if s != 1 else 0.0)  # + the cast of q for the matvec
     if reorth == "none":
-        return 4.5
+        return none
     ks = [min(j + 1, steps if reorth == "full" else int(reorth)) for j in range(1, steps)]
-    return 4.5 + 1 + statistics.mean(2 * k + 3 for k in ks)
+    return none + statistics.mean(2 * k * s + 3 for k in ks)
 
 
 def vector_work(args) -> dict:
@@ -71,23 +79,33 @@ def vector_work(args) -> dict:
     import hessian_spectra as hs
 
     torch.set_num_threads(1)
-    op = _op(torch, args.numel, args.tensors)
-    src = [torch.randn(t.shape) for t in op.params]
-    dst = [torch.empty_like(t) for t in op.params]
+    # (basis dtype, operator dtype): a float64 basis goes with a float64 model
+    dtypes = [("float32", torch.float32), ("bfloat16", torch.float32), ("float64", torch.float64)]
+    ops = {wd: _op(torch, args.numel, args.tensors, dtype=wd) for wd in {w for _, w in dtypes}}
+    bufs = {
+        wd: (
+            [torch.randn(t.shape, dtype=wd) for t in o.params],
+            [torch.empty(t.shape, dtype=wd) for t in o.params],
+        )
+        for wd, o in ops.items()
+    }
+    v0s = {wd: hs.random_probe(o, 0) for wd, o in ops.items()}
     modes = [("none", args.steps_short), (2, args.steps_short), ("full", args.steps_full)]
-    dtypes = ["float32", "bfloat16", "float64"]
-    runs = {f"{m}/{d}": [] for m, _ in modes for d in dtypes}
-    copies = []
-    v0 = hs.random_probe(op, 0)
+    runs = {f"{m}/{d}": [] for m, _ in modes for d, _ in dtypes}
+    copies = {f"{m}/{d}": [] for m, _ in modes for d, _ in dtypes}
     for rep in range(args.repeats):
         for m, steps in modes:
-            for d in dtypes:
-                t0 = time.perf_counter()
-                torch._foreach_copy_(dst, src)
-                copies.append(time.perf_counter() - t0)
+            for d, wd in dtypes:
+                op, (src, dst), v0 = ops[wd], bufs[wd], v0s[wd]
+                ts = []
+                for _ in range(3):  # dst is touched by the first; the fastest of three
+                    t0 = time.perf_counter()
+                    torch._foreach_copy_(dst, src)
+                    ts.append(time.perf_counter() - t0)
+                copies[f"{m}/{d}"].append(min(ts))
                 marks = []  # (time, matvec seconds so far) at every step's end
 
-                def mark(step, alpha, beta, marks=marks):
+                def mark(step, alpha, beta, marks=marks, op=op):
                     marks.append((time.perf_counter(), op.matvec_seconds))
 
                 r = hs.lanczos(op, steps, reorth=m, basis_dtype=d, v0=v0, callback=mark)
@@ -95,22 +113,26 @@ def vector_work(args) -> dict:
                 runs[f"{m}/{d}"].append(((t2 - t1) - (m2 - m1)) / (steps - 1))
                 print(f"rep {rep} {m}/{d}: {runs[f'{m}/{d}'][-1] * 1e3:.1f} ms/step", flush=True)
                 del r
-    copy = statistics.median(copies)
     rows = []
     for m, steps in modes:
-        for d in dtypes:
-            per_step = statistics.median(runs[f"{m}/{d}"])
+        for d, wd in dtypes:
+            key = f"{m}/{d}"
+            per_step, copy = statistics.median(runs[key]), statistics.median(copies[key])
+            bb = torch.empty((), dtype=getattr(torch, d)).element_size()
+            wb = torch.empty((), dtype=wd).element_size()
             rows.append(
                 {
                     "reorth": m,
                     "steps": steps,
                     "basis_dtype": d,
+                    "work_dtype": str(wd).replace("torch.", ""),
                     "ms_per_step": per_step * 1e3,
+                    "copy_ms": copy * 1e3,
                     "copies_per_step": per_step / copy,
-                    "floor_copies": _floor(m, steps),
+                    "floor_copies": _floor(m, steps, bb, wb),
                 }
             )
-    return {"copy_ms": copy * 1e3, "rows": rows}
+    return {"rows": rows}
 
 
 def dot_accuracy(numel: int) -> list[dict]:
@@ -227,15 +249,16 @@ def main(argv=None):
     }
     if not args.skip_work:
         result["vector_work"] = vector_work(args)
+        print(f"\nvector work per step, in copies of a work vector ({args.numel} entries)")
         print(
-            f"\ncopy of one vector ({args.numel} float32): "
-            f"{result['vector_work']['copy_ms']:.1f} ms"
+            f"{'reorth':>7} {'steps':>5} {'basis':>9} {'work':>8} {'ms/step':>8} "
+            f"{'copy ms':>8} {'copies':>7} {'floor':>6}"
         )
-        print(f"{'reorth':>7} {'steps':>5} {'basis':>9} {'ms/step':>8} {'copies':>7} {'floor':>6}")
         for r in result["vector_work"]["rows"]:
             print(
-                f"{r['reorth']!s:>7} {r['steps']:>5} {r['basis_dtype']:>9} "
-                f"{r['ms_per_step']:>8.1f} {r['copies_per_step']:>7.1f} {r['floor_copies']:>6.1f}"
+                f"{r['reorth']!s:>7} {r['steps']:>5} {r['basis_dtype']:>9} {r['work_dtype']:>8} "
+                f"{r['ms_per_step']:>8.1f} {r['copy_ms']:>8.1f} {r['copies_per_step']:>7.1f} "
+                f"{r['floor_copies']:>6.1f}"
             )
     if not args.skip_rss:
         result["rss"] = rss_curve(args)

@@ -10,8 +10,14 @@ Reorthogonalisation (``reorth``):
   Without reorthogonalisation, Ritz values that have converged reappear as "ghosts"
   (Paige 1971; FSHP Thm 4.1): fine for densities with few steps, wrong for multiplicities.
 
-Vectors are stored in ``basis_dtype`` (bf16 halves memory); every dot product and scalar is
-float64 and the matvec runs in the operator's dtype. A step whose ``beta`` falls below
+Vectors are stored in ``basis_dtype`` (bf16 halves memory), each as one flat buffer (rows of a
+:class:`~hessian_spectra.basis.KrylovBasis`, in memory, in host memory or in files:
+``basis_device``, ``basis_dir``); scalars are float64, dot products of float64 vectors are
+float64 and others float32 per block of 2^16 entries summed in float64 (error ≲ 2^-16 ·
+Σ|u_i v_i|, :func:`hessian_spectra.vectors.dot`); the matvec runs in the operator's dtype.
+Per step the vector work is one dot, one fused update ``w −= alpha q + beta q_prev``, one norm
+and one scale (≈ 4.5 copies of a vector), plus with ``k`` kept vectors two sweeps of CGS2
+(≈ 2k + 3 copies). A step whose ``beta`` falls below
 ``breakdown_tol · scale`` (scale: the largest ``|alpha| + beta`` seen, an estimate of ||H||)
 means an invariant subspace was found: Lanczos stops there and says so, never dividing by ~0.
 
