@@ -5,7 +5,9 @@ entries in ``--tensors`` tensors; for each reorth mode and basis dtype, the vect
 Lanczos step (wall time of the run minus the time inside the matvecs, which the benchmark
 measures itself so that it also runs against an older checkout without the timing split),
 (steps 1 .. m−1, timed from the callbacks: the start-up and the probe are left out), in units
-of one ``torch._foreach_copy_`` of a work vector measured in the same run, repeats
+of one ``torch._foreach_copy_`` of a work vector measured after every step (the median of the
+per-step ratios), CPU time of the one thread (the machine is shared: waiting is not counted,
+memory-bandwidth contention still is), repeats
 interleaved, one thread, median over repeats. The floor is what the recurrence must move:
 
     none: 4.5 copies (one dot, one fused update of w with q and q_prev, one norm, one scale);
@@ -24,6 +26,7 @@ memory and in files (``basis_dir``), each point in a fresh process.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+_clock = time.thread_time  # CPU time of this thread: waiting for a shared core is not counted
 
 
 def _op(torch, numel: int, tensors: int, seed: int = 0, dtype=None):
@@ -52,9 +57,9 @@ def _op(torch, numel: int, tensors: int, seed: int = 0, dtype=None):
             self.matvec_seconds = 0.0
 
         def matvec(self, v):
-            t0 = time.perf_counter()
+            t0 = _clock()
             out = [d * x for d, x in zip(self.diags, v)]
-            self.matvec_seconds += time.perf_counter() - t0
+            self.matvec_seconds += _clock() - t0
             return out
 
         __matmul__ = matvec
@@ -97,20 +102,19 @@ def vector_work(args) -> dict:
         for m, steps in modes:
             for d, wd in dtypes:
                 op, (src, dst), v0 = ops[wd], bufs[wd], v0s[wd]
-                ts = []
-                for _ in range(3):  # dst is touched by the first; the fastest of three
-                    t0 = time.perf_counter()
-                    torch._foreach_copy_(dst, src)
-                    ts.append(time.perf_counter() - t0)
-                copies[f"{m}/{d}"].append(min(ts))
-                marks = []  # (time, matvec seconds so far) at every step's end
+                torch._foreach_copy_(dst, src)  # touch dst
+                marks = []  # per step: (CPU time at the callback, matvec seconds, copy seconds)
 
-                def mark(step, alpha, beta, marks=marks, op=op):
-                    marks.append((time.perf_counter(), op.matvec_seconds))
+                def mark(step, alpha, beta, marks=marks, op=op, src=src, dst=dst):
+                    t0 = _clock()
+                    torch._foreach_copy_(dst, src)  # the unit, measured next to every step
+                    t1 = _clock()
+                    marks.append((t0, op.matvec_seconds, t1 - t0, t1))
 
                 r = hs.lanczos(op, steps, reorth=m, basis_dtype=d, v0=v0, callback=mark)
-                (t1, m1), (t2, m2) = marks[0], marks[-1]  # steps 1 .. steps-1, set-up excluded
-                runs[f"{m}/{d}"].append(((t2 - t1) - (m2 - m1)) / (steps - 1))
+                for (_, m0, _, end0), (t1, m1, c1, _) in itertools.pairwise(marks):
+                    runs[f"{m}/{d}"].append((t1 - end0) - (m1 - m0))  # steps 1 .. m-1
+                    copies[f"{m}/{d}"].append(c1)
                 print(f"rep {rep} {m}/{d}: {runs[f'{m}/{d}'][-1] * 1e3:.1f} ms/step", flush=True)
                 del r
     rows = []
@@ -118,6 +122,7 @@ def vector_work(args) -> dict:
         for d, wd in dtypes:
             key = f"{m}/{d}"
             per_step, copy = statistics.median(runs[key]), statistics.median(copies[key])
+            ratio = statistics.median(a / c for a, c in zip(runs[key], copies[key]))
             bb = torch.empty((), dtype=getattr(torch, d)).element_size()
             wb = torch.empty((), dtype=wd).element_size()
             rows.append(
@@ -128,7 +133,7 @@ def vector_work(args) -> dict:
                     "work_dtype": str(wd).replace("torch.", ""),
                     "ms_per_step": per_step * 1e3,
                     "copy_ms": copy * 1e3,
-                    "copies_per_step": per_step / copy,
+                    "copies_per_step": ratio,
                     "floor_copies": _floor(m, steps, bb, wb),
                 }
             )
@@ -179,21 +184,31 @@ def dot_accuracy(numel: int) -> list[dict]:
     return out
 
 
-def rss_point(args) -> None:
-    """One process: a full-reorth run of ``--steps`` steps; prints its peak RSS (MiB)."""
-    import resource
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return -1
 
+
+def rss_point(args) -> None:
+    """One process: a full-reorth run of ``--steps`` steps; prints its resident memory before
+    the run and the peak during it (MiB; Linux VmRSS / VmHWM, the peak reset after set-up)."""
     import torch
 
     import hessian_spectra as hs
 
     torch.set_num_threads(1)
     op = _op(torch, args.numel, args.tensors)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    v0 = hs.random_probe(op, 0)
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    base = _status_kib("VmRSS") / 1024
     with tempfile.TemporaryDirectory() as d:
-        hs.lanczos(op, args.steps, reorth="full", basis_dir=d if args.offload else None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": peak, "before_run_mib": base}))
+        hs.lanczos(op, args.steps, v0=v0, reorth="full", basis_dir=d if args.offload else None)
+    peak = _status_kib("VmHWM") / 1024
+    print(json.dumps({"peak_rss_mib": peak, "before_run_mib": base, "growth_mib": peak - base}))
 
 
 def rss_curve(args) -> list[dict]:
@@ -262,6 +277,10 @@ def main(argv=None):
             )
     if not args.skip_rss:
         result["rss"] = rss_curve(args)
+        result["rss_note"] = (
+            f"full reorth, {args.rss_numel} float32 entries per vector, basis_dir on a disk "
+            "(not tmpfs); growth = peak RSS during the run minus RSS before it"
+        )
     if args.accuracy_numel:
         result["dot_accuracy"] = dot_accuracy(args.accuracy_numel)
     if args.out:

@@ -214,3 +214,9 @@ def test_slq_and_top_eigenvalues_pass_the_basis_settings(tmp_path):
     e2 = hs.top_eigenvalues(op, 2, basis_dir=tmp_path)
     assert e1.eigenvalues.tolist() == e2.eigenvalues.tolist()
     assert not any(tmp_path.iterdir())
+
+
+def test_bad_basis_device_is_a_value_error():
+    """basis_device that is not a device is a ValueError naming basis_device."""
+    with pytest.raises(ValueError, match="basis_device"):
+        hs.lanczos(DiagOp(), 4, basis_device="nowhere")

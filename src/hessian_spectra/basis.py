@@ -171,7 +171,13 @@ class KrylovBasis:
                 min(GROUP, self.capacity), layout.numel, dtype=dtype, pin_memory=pin
             )
         else:
-            where = torch.device(basis_device) if basis_device is not None else self.device
+            try:
+                where = torch.device(basis_device) if basis_device is not None else self.device
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"basis_device must be a torch device such as 'cpu' or 'cuda:0', got "
+                    f"{basis_device!r}"
+                ) from None
             pin = pin and where.type == "cpu"
             self._rows = torch.empty(
                 self.capacity, layout.numel, dtype=dtype, device=where, pin_memory=pin
