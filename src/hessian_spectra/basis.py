@@ -81,8 +81,8 @@ class Layout:
 
 def block_dots(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``Q @ w`` as float64 ``(k,)`` for rows ``Q`` ``(k, n)`` and ``w`` ``(n,)``: one GEMV when
-    both are float64, else one float32 GEMV per block of ``_DOT_BLOCK`` columns (converted in
-    cache), blocks summed in float64.
+    both are float64; else one GEMV per block of ``_DOT_BLOCK`` columns (converted in cache to
+    float64 when either is float64, else to float32), blocks summed in float64.
 
     >>> import torch
     >>> block_dots(torch.ones(2, 3), torch.tensor([1.0, 2.0, 3.0])).tolist()
@@ -90,7 +90,7 @@ def block_dots(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     w = w.reshape(-1)
     cd = _compute_dtype(Q.dtype, w.dtype)
-    if cd == torch.float64:
+    if Q.dtype == w.dtype == torch.float64:
         return torch.mv(Q, w)
     if Q.dtype == w.dtype == cd and Q.stride(-1) == 1 and w.is_contiguous():
         return _rows_dot(Q, w)

@@ -56,19 +56,19 @@ _DOT_BLOCK = 1 << 16  # entries per block of a low-precision dot product (see _d
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 when every operand is float64, else float32: a float32 (or bf16) operand limits
-    the accuracy to float32's anyway, and mixed float32 × float64 kernels are slow (a float64
-    block converted to float32 in cache costs 0.6 of converting the float32 one to float64)."""
-    return torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32
+    """float64 when any operand is float64 (a float64 model keeps float64 dot products, also
+    with a bf16 basis), else float32 (bf16/fp16 are read as float32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a · b`` as a float64 scalar tensor, in one pass over ``a`` and ``b``.
 
-    Two float64 operands: one ``torch.dot``. Otherwise the vectors are cut into blocks of
-    ``_DOT_BLOCK`` (2^16) entries; each block's dot product is accumulated in float32 by
-    ``torch.dot`` (bf16/fp16 blocks are converted to float32 in cache first) and the block sums
-    are added in float64. The error is that of one block: ``|err| ≲ sqrt(2^16)·ε32·Σ|a_i b_i|``
+    Two float64 operands: one ``torch.dot``; one float64 operand: blocks converted to float64
+    in cache. Otherwise the vectors are cut into blocks of ``_DOT_BLOCK`` (2^16) entries; each
+    block's dot product is accumulated in float32 (one batched product over all blocks; bf16
+    and fp16 blocks are converted to float32 in cache first) and the block sums are added in
+    float64. The error is that of one block: ``|err| ≲ sqrt(2^16)·ε32·Σ|a_i b_i|``
     ≈ 1.5e-5·Σ|a_i b_i| (rounding errors of a block add up like a random walk; the float64 sum
     of the blocks adds nothing measurable), whatever the length; tested on 1e8 entries in
     ``tests/test_vectors.py``. A plain float32 dot of 1e8 entries is not bounded this way, and
@@ -77,7 +77,7 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     a, b = a.reshape(-1), b.reshape(-1)
     cd = _compute_dtype(a.dtype, b.dtype)
-    if cd == torch.float64:
+    if a.dtype == b.dtype == torch.float64:
         return torch.dot(a, b)
     if a.dtype == b.dtype == cd and a.is_contiguous() and b.is_contiguous():
         return _rows_dot(b.view(1, -1), a)[0]
