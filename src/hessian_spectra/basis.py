@@ -5,8 +5,9 @@ after the other, in the basis dtype) with per-parameter views (:class:`Layout`).
 vectors are rows of a :class:`KrylovBasis`, in one of three places:
 
 - ``"memory"`` (default): a ``(capacity, n)`` tensor on the operator's device;
-- host memory (``basis_device="cpu"`` with a model on a GPU): the same tensor in (pinned) CPU
-  memory, streamed to the GPU a group of rows at a time;
+- host memory (``basis_device="cpu"`` with a model on a GPU): the same tensor in CPU memory
+  (not pinned: that would lock num_steps vectors of RAM), streamed to the GPU a group of rows
+  at a time;
 - files (``basis_dir=PATH``): one raw file per vector per rank under ``PATH``
   (``lanczos-<id>.q<t>.rank<r>.bin``: the vector's bytes in the basis dtype, nothing else, never
   unpickled), streamed a group of rows at a time, removed by :meth:`KrylovBasis.close`.
@@ -16,8 +17,10 @@ consecutive in the store's slot order (slot ``t mod capacity`` for vector ``t``)
 places use the same groups and the same kernels, so their numbers are identical. Per group:
 the dot products against ``w`` are one matrix–vector product per block of ``_DOT_BLOCK``
 entries (float32 per block, blocks summed in float64: the accuracy of
-:func:`hessian_spectra.vectors._dot64`) and the update ``w -= Q_gᵀ c_g`` one ``addmv``; the
-resident memory of a streamed basis is one group (8 vectors) whatever the number of steps.
+:func:`hessian_spectra.vectors._dot64`) and the update ``w -= Q_gᵀ c_g`` one ``addmv``. A
+streamed basis holds one group (8 vectors) in memory whatever the number of steps (and
+``lanczos`` two more for ``q_j``, ``q_{j-1}``); in a resident one ``lanczos`` writes ``q_j``
+straight into its row (:meth:`KrylovBasis.claim`).
 
 >>> import torch
 >>> lay = Layout([torch.zeros(2), torch.zeros(1)])
@@ -178,10 +181,7 @@ class KrylovBasis:
                     f"basis_device must be a torch device such as 'cpu' or 'cuda:0', got "
                     f"{basis_device!r}"
                 ) from None
-            pin = pin and where.type == "cpu"
-            self._rows = torch.empty(
-                self.capacity, layout.numel, dtype=dtype, device=where, pin_memory=pin
-            )
+            self._rows = torch.empty(self.capacity, layout.numel, dtype=dtype, device=where)
             self._buf = None
 
     @property
