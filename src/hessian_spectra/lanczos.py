@@ -506,6 +506,7 @@ def _run(
     if n0 and n0 - 1 not in bufs:
         place(n0 - 1, st.q_prev)
     place(n0, st.q)
+    qwork = layout.empty(work) if store != work else None
     io_s0 = basis.io_seconds if basis is not None else 0.0
     breakdown, residual = False, 0.0
     with progress_bar(
@@ -517,8 +518,10 @@ def _run(
             tv = time.perf_counter()
             if basis is not None and not resident:
                 basis.put(j, bufs[j])
+            if qwork is not None:  # q_j in the operator's dtype, in a buffer kept for the run
+                qwork.copy_(bufs[j])
             tm = time.perf_counter()
-            w = cast(op.matvec(cast(q, work)), work)  # H q_j
+            w = cast(op.matvec(q if qwork is None else layout.views(qwork)), work)  # H q_j
             tw = time.perf_counter()
             matvec_s += tw - tm
             alpha = dot(w, q)
