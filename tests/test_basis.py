@@ -220,3 +220,23 @@ def test_bad_basis_device_is_a_value_error():
     """basis_device that is not a device is a ValueError naming basis_device."""
     with pytest.raises(ValueError, match="basis_device"):
         hs.lanczos(DiagOp(), 4, basis_device="nowhere")
+
+
+@pytest.mark.parametrize("reorth", ["none", 1, 3, "full"])
+def test_bf16_basis_resume_is_bit_identical(tmp_path, reorth):
+    """With a bf16 basis (float32 work vectors kept beside it), a run interrupted after step 5
+    and resumed from its checkpoint gives the uninterrupted alpha/beta bit for bit."""
+    op = DiagOp(torch.float32)
+    kw = {"reorth": reorth, "basis_dtype": "bfloat16"}
+    full = hs.lanczos(op, 10, **kw)
+    ck = tmp_path / "ck"
+
+    def stop(step, alpha, beta):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hs.lanczos(op, 10, checkpoint=ck, callback=stop, **kw)
+    again = hs.lanczos(op, 10, checkpoint=ck, **kw)
+    assert again.alpha.tolist() == full.alpha.tolist()
+    assert again.beta.tolist() == full.beta.tolist()

@@ -506,7 +506,12 @@ def _run(
     if n0 and n0 - 1 not in bufs:
         place(n0 - 1, st.q_prev)
     place(n0, st.q)
-    qwork = layout.empty(work) if store != work else None
+    # with a basis in another dtype: q_j and q_{j-1} also in the operator's dtype, two buffers
+    # kept for the run (the matvec's input, then the dot and the three-term update: no
+    # conversion in them)
+    qwork = [layout.empty(work), layout.empty(work)] if store != work else None
+    if qwork is not None and n0:
+        qwork[(n0 - 1) % 2].copy_(bufs[n0 - 1])
     io_s0 = basis.io_seconds if basis is not None else 0.0
     breakdown, residual = False, 0.0
     with progress_bar(
@@ -518,10 +523,12 @@ def _run(
             tv = time.perf_counter()
             if basis is not None and not resident:
                 basis.put(j, bufs[j])
-            if qwork is not None:  # q_j in the operator's dtype, in a buffer kept for the run
-                qwork.copy_(bufs[j])
+            if qwork is not None:
+                qwork[j % 2].copy_(bufs[j])
+                q = layout.views(qwork[j % 2])
+                q_prev = layout.views(qwork[(j - 1) % 2]) if j > 0 else None
             tm = time.perf_counter()
-            w = cast(op.matvec(q if qwork is None else layout.views(qwork)), work)  # H q_j
+            w = cast(op.matvec(q), work)  # H q_j
             tw = time.perf_counter()
             matvec_s += tw - tm
             alpha = dot(w, q)
@@ -557,11 +564,12 @@ def _run(
             vector_s += time.perf_counter() - tv
             if ckpt is not None:
                 tc = time.perf_counter()
-                st.q, st.q_prev = layout.views(nxt), q
+                st.q, st.q_prev = layout.views(nxt), layout.views(bufs[j])
                 st.kept = []
                 st.basis_kept = []
                 if basis is not None:
-                    keep = sorted(t for t in basis.kept if t <= j)[-_num_kept(window)(j + 1) :]
+                    nk = _num_kept(window)(j + 1)
+                    keep = sorted(t for t in basis.kept if t <= j)[-nk:] if nk else []
                     if basis.dir is not None:
                         st.basis_kept = keep
                     else:
