@@ -4,9 +4,13 @@
 
 Reorthogonalisation (``reorth``):
 - ``"full"``: every new vector is orthogonalised twice (classical Gram–Schmidt, one batched
-  all-reduce per pass) against all stored vectors; memory ``m`` vectors.
-- ``r`` (int ≥ 1): a sliding window: only against the last ``r`` vectors; memory ``2 + r``.
-- ``"none"`` (or 0): the plain three-term recurrence; memory 2 vectors (+ the matvec's).
+  all-reduce per pass) against all stored vectors; memory ``m`` vectors (8 with
+  ``basis_dir``: they are streamed from files).
+- ``r`` (int ≥ 1): a sliding window: only against the last ``r`` vectors; memory
+  ``max(r, 2)``.
+- ``"none"`` (or 0): the plain three-term recurrence; memory 2 vectors.
+Add one work vector ``w`` (and the matvec's own), and two more in the operator's dtype when
+``basis_dtype`` differs from it.
   Without reorthogonalisation, Ritz values that have converged reappear as "ghosts"
   (Paige 1971; FSHP Thm 4.1): fine for densities with few steps, wrong for multiplicities.
 
@@ -17,9 +21,11 @@ float64 and others float32 per block of 2^16 entries summed in float64 (error �
 Σ|u_i v_i|, :func:`hessian_spectra.vectors.dot`); the matvec runs in the operator's dtype.
 Per step the vector work is one dot, one fused update ``w −= alpha q + beta q_prev``, one norm
 and one scale (≈ 4.5 copies of a vector), plus with ``k`` kept vectors two sweeps of CGS2
-(≈ 2k + 3 copies). A step whose ``beta`` falls below
-``breakdown_tol · scale`` (scale: the largest ``|alpha| + beta`` seen, an estimate of ||H||)
-means an invariant subspace was found: Lanczos stops there and says so, never dividing by ~0.
+(≈ 2k + 3 copies): ``benchmarks/lanczos_vector_work.py`` measures it.
+
+A step whose ``beta`` falls below ``breakdown_tol · scale`` (scale: the largest
+``|alpha| + beta`` seen, an estimate of ||H||) means an invariant subspace was found: Lanczos
+stops there and says so, never dividing by ~0.
 
 The state after each step can be written to ``checkpoint`` and a later call with the same path
 resumes from it (:mod:`hessian_spectra.lanczos_state`: safetensors + JSON, one file per rank,
