@@ -82,13 +82,16 @@ def top_eigenvalues(
     seed: int = 0,
     return_vectors: bool = False,
     basis_dtype=None,
+    basis_dir=None,
+    basis_device=None,
     progress: bool = False,
 ) -> EigResult:
     """The ``k`` largest and ``k`` smallest algebraic eigenvalues of ``op`` by Lanczos.
 
     One run of ``num_steps`` steps (default ``min(P, max(3k, 2k + 20))``) with full
     reorthogonalisation, so converged Ritz values have no ghost copies. Extreme eigenvalues
-    converge first; check ``residuals`` for how far each has.
+    converge first; check ``residuals`` for how far each has. ``basis_dtype``, ``basis_dir``
+    and ``basis_device`` say how the Lanczos vectors are kept, as in ``lanczos``.
 
     >>> import torch
     >>> from hessian_spectra import DenseOperator
@@ -108,6 +111,8 @@ def top_eigenvalues(
         seed=seed,
         reorth="full",
         basis_dtype=basis_dtype,
+        basis_dir=basis_dir,
+        basis_device=basis_device,
         return_basis=return_vectors,
         progress=progress,
     )
