@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from .command import Command, Outcome, fmt
-from .options import DTYPE_NAMES, positive_int, reorth
+from .options import DTYPE_NAMES, add_basis_storage, lanczos_overhead, positive_int, reorth
 
 __all__ = ["Density", "DensityOptions"]
 
@@ -26,6 +26,10 @@ class DensityOptions:
     """``full``, ``none`` or a window size."""
     basis_dtype: str | None = None
     """Storage dtype of the Lanczos vectors (None: the HVP dtype)."""
+    basis_dir: str | None = None
+    """Folder for the stored Lanczos vectors (None: in memory)."""
+    basis_device: str | None = None
+    """Device of the stored Lanczos vectors (None: the model's)."""
     resume: bool = False
     """Continue the run in --out: keep its finished probes (all of them), compute the rest."""
     per_block: bool = False
@@ -33,7 +37,8 @@ class DensityOptions:
 
     def to_dict(self) -> dict:
         d = {"steps": self.steps, "probes": self.probes, "reorth": self.reorth,
-             "basis_dtype": self.basis_dtype}  # resume is how, not what: not saved
+             "basis_dtype": self.basis_dtype, "basis_dir": self.basis_dir,
+             "basis_device": self.basis_device}  # resume is how, not what: not saved
         if self.per_block:
             d["per_block"] = True
         return d
@@ -62,6 +67,7 @@ class Density(Command):
         p.add_argument("--basis-dtype", choices=DTYPE_NAMES,
                        default=None, help="storage dtype of the Lanczos vectors, bfloat16 halves "
                                           "their memory (default: the HVP dtype)")
+        add_basis_storage(p)
         p.add_argument("--per-block", action="store_true",
                        help="the SLQ density of each diagonal block H_bb instead (one block per "
                             "transformer layer, plus embeddings, final norm and head; the "
@@ -113,8 +119,10 @@ class Density(Command):
                  num_probes, o.steps, o.reorth, o.basis_dtype or "HVP dtype", ctx.config.method)
         dens = slq(ctx.op, o.steps, num_probes, seed=ctx.config.seed, reorth=o.reorth,
                    basis_dtype=o.basis_dtype, runs=runs, on_probe=on_probe,
+                   basis_dir=o.basis_dir, basis_device=o.basis_device,
                    progress=not ctx.config.quiet)
-        return Outcome(dens.to_dict(), dens.summary())
+        summary = {**dens.summary(), **lanczos_overhead([r.to_dict() for r in dens.runs])}
+        return Outcome(dens.to_dict(), summary)
 
     def _run_per_block(self, ctx) -> Outcome:
         from .. import slq
@@ -128,8 +136,8 @@ class Density(Command):
         for k, (name, names) in enumerate(groups.items()):
             blk = BlockOperator(ctx.op, names)
             dens = slq(blk, min(o.steps, blk.num_params), o.probes, seed=ctx.config.seed,
-                       reorth=o.reorth, basis_dtype=o.basis_dtype,
-                       progress=not ctx.config.quiet)
+                       reorth=o.reorth, basis_dtype=o.basis_dtype, basis_dir=o.basis_dir,
+                       basis_device=o.basis_device, progress=not ctx.config.quiet)
             dens.config.update(block=name, params=list(blk.param_names))
             blocks[name] = dens
             s = dens.summary()
@@ -187,6 +195,9 @@ class Density(Command):
                                           f"< -{s['negative_mass_threshold']:.3g})")))
         rows.append(("below zero", (f"{fmt(s.get('negative_mass_below_zero'), '.4f')} (mass of "
                                    "nodes < 0, including the near-zero bulk)")))
+        if s.get("lanczos_overhead_percent") is not None:
+            rows.append(("Lanczos overhead", (f"{s['lanczos_overhead_percent']:.1f}% of the HVP "
+                                              "time (dots, updates, reorthogonalisation)")))
         n = s.get("num_probes")
         if n is not None and n > result.config.get("probes", n):
             rows.append(("probes", (f"{n} (kept every finished probe; --probes asked "
