@@ -18,9 +18,9 @@ that need only the tridiagonal ``T`` (``alpha``, ``beta``), never the basis:
   step reorthogonalised against (``reorth``: all, the last ``r``, or none). Ghosts appear once
   it reaches ~``sqrt(ε)`` (semi-orthogonality lost). Like Simon's, it is pessimistic: on
   the tests' matrices it crosses ``sqrt(ε)`` within a few steps of the true loss and then runs
-  up to ~10^5 above it, never far below (``tests/test_ghosts.py``). It models rounding only: a finite-
-  difference HVP's own error is larger and makes orthogonality fail sooner, so for ``fd`` it is
-  a lower estimate.
+  up to ~10^5 above it, never far below (``tests/test_ghosts.py``). It models rounding only:
+  a finite-difference HVP's own error is larger and makes orthogonality fail sooner, so for
+  ``fd`` it can be low.
 
 >>> import numpy as np
 >>> ghost_indices([1.0, 2.0, 3.0], [0.5, 0.5]).tolist()  # distinct, all with weight: no ghosts
