@@ -59,6 +59,22 @@ def test_no_ghosts_with_full_reorth(steps, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, GhostWarning)]
 
 
+@pytest.mark.parametrize(("basis_dtype", "rel"), [(None, 1e-5), ("bfloat16", 1e-2)])
+def test_no_false_ghosts_in_a_clustered_float32_bulk(basis_dtype, rel):
+    """float32 matrix, 80 full-reorth steps, 297 eigenvalues in [-1, 1] and 3 outliers (a
+    bf16 basis too): no Ritz value is flagged (a tolerance in the basis dtype's ε, or
+    10·m·ε for the T̂ match, flagged 8 to 79 of them)."""
+    n = 300
+    g = torch.Generator().manual_seed(0)
+    eigs = torch.cat([torch.linspace(-1, 1, n - 3), torch.tensor(OUTLIERS)]).double()
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    a = (q @ torch.diag(eigs) @ q.T).float()
+    res = lanczos(DenseOperator(a), 80, seed=1, reorth="full", basis_dtype=basis_dtype)
+    assert res.vector_dtype == "float32"
+    assert res.num_ghosts == 0
+    assert [_copies(res.ritz_values, x, rel) for x in OUTLIERS] == [1, 1, 1]
+
+
 def test_alpha_beta_unchanged_by_the_diagnostics():
     """The diagnostics read T only: alpha/beta are the same numbers as a run's (no basis
     stored, nothing recomputed)."""

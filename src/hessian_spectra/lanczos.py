@@ -117,6 +117,8 @@ class LanczosResult:
         matvec_seconds: the part of ``seconds`` spent in the operator's products.
         vector_seconds: the part spent in vector work (dots, updates, reorthogonalisation).
         io_seconds: the part spent in basis files, host–device transfers and checkpoints.
+        vector_dtype: the dtype the products and the recurrence ran in (the operator's vector
+            dtype; its machine epsilon sets the ghost test's tolerance), or None if unknown.
 
     >>> r = LanczosResult(alpha=[2.0, 2.0], beta=[1.0])
     >>> r.ritz_values.tolist(), r.ritz_weights.round(12).tolist()
@@ -133,6 +135,7 @@ class LanczosResult:
     matvec_seconds: float = 0.0
     vector_seconds: float = 0.0
     io_seconds: float = 0.0
+    vector_dtype: str | None = None
     ritz_values: np.ndarray = field(init=False)
     ritz_weights: np.ndarray = field(init=False)
     ritz_coords: np.ndarray = field(init=False, repr=False)
@@ -170,15 +173,16 @@ class LanczosResult:
 
     @property
     def unit_roundoff(self) -> float:
-        """Machine epsilon of the Lanczos vectors' dtype (``config["basis_dtype"]``)."""
+        """Machine epsilon of the dtype the recurrence ran in (``vector_dtype``; else
+        ``config["basis_dtype"]``; else float64)."""
         from .ghosts import unit_roundoff
 
-        return unit_roundoff(self.config.get("basis_dtype"))
+        return unit_roundoff(self.vector_dtype or self.config.get("basis_dtype"))
 
     def ghost_indices(self, tol: float | None = None) -> np.ndarray:
         """Indices into ``ritz_values`` of the spurious copies of converged Ritz values (FSHP
         Thm 4.1), by the Cullum–Willoughby test (:mod:`hessian_spectra.ghosts`); ``tol``
-        default ``10 · m · ε · ||T||₁`` (ε of the vectors' dtype).
+        default ``m · ε · ||T||₁`` (ε: ``unit_roundoff``).
 
         >>> LanczosResult(alpha=[1.0, 2.0, 3.0], beta=[0.5, 0.0]).ghost_indices().tolist()
         [2]
@@ -247,6 +251,7 @@ class LanczosResult:
             "matvec_seconds": float(self.matvec_seconds),
             "vector_seconds": float(self.vector_seconds),
             "io_seconds": float(self.io_seconds),
+            "vector_dtype": self.vector_dtype,
             **self._ghost_report(),
         }
 
@@ -297,6 +302,7 @@ class LanczosResult:
             matvec_seconds=_scalar(d, "matvec_seconds", 0.0),
             vector_seconds=_scalar(d, "vector_seconds", 0.0),
             io_seconds=_scalar(d, "io_seconds", 0.0),
+            vector_dtype=d.get("vector_dtype") if isinstance(d.get("vector_dtype"), str) else None,
         )
 
 
@@ -680,4 +686,5 @@ def _run(
         matvec_seconds=matvec_s,
         vector_seconds=vector_s,
         io_seconds=io_s,
+        vector_dtype=dtype_name(work),
     )
