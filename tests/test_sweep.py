@@ -151,6 +151,28 @@ def test_bad_line_exit_status_and_help(capsys):
     assert "example:" in capsys.readouterr().out
 
 
+def test_bad_cell_value_is_refused_before_any_cell_runs(tmp_path, capsys):
+    """A value argparse refuses in one cell (basis-dtype=float13) stops the sweep with exit 2
+    before the first (good) cell runs: no cell folder is written."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "density", "--vary", "basis-dtype=float64,float13", *BASE, "--out", str(out)]
+    assert main(argv) == EXIT_USAGE
+    assert "float13" in capsys.readouterr().err
+    assert not out.exists() or not _cells(out)
+
+
+def test_a_failing_cell_does_not_stop_the_sweep(tmp_path):
+    """A cell whose run fails (a model factory that does not exist: exit 2 from that run) is
+    recorded as failed and the next cell still runs; the sweep's exit status is the failure's."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "trace", "--vary", "model=factories:no_such_factory,factories:mlp",
+            "--quiet", "--method", "exact", "--probes", "2", "--out", str(out)]
+    assert main(argv) == EXIT_USAGE
+    rows = json.loads((out / "sweep.json").read_text())["cells"]
+    assert [r["exit_code"] for r in rows] == [EXIT_USAGE, EXIT_OK]
+    assert rows[1]["status"] == "complete" and rows[1]["trace"] is not None
+
+
 def test_flag_values_and_w1():
     """A flag varies as on/off (on: the flag given, off: absent); W1/range of point masses at
     the two ends of the range is 1 and of equal measures 0."""

@@ -19,8 +19,10 @@ divided by the spectral range of the two (max λ_max − min λ_min), and ``rel_
 per combination of all but the last varied option, the last one overlaid in each panel (FSHP
 Figs 3–6).
 
-Exit status: 0 when every cell is complete; else that of the first cell that was not (a usage
-error, 2, or an interruption, 130/143, stops the sweep; other failures go on to the next cell).
+Every cell's command line is checked before the first one runs (a bad option value is exit
+status 2 at once). Exit status: 0 when every cell is complete; else that of the first cell that
+was not: an interruption (130/143) stops the sweep, any other failure (a model that does not
+load, a numerical failure) goes on to the next cell.
 """
 
 from __future__ import annotations
@@ -224,10 +226,19 @@ def run_sweep(argv, commands) -> int:
     names = [o for o, _ in spec["vary"]]
     cells = [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in spec["vary"]))]
     resumable = commands[spec["command"]].resumable
+    plans = [(out / _cell_name(i, o), o) for i, o in enumerate(cells)]
+    plans = [(f, o, _cell_argv(spec, o, f)) for f, o in plans]
+    from . import build_parser
+
+    for _, options, argv_i in plans:  # every cell's line parses before anything runs
+        try:
+            build_parser().parse_args(argv_i)
+        except SystemExit:
+            print(f"{PROG} sweep: error: the cell {options} has a bad command line (above)",
+                  file=sys.stderr)
+            return EXIT_USAGE
     rows, code = [], EXIT_OK
-    for i, options in enumerate(cells):
-        folder = out / _cell_name(i, options)
-        argv_i = _cell_argv(spec, options, folder)
+    for i, (folder, options, argv_i) in enumerate(plans):
         saved = _load(folder)
         same = saved is not None and _same_run(saved, argv_i)
         if same and saved.get("status") == "complete":
@@ -243,9 +254,10 @@ def run_sweep(argv, commands) -> int:
         _write(out, spec, cells, rows)
         if rc != EXIT_OK and code == EXIT_OK:
             code = rc
-        if rc in (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED):
+        if rc in (EXIT_INTERRUPTED, EXIT_TERMINATED):
             break
     done = _write(out, spec, cells, rows)
+    print(_table(rows), file=sys.stderr)
     try:
         from ..plots import plot_sweep
 
@@ -255,6 +267,20 @@ def run_sweep(argv, commands) -> int:
     print(f"{PROG} sweep: {sum(r['status'] == 'complete' for r in rows)}/{len(cells)} cell(s) "
           f"complete; {out / 'sweep.json'}", file=sys.stderr)
     return code
+
+
+def _table(rows: list) -> str:
+    """One line per cell: name, status, the extremes, W1/range to the first cell."""
+    def f(x, spec=".5g"):
+        return "n/a" if x is None else format(x, spec)
+
+    w = max([len(r["cell"]) for r in rows] + [4])
+    lines = [f"{'cell':<{w}}  {'status':<13}  {'lambda_max':>11}  {'lambda_min':>11}  "
+             f"{'W1/range':>9}  {'ghosts':>6}"]
+    lines += [f"{r['cell']:<{w}}  {r['status']:<13}  {f(r['lambda_max']):>11}  "
+              f"{f(r['lambda_min']):>11}  {f(r.get('w1_over_range'), '.3g'):>9}  "
+              f"{f(r['num_ghosts'], 'd'):>6}" for r in rows]
+    return "\n".join(lines)
 
 
 def _row(i: int, options: dict, folder: Path, rc: int) -> dict:
