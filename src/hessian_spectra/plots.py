@@ -316,6 +316,10 @@ def plot_sweep(sweep: dict, results: dict, path, *, num: int = 1001):
         ax.set_title(", ".join(f"{n}={x}" for n, x in zip(panel_names, combo)) or
                      f"{sweep.get('command', '')}: {over}", fontsize=9)
         ax.set_xlabel("eigenvalue λ")
+        if dens:
+            ax.set_ylabel("density (log scale)")
+        else:
+            ax.set_yticks([])
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
