@@ -140,3 +140,17 @@ def test_omega_recurrence_tracks_the_true_loss_of_orthogonality():
     assert both.sum() >= 5
     ratio = np.log10(est[both] / true[both])
     assert np.all(ratio >= -1), ratio
+
+
+def test_omega_with_a_window_is_reset_for_the_kept_vectors():
+    """With a window r ≥ m every vector is reorthogonalised against all before it: the
+    estimate stays at ε, as for full; with r = 0 (none) it grows past √ε on the same T; a run's
+    own orthogonality_loss() reads its reorth from config."""
+    res = lanczos(DenseOperator(_matrix()), 60, seed=1, reorth="full")
+    eps = 2.0 ** -52
+    full = orthogonality_loss(res.alpha, res.beta, eps=eps, window=None)
+    wide = orthogonality_loss(res.alpha, res.beta, eps=eps, window=60)
+    none = orthogonality_loss(res.alpha, res.beta, eps=eps, window=0)
+    assert full.max() <= eps and wide.max() <= eps
+    assert none.max() > np.sqrt(eps)
+    assert res.orthogonality_loss().tolist() == full.tolist()
