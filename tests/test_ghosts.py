@@ -154,3 +154,15 @@ def test_omega_with_a_window_is_reset_for_the_kept_vectors():
     assert full.max() <= eps and wide.max() <= eps
     assert none.max() > np.sqrt(eps)
     assert res.orthogonality_loss().tolist() == full.tolist()
+
+
+def test_density_summary_counts_the_ghosts_of_every_probe():
+    """`SpectralDensity.summary()["num_ghosts"]` is the sum of the probes' ghost counts: > 0 for
+    plain Lanczos past convergence of the outliers, 0 under full reorthogonalisation."""
+    from hessian_spectra import slq
+
+    H = DenseOperator(_matrix())
+    with pytest.warns(GhostWarning):
+        plain = slq(H, 60, 2, seed=1, reorth="none")
+    assert plain.summary()["num_ghosts"] == sum(r.num_ghosts for r in plain.runs) > 0
+    assert slq(H, 60, 2, seed=1, reorth="full").summary()["num_ghosts"] == 0
