@@ -289,7 +289,7 @@ CASES = [
         "trace-probes-zero",
         lambda: hs.trace(_H, 0),
         ValueError,
-        r"num_probes must be a positive integer",
+        r"num_matvecs must be a positive integer",
     ),
     ("top-k-zero", lambda: hs.top_eigenvalues(_H, 0), ValueError, r"k must be a positive integer"),
     (

@@ -229,6 +229,8 @@ def test_progress_bar_changes_no_number(capsys):
     np.testing.assert_array_equal(a.alpha, b.alpha)
     np.testing.assert_array_equal(a.beta, b.beta)
     np.testing.assert_array_equal(hs.slq(H, 4, 2, progress=True).nodes, hs.slq(H, 4, 2).nodes)
-    assert tuple(hs.trace(H, 3, progress=True)) == tuple(hs.trace(H, 3))
+    assert tuple(hs.trace(H, 3, method="hutchinson", progress=True)) == tuple(
+        hs.trace(H, 3, method="hutchinson")
+    )
     err = capsys.readouterr().err
     assert "Lanczos" in err and "SLQ probes" in err and "Hutchinson probes" in err

@@ -6,13 +6,16 @@ central finite differences), fast (an HVP costs about two gradients) and scalabl
 
 from .blockdiag import BlockDiagReport, BlockRow, block_diagonal_test, default_blocks
 from .density import SpectralDensity, slq
-from .estimators import EigResult, TraceEstimate, top_eigenvalues, trace
+from .estimators import TRACE_METHODS, EigResult, TraceEstimate, top_eigenvalues, trace
+from .fisher import EmpiricalFisherOperator
+from .ggn import GGNOperator
 from .influence import InfluenceResult, influence
 from .lanczos import LanczosResult, lanczos
 from .linop import DenseOperator, Operator, as_operator
 from .fd_step import FDError, default_eps_scale
 from .objective import Objective
 from .operators import HessianOperator
+from .per_block import BlockOperator, per_block_slq, select_params
 from .solvers import CGInfo, cg_solve
 from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, unit_probe, zeros_like
 
@@ -21,6 +24,9 @@ __version__ = "0.1.0"
 __all__ = [
     # operators
     "HessianOperator",
+    "GGNOperator",
+    "EmpiricalFisherOperator",
+    "BlockOperator",
     "Objective",
     "DenseOperator",
     "Operator",
@@ -49,6 +55,9 @@ __all__ = [
     "EigResult",
     "trace",
     "TraceEstimate",
+    "TRACE_METHODS",
+    "per_block_slq",
+    "select_params",
     # analyses
     "block_diagonal_test",
     "BlockDiagReport",

@@ -171,6 +171,7 @@ class SpectralDensity:
             "num_probes": self.num_probes,
             "num_steps": int(max(r.num_steps for r in self.runs)),
             "sigma": self.default_sigma(),
+            "num_ghosts": int(sum(r.num_ghosts for r in self.runs)),
         }
 
     def to_dict(self) -> dict:
@@ -234,6 +235,8 @@ def slq(
     seed: int = 0,
     reorth="full",
     basis_dtype=None,
+    basis_dir=None,
+    basis_device=None,
     probe: str = "rademacher",
     runs: list[LanczosResult] | None = None,
     on_probe=None,
@@ -250,6 +253,8 @@ def slq(
         on_probe: ``on_probe(index, SpectralDensity_so_far)`` after every probe (save there).
         checkpoint_dir: a folder for mid-probe Lanczos state (``probe{s}.safetensors``, see
             :mod:`hessian_spectra.lanczos_state`).
+        basis_dir, basis_device: where each probe's Lanczos vectors are kept (files, host
+            memory), as in ``lanczos``.
         Other arguments as in ``lanczos``.
 
     >>> import torch
@@ -286,6 +291,8 @@ def slq(
                     seed=seed + s,
                     reorth=reorth,
                     basis_dtype=basis_dtype,
+                    basis_dir=basis_dir,
+                    basis_device=basis_device,
                     probe=probe,
                     checkpoint=ck,
                     progress=progress,

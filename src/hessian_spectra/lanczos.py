@@ -4,16 +4,28 @@
 
 Reorthogonalisation (``reorth``):
 - ``"full"``: every new vector is orthogonalised twice (classical Gram–Schmidt, one batched
-  all-reduce per pass) against all stored vectors; memory ``m`` vectors.
-- ``r`` (int ≥ 1): a sliding window: only against the last ``r`` vectors; memory ``2 + r``.
-- ``"none"`` (or 0): the plain three-term recurrence; memory 2 vectors (+ the matvec's).
+  all-reduce per pass) against all stored vectors; memory ``m`` vectors (8 with
+  ``basis_dir``: they are streamed from files).
+- ``r`` (int ≥ 1): a sliding window: only against the last ``r`` vectors; memory
+  ``max(r, 2)``.
+- ``"none"`` (or 0): the plain three-term recurrence; memory 2 vectors.
+Add one work vector ``w`` (and the matvec's own), and two more in the operator's dtype when
+``basis_dtype`` differs from it.
   Without reorthogonalisation, Ritz values that have converged reappear as "ghosts"
   (Paige 1971; FSHP Thm 4.1): fine for densities with few steps, wrong for multiplicities.
 
-Vectors are stored in ``basis_dtype`` (bf16 halves memory); every dot product and scalar is
-float64 and the matvec runs in the operator's dtype. A step whose ``beta`` falls below
-``breakdown_tol · scale`` (scale: the largest ``|alpha| + beta`` seen, an estimate of ||H||)
-means an invariant subspace was found: Lanczos stops there and says so, never dividing by ~0.
+Vectors are stored in ``basis_dtype`` (bf16 halves memory), each as one flat buffer (rows of a
+:class:`~hessian_spectra.basis.KrylovBasis`, in memory, in host memory or in files:
+``basis_device``, ``basis_dir``); scalars are float64, dot products of float64 vectors are
+float64 and others float32 per block of 2^16 entries summed in float64 (error ≲ 2^-16 ·
+Σ|u_i v_i|, :func:`hessian_spectra.vectors.dot`); the matvec runs in the operator's dtype.
+Per step the vector work is one dot, one fused update ``w −= alpha q + beta q_prev``, one norm
+and one scale (≈ 4.5 copies of a vector), plus with ``k`` kept vectors two sweeps of CGS2
+(≈ 2k + 3 copies): ``benchmarks/lanczos_vector_work.py`` measures it.
+
+A step whose ``beta`` falls below ``breakdown_tol · scale`` (scale: the largest
+``|alpha| + beta`` seen, an estimate of ||H||) means an invariant subspace was found: Lanczos
+stops there and says so, never dividing by ~0.
 
 The state after each step can be written to ``checkpoint`` and a later call with the same path
 resumes from it (:mod:`hessian_spectra.lanczos_state`: safetensors + JSON, one file per rank,
@@ -39,13 +51,15 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from . import distributed as _dist
 from ._checks import check_positive_int, dtype_name, parse_dtype
 from ._progress import progress_bar
+from .basis import KrylovBasis, Layout
 from .lanczos_state import LanczosState, checkpoint_path, resume, save_checkpoint
 from .linop import as_operator
-from .vectors import Vector, axpy, cast, check_vector, dot, dots, norm, random_probe, scale
+from .vectors import Vector, _as, axpy, cast, check_vector, dot, norm, random_probe, scale
 
-__all__ = ["LanczosResult", "lanczos", "tridiagonal_eigh"]
+__all__ = ["GhostWarning", "LanczosResult", "lanczos", "tridiagonal_eigh"]
 
 
 def tridiagonal_eigh(alpha, beta):
@@ -100,6 +114,11 @@ class LanczosResult:
         v0_norm: the norm of the starting vector (before normalisation).
         config: the settings of the run (num_steps asked, reorth, basis dtype, seed, method).
         seconds: wall time of the run.
+        matvec_seconds: the part of ``seconds`` spent in the operator's products.
+        vector_seconds: the part spent in vector work (dots, updates, reorthogonalisation).
+        io_seconds: the part spent in basis files, host–device transfers and checkpoints.
+        vector_dtype: the dtype the products and the recurrence ran in (the operator's vector
+            dtype; its machine epsilon sets the ghost test's tolerance), or None if unknown.
 
     >>> r = LanczosResult(alpha=[2.0, 2.0], beta=[1.0])
     >>> r.ritz_values.tolist(), r.ritz_weights.round(12).tolist()
@@ -113,6 +132,10 @@ class LanczosResult:
     v0_norm: float = 1.0
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+    matvec_seconds: float = 0.0
+    vector_seconds: float = 0.0
+    io_seconds: float = 0.0
+    vector_dtype: str | None = None
     ritz_values: np.ndarray = field(init=False)
     ritz_weights: np.ndarray = field(init=False)
     ritz_coords: np.ndarray = field(init=False, repr=False)
@@ -148,6 +171,51 @@ class LanczosResult:
             return np.zeros(0)
         return np.abs(self.residual_beta * self.ritz_coords[-1, :])
 
+    @property
+    def unit_roundoff(self) -> float:
+        """Machine epsilon of the dtype the recurrence ran in (``vector_dtype``; else
+        ``config["basis_dtype"]``; else float64)."""
+        from .ghosts import unit_roundoff
+
+        return unit_roundoff(self.vector_dtype or self.config.get("basis_dtype"))
+
+    def ghost_indices(self, tol: float | None = None) -> np.ndarray:
+        """Indices into ``ritz_values`` of the spurious copies of converged Ritz values (FSHP
+        Thm 4.1), by the Cullum–Willoughby test (:mod:`hessian_spectra.ghosts`); ``tol``
+        default ``m · ε · ||T||₁`` (ε: ``unit_roundoff``).
+
+        >>> LanczosResult(alpha=[1.0, 2.0, 3.0], beta=[0.5, 0.0]).ghost_indices().tolist()
+        [2]
+        """
+        from .ghosts import ghost_indices
+
+        return ghost_indices(self.alpha, self.beta, tol=tol, eps=self.unit_roundoff)
+
+    @property
+    def num_ghosts(self) -> int:
+        """The number of ghosts (``len(ghost_indices())``): 0 under full reorthogonalisation
+        (in exact arithmetic, always).
+
+        >>> LanczosResult(alpha=[2.0, 2.0], beta=[1.0]).num_ghosts
+        0
+        """
+        return int(self.ghost_indices().size)
+
+    def orthogonality_loss(self) -> np.ndarray:
+        """Estimated ``max_{k<j} |q_j · q_k|`` at each step j, from ``alpha`` and ``beta`` by
+        the ω-recurrence (no basis needed; :mod:`hessian_spectra.ghosts`), with the run's
+        reorthogonalisation (``config["reorth"]``) taken into account.
+
+        >>> r = LanczosResult(alpha=[1.0, 2.0, 3.0], beta=[1.0, 1.0], config={"reorth": "full"})
+        >>> bool(r.orthogonality_loss().max() < 1e-15)
+        True
+        """
+        from .ghosts import orthogonality_loss
+
+        reorth = self.config.get("reorth", "full")
+        window = None if reorth == "full" else 0 if reorth in ("none", None, 0) else int(reorth)
+        return orthogonality_loss(self.alpha, self.beta, eps=self.unit_roundoff, window=window)
+
     def ritz_vectors(self, indices=None) -> list[Vector]:
         """Ritz vectors ``Q s_i`` (needs the basis: ``lanczos(..., return_basis=True)``)."""
         if self.basis is None:
@@ -168,7 +236,8 @@ class LanczosResult:
         return out
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (the tridiagonal, nodes, weights, flags, config, seconds)."""
+        """A JSON-ready dict (the tridiagonal, nodes, weights, flags, config, seconds and their
+        split)."""
         return {
             "alpha": self.alpha.tolist(),
             "beta": self.beta.tolist(),
@@ -179,6 +248,23 @@ class LanczosResult:
             "v0_norm": float(self.v0_norm),
             "config": dict(self.config),
             "seconds": float(self.seconds),
+            "matvec_seconds": float(self.matvec_seconds),
+            "vector_seconds": float(self.vector_seconds),
+            "io_seconds": float(self.io_seconds),
+            "vector_dtype": self.vector_dtype,
+            **self._ghost_report(),
+        }
+
+    def _ghost_report(self) -> dict:
+        """``num_ghosts``, ``ghost_indices``, ``ghost_values`` and the final estimated
+        ``orthogonality_loss`` (informational: ``from_dict`` recomputes them)."""
+        g = self.ghost_indices()
+        w = self.orthogonality_loss()
+        return {
+            "num_ghosts": int(g.size),
+            "ghost_indices": g.tolist(),
+            "ghost_values": self.ritz_values[g].tolist(),
+            "orthogonality_loss": float(w.max()) if w.size else 0.0,
         }
 
     @classmethod
@@ -213,6 +299,10 @@ class LanczosResult:
             v0_norm=_scalar(d, "v0_norm", 1.0),
             config=dict(config),
             seconds=_scalar(d, "seconds", 0.0),
+            matvec_seconds=_scalar(d, "matvec_seconds", 0.0),
+            vector_seconds=_scalar(d, "vector_seconds", 0.0),
+            io_seconds=_scalar(d, "io_seconds", 0.0),
+            vector_dtype=d.get("vector_dtype") if isinstance(d.get("vector_dtype"), str) else None,
         )
 
 
@@ -230,8 +320,9 @@ def _parse_reorth(reorth) -> int | None:
 
 
 def _num_kept(window: int | None):
-    """The map ``n ↦`` the number of vectors reorthogonalisation keeps after ``n`` steps."""
-    return lambda n: n if window is None else min(n, window)
+    """The map ``n ↦`` the number of kept vectors a checkpoint after ``n`` steps holds: those
+    that step ``n`` reorthogonalises against besides ``q_n`` (all, or the last ``window − 1``)."""
+    return lambda n: n if window is None else min(n, max(window - 1, 0))
 
 
 def _start(op, v0, seed: int, probe: str, work: torch.dtype, store: torch.dtype) -> LanczosState:
@@ -246,23 +337,53 @@ def _start(op, v0, seed: int, probe: str, work: torch.dtype, store: torch.dtype)
     return LanczosState(alpha=[], beta=[], q=q, q_prev=None, v0_norm=v0_norm)
 
 
-def _keep(kept: list[Vector], q: Vector, window: int | None) -> None:
-    """Add ``q`` to the vectors kept for reorthogonalisation: all of them (``window`` None), the
-    last ``window`` ones, or none (0)."""
-    if window == 0:
-        return
-    kept.append(q)
-    if window is not None and len(kept) > window:
-        kept.pop(0)
+_UPDATE_BLOCK = 1 << 16  # entries per cache-sized block of the fused three-term update
 
 
-def _reorthogonalise(w: Vector, kept: list[Vector]) -> None:
-    """``w -= Q Qᵀ w`` against the kept vectors, twice: CGS2, twice is enough (Giraud et al.
-    2005); one all-reduce of all dot products per pass."""
-    for _ in range(2 if kept else 0):
-        c = dots(kept, w)
-        for ci, k in zip(c.tolist(), kept):
-            axpy(-ci, k, w)
+def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta: float) -> None:
+    """In place ``w -= alpha q + beta q_prev`` in one pass over ``w`` (blocks that stay in
+    cache between the two updates); the same arithmetic, entry by entry, as two ``axpy``.
+    A float64 ``q`` with a lower-precision ``w`` is converted block by block first (the mixed
+    in-place kernel is 50× slower than a copy)."""
+    prev = q_prev if q_prev is not None else [None] * len(w)
+    for wi, qi, pi in zip(w, q, prev):
+        if qi.dtype == torch.float64 and wi.dtype != torch.float64 and wi.is_contiguous():
+            wf, qf = wi.view(-1), qi.reshape(-1)
+            pf = pi.reshape(-1) if pi is not None else None
+            for s in range(0, wf.numel(), _UPDATE_BLOCK):
+                blk = wf[s : s + _UPDATE_BLOCK]
+                blk.add_(_as(qf[s : s + _UPDATE_BLOCK], wi.dtype), alpha=-alpha)
+                if pf is not None:
+                    blk.add_(_as(pf[s : s + _UPDATE_BLOCK], wi.dtype), alpha=-beta)
+            continue
+        if not wi.is_contiguous():
+            wi.add_(qi, alpha=-alpha)
+            if pi is not None:
+                wi.add_(pi, alpha=-beta)
+            continue
+        wf, qf = wi.view(-1), qi.reshape(-1)
+        pf = pi.reshape(-1) if pi is not None else None
+        for s in range(0, wf.numel(), _UPDATE_BLOCK):
+            blk = wf[s : s + _UPDATE_BLOCK]
+            blk.add_(qf[s : s + _UPDATE_BLOCK], alpha=-alpha)
+            if pf is not None:
+                blk.add_(pf[s : s + _UPDATE_BLOCK], alpha=-beta)
+
+
+def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> None:
+    """``w -= Q Qᵀ w`` against the kept vectors ``ts``, twice: CGS2, twice is enough (Giraud
+    et al. 2005); per pass one sweep of the basis for the dots (one all-reduce of all of them)
+    and one for the update (:class:`hessian_spectra.basis.KrylovBasis`)."""
+    groups = basis.groups(ts)
+    for _ in range(2 if groups else 0):
+        c = _dist.all_reduce_sum(basis.dots(groups, w))
+        basis.subtract(groups, c, w)
+
+
+def _basis_name(ckpt) -> str | None:
+    """The file stem of an offloaded basis: tied to the checkpoint (so that a resumed run finds
+    its files), else a fresh one."""
+    return None if ckpt is None else f"{ckpt.name.split('.rank')[0]}-basis"
 
 
 def lanczos(
@@ -273,6 +394,8 @@ def lanczos(
     seed: int = 0,
     reorth="full",
     basis_dtype: torch.dtype | str | None = None,
+    basis_dir: str | os.PathLike | None = None,
+    basis_device: torch.device | str | None = None,
     probe: str = "rademacher",
     breakdown_tol: float | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -290,13 +413,24 @@ def lanczos(
         reorth: ``"full"``, ``"none"`` or a window size ``r``.
         basis_dtype: storage dtype of the Lanczos vectors (e.g. ``torch.bfloat16`` or
             ``"bfloat16"``); default the operator's vector dtype. Scalars are always float64.
+        basis_dir: keep the vectors kept for reorthogonalisation in files under this directory
+            (one per vector per rank, streamed 8 at a time; removed when the run ends, also on
+            an error, unless a ``checkpoint`` needs them): the resident memory no longer grows
+            with the number of steps. The numbers are the same as in memory.
+        basis_device: keep them in memory on this device instead of the operator's (e.g.
+            ``"cpu"`` for host memory with a model on a GPU); ignored with ``basis_dir``.
         breakdown_tol: relative threshold on beta; default ``100 · ε_mach`` of the vector dtype.
         checkpoint: file to save the state to after every step and to resume from
             (safetensors + JSON, see :mod:`hessian_spectra.lanczos_state`); removed at the end.
+            With ``basis_dir`` it references the basis files instead of copying them.
         return_basis: keep the vectors on the result (``result.basis``) for Ritz vectors;
             requires ``reorth="full"``.
         callback: ``callback(step, alpha, beta)`` after every step.
         progress: show a progress bar over the steps (rank 0).
+
+    The result's ``matvec_seconds``, ``vector_seconds`` and ``io_seconds`` split its
+    ``seconds``: the operator's products, the vector work (dots, updates, reorthogonalisation)
+    and the basis files / host transfers / checkpoint writes.
 
     >>> import torch
     >>> from hessian_spectra import DenseOperator
@@ -329,27 +463,173 @@ def lanczos(
         "method": op.method,
         "num_params": int(op.num_params),
     }
+    if basis_dir is not None and window != 0:
+        config["basis_storage"] = "files"
     ckpt = checkpoint_path(checkpoint)
     t0 = time.perf_counter()
-    st = resume(ckpt, config, params=op.params, dtype=store, num_kept=_num_kept(window))
+    layout = Layout(op.params)
+    basis = None
+    if window != 0:
+        basis = KrylovBasis(
+            layout,
+            store,
+            capacity=(num_steps if window is None else max(window, 2)),
+            basis_device=basis_device,
+            basis_dir=basis_dir,
+            name=_basis_name(ckpt),
+        )
+    ok = False
+    try:
+        res = _run(
+            op,
+            num_steps,
+            window,
+            basis,
+            layout,
+            v0,
+            seed,
+            probe,
+            work,
+            store,
+            tol,
+            config,
+            ckpt,
+            t0,
+            callback,
+            progress,
+        )
+        if return_basis:
+            res.basis = [
+                layout.views(basis.vector(t).clone() if basis.streamed else basis.vector(t))
+                for t in range(res.num_steps)
+            ]
+        ok = True
+    finally:
+        if basis is not None:  # files stay for a checkpoint to resume from after an error
+            basis.close(keep_files=not ok and ckpt is not None)
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+    if window == 0 and not res.breakdown:
+        _warn_ghosts(res)
+    return res
+
+
+class GhostWarning(UserWarning):
+    """Lanczos without reorthogonalisation produced ghosts (spurious copies of Ritz values)."""
+
+
+def _warn_ghosts(res: LanczosResult) -> None:
+    """Warn (``GhostWarning``) when a run without reorthogonalisation has ghosts."""
+    n = res.num_ghosts
+    if n:
+        import warnings
+
+        warnings.warn(
+            f"Lanczos with reorth='none' and {res.num_steps} steps produced {n} ghost(s) "
+            f"(spurious copies of converged Ritz values, FSHP Thm 4.1; estimated loss of "
+            f"orthogonality {res.orthogonality_loss().max():.2g}): the density's weights are "
+            "still usable, multiplicities and counts are not; use reorth='full' or a window, "
+            "or fewer steps",
+            GhostWarning,
+            stacklevel=3,
+        )
+
+
+def _run(
+    op,
+    num_steps,
+    window,
+    basis,
+    layout,
+    v0,
+    seed,
+    probe,
+    work,
+    store,
+    tol,
+    config,
+    ckpt,
+    t0,
+    callback,
+    progress,
+) -> LanczosResult:
+    """The steps of :func:`lanczos` (its arguments, checked)."""
+    st = resume(
+        ckpt,
+        config,
+        params=op.params,
+        dtype=store,
+        num_kept=_num_kept(window) if basis is None or basis.dir is None else (lambda n: 0),
+        basis_name=basis.name if basis is not None and basis.dir is not None else None,
+    )
     if st is None:
         st = _start(op, v0, seed, probe, work, store)
     t0 -= st.seconds
+    n0 = st.num_steps
+    io_s = st.io_seconds
+    matvec_s = st.matvec_seconds
+    vector_s = st.vector_seconds
+    # q_j and q_{j-1} as flat buffers in the basis dtype: rows of a resident basis (no copy
+    # to keep them), else two buffers used in turn
+    resident = basis is not None and not basis.streamed
+    flat = [] if resident else [layout.empty(store), layout.empty(store)]
+    bufs: dict[int, torch.Tensor] = {}
 
+    def place(t: int, vec: Vector | None) -> None:
+        buf = basis.claim(t) if resident else flat[t % 2]
+        if vec is not None:
+            for view, x in zip(layout.views(buf), vec):
+                view.copy_(x)
+        bufs[t] = buf
+
+    if basis is not None and n0:
+        if basis.dir is not None:
+            for t in st.basis_kept:
+                basis.adopt(t)
+        for k, vec in enumerate(st.kept):
+            t = n0 - len(st.kept) + k
+            if resident:
+                place(t, vec)
+            else:
+                tmp = layout.empty(store)
+                for view, x in zip(layout.views(tmp), vec):
+                    view.copy_(x)
+                basis.put(t, tmp)
+    if n0 and n0 - 1 not in bufs:
+        place(n0 - 1, st.q_prev)
+    place(n0, st.q)
+    # with a basis in another dtype: q_j and q_{j-1} also in the operator's dtype, two buffers
+    # kept for the run (the matvec's input, then the dot and the three-term update: no
+    # conversion in them)
+    qwork = [layout.empty(work), layout.empty(work)] if store != work else None
+    if qwork is not None and n0:
+        qwork[(n0 - 1) % 2].copy_(bufs[n0 - 1])
+    io_s0 = basis.io_seconds if basis is not None else 0.0
     breakdown, residual = False, 0.0
     with progress_bar(
-        progress, total=num_steps, initial=st.num_steps, desc="Lanczos", unit="step", leave=False
+        progress, total=num_steps, initial=n0, desc="Lanczos", unit="step", leave=False
     ) as bar:
-        for j in range(st.num_steps, num_steps):
-            q, q_prev = st.q, st.q_prev  # q_j, q_{j-1}
-            _keep(st.kept, q, window)
-            w = cast(op.matvec(cast(q, work)), work)  # H q_j
+        for j in range(n0, num_steps):
+            q = layout.views(bufs[j])  # q_j
+            q_prev = layout.views(bufs[j - 1]) if j > 0 else None  # q_{j-1}
+            tv = time.perf_counter()
+            if basis is not None and not resident:
+                basis.put(j, bufs[j])
+            if qwork is not None:
+                qwork[j % 2].copy_(bufs[j])
+                q = layout.views(qwork[j % 2])
+                q_prev = layout.views(qwork[(j - 1) % 2]) if j > 0 else None
+            tm = time.perf_counter()
+            w = cast(op.matvec(q), work)  # H q_j
+            tw = time.perf_counter()
+            matvec_s += tw - tm
             alpha = dot(w, q)
-            axpy(-alpha, q, w)
-            if q_prev is not None:
-                axpy(-st.beta[-1], q_prev, w)  # w = H q_j − alpha_j q_j − beta_j q_{j−1}
-            _reorthogonalise(w, st.kept)
+            _three_term(w, q, alpha, q_prev, st.beta[-1] if q_prev is not None else 0.0)
+            if basis is not None:  # w = H q_j − alpha_j q_j − beta_j q_{j−1}, then CGS2
+                lo = 0 if window is None else j + 1 - window
+                _reorthogonalise(w, basis, [t for t in basis.kept if t >= lo])
             beta = norm(w)  # beta_{j+1}
+            vector_s += (tm - tv) + (time.perf_counter() - tw)
             if not (math.isfinite(alpha) and math.isfinite(beta)):
                 raise FloatingPointError(
                     f"Lanczos step {j}: alpha={alpha}, beta={beta} are not finite"
@@ -367,12 +647,35 @@ def lanczos(
                 breakdown = True
                 break
             st.beta.append(beta)
-            st.q_prev, st.q = q, [t.to(store) for t in scale(1.0 / beta, w)]  # q_{j+1} = w / beta
+            tv = time.perf_counter()
+            place(j + 1, None)  # q_{j+1} = w / beta, over q_{j+1-capacity} (or q_{j-1})
+            nxt = bufs[j + 1]
+            for view, wi in zip(layout.views(nxt), w):
+                torch.mul(wi, 1.0 / beta, out=view)
+            bufs.pop(j - 1, None)
+            vector_s += time.perf_counter() - tv
             if ckpt is not None:
+                tc = time.perf_counter()
+                st.q, st.q_prev = layout.views(nxt), layout.views(bufs[j])
+                st.kept = []
+                st.basis_kept = []
+                if basis is not None:
+                    nk = _num_kept(window)(j + 1)
+                    keep = sorted(t for t in basis.kept if t <= j)[-nk:] if nk else []
+                    if basis.dir is not None:
+                        st.basis_kept = keep
+                    else:
+                        st.kept = [layout.views(basis.vector(t)) for t in keep]
                 st.seconds = time.perf_counter() - t0
-                save_checkpoint(ckpt, st, config)
+                st.matvec_seconds = matvec_s
+                moved = basis.io_seconds - io_s0 if basis is not None else 0.0
+                st.vector_seconds, st.io_seconds = vector_s - moved, io_s + moved
+                save_checkpoint(ckpt, st, config, basis_name=basis.name if st.basis_kept else None)
+                io_s += time.perf_counter() - tc
 
-    res = LanczosResult(
+    io_s += basis.io_seconds - io_s0 if basis is not None else 0.0
+    vector_s -= basis.io_seconds - io_s0 if basis is not None else 0.0
+    return LanczosResult(
         alpha=st.alpha,
         beta=st.beta,
         breakdown=breakdown,
@@ -380,9 +683,8 @@ def lanczos(
         v0_norm=st.v0_norm,
         config=config,
         seconds=time.perf_counter() - t0,
+        matvec_seconds=matvec_s,
+        vector_seconds=vector_s,
+        io_seconds=io_s,
+        vector_dtype=dtype_name(work),
     )
-    if return_basis:
-        res.basis = st.kept[: res.num_steps]
-    if ckpt is not None and ckpt.exists():
-        ckpt.unlink()
-    return res

@@ -9,11 +9,15 @@ and the seconds spent so far: a :class:`LanczosState`.
 written atomically (a reader never sees half a file, also after ``kill -9``):
 
 - tensors, each one parameter's local piece of a vector, in the basis dtype:
-  ``q.{i}`` (``q_{j+1}``), ``kept.{k}.{i}`` (the kept vectors, oldest first) and, only when none
-  are kept (``reorth="none"``), ``q_prev.{i}`` (otherwise ``q_j`` is the last kept vector);
+  ``q.{i}`` (``q_{j+1}``), ``kept.{k}.{i}`` (the kept vectors the next step reorthogonalises
+  against besides ``q_{j+1}``, oldest first: all of them, or the last ``r − 1`` of a window
+  ``r``) and, only when none are kept, ``q_prev.{i}`` (otherwise ``q_j`` is the last kept
+  vector). With an offloaded basis (``lanczos(..., basis_dir=...)``) the kept vectors stay in
+  their raw files under ``basis_dir`` and the state lists them (``basis``: the file stem and
+  the indices ``t``); they are checked (size) when the run resumes;
 - metadata ``format`` = ``"hessian_spectra.lanczos_checkpoint"``, ``version`` = ``"1"`` and
   ``state``: JSON with the run's ``config`` and ``alpha``, ``beta``, ``scale``, ``v0_norm``,
-  ``seconds``.
+  ``seconds`` (and its split ``matvec_seconds``, ``vector_seconds``, ``io_seconds``).
 
 Reading it parses a JSON header and copies raw tensor bytes: nothing in the file is code, and
 nothing is ever unpickled (a pickle in its place is refused, not run). Every field is checked
@@ -81,6 +85,9 @@ class LanczosState:
         scale: the largest ``|alpha| + beta + beta_prev`` seen (the breakdown test's ||H||).
         v0_norm: the norm of the starting vector.
         seconds: wall time spent by the steps so far.
+        matvec_seconds, vector_seconds, io_seconds: its split (``LanczosResult``'s fields).
+        basis_kept: with an offloaded basis (``basis_dir``), the indices ``t`` of the kept
+            vectors, which stay in their files; ``kept`` is then empty.
     """
 
     alpha: list[float]
@@ -91,6 +98,10 @@ class LanczosState:
     scale: float = 0.0
     v0_norm: float = 1.0
     seconds: float = 0.0
+    matvec_seconds: float = 0.0
+    vector_seconds: float = 0.0
+    io_seconds: float = 0.0
+    basis_kept: list[int] = field(default_factory=list)
 
     @property
     def num_steps(self) -> int:
@@ -118,8 +129,12 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous()
 
 
-def save_checkpoint(path, state: LanczosState, config: dict) -> None:
-    """Write ``state`` and the run's ``config`` to ``path`` atomically (module docstring)."""
+def save_checkpoint(
+    path, state: LanczosState, config: dict, *, basis_name: str | None = None
+) -> None:
+    """Write ``state`` and the run's ``config`` to ``path`` atomically (module docstring);
+    ``basis_name``: the file stem of an offloaded basis whose ``state.basis_kept`` files the
+    checkpoint references."""
     tensors = {f"q.{i}": _plain(t) for i, t in enumerate(state.q)}
     for k, vec in enumerate(state.kept):
         tensors.update({f"kept.{k}.{i}": _plain(t) for i, t in enumerate(vec)})
@@ -132,7 +147,12 @@ def save_checkpoint(path, state: LanczosState, config: dict) -> None:
         "scale": state.scale,
         "v0_norm": state.v0_norm,
         "seconds": state.seconds,
+        "matvec_seconds": state.matvec_seconds,
+        "vector_seconds": state.vector_seconds,
+        "io_seconds": state.io_seconds,
     }
+    if basis_name is not None:
+        scalars["basis"] = {"name": basis_name, "kept": [int(t) for t in state.basis_kept]}
     meta = {"format": FORMAT, "version": VERSION, "state": json.dumps(scalars)}
     atomic_write_with(path, lambda tmp: _save_file(tensors, str(tmp), metadata=meta))
 
@@ -142,7 +162,13 @@ def _number(x) -> bool:
 
 
 def load_checkpoint(
-    path, config: dict, *, params, dtype: torch.dtype, num_kept: Callable[[int], int]
+    path,
+    config: dict,
+    *,
+    params,
+    dtype: torch.dtype,
+    num_kept: Callable[[int], int],
+    basis_name: str | None = None,
 ) -> LanczosState:
     """The state in ``path``, checked against the run that resumes from it.
 
@@ -151,7 +177,9 @@ def load_checkpoint(
         config: the resuming run's settings; they must equal the ones the file was written with.
         params: the operator's parameters (each tensor's local shape and device).
         dtype: the basis dtype every stored vector must have.
-        num_kept: ``num_kept(n)``: how many vectors the run keeps after ``n`` steps.
+        num_kept: ``num_kept(n)``: how many vectors the file holds after ``n`` steps.
+        basis_name: the file stem of the run's offloaded basis (``basis_dir``), whose kept
+            vectors the file references instead of holding them.
 
     Raises:
         CheckpointError: the file is not a checkpoint, is damaged, or does not fit this run.
@@ -206,6 +234,23 @@ def load_checkpoint(
                 f"holds {n} alpha and {len(beta)} beta: a checkpoint after n steps "
                 f"(1 ≤ n < num_steps={config.get('num_steps')}) holds n of each"
             )
+        basis_kept: list[int] = []
+        ref = s.get("basis")
+        if (ref is None) != (basis_name is None):
+            raise fail(
+                "was written by a run whose basis was "
+                + ("in memory" if ref is None else "offloaded to files (basis_dir)")
+                + ", unlike this run's",
+                "resume with the same basis_dir setting, or delete it",
+            )
+        if ref is not None:
+            ok = isinstance(ref, dict) and ref.get("name") == basis_name
+            basis_kept = ref.get("kept") if ok else None
+            if not (
+                isinstance(basis_kept, list)
+                and all(isinstance(t, int) and 0 <= t < n for t in basis_kept)
+            ):
+                raise fail(f"references another offloaded basis ({ref!r:.120})")
         kept = num_kept(n)
         names = [f"q.{i}" for i in range(len(params))]
         names += [f"kept.{k}.{i}" for k in range(kept) for i in range(len(params))]
@@ -248,11 +293,21 @@ def load_checkpoint(
         scale=float(s["scale"]),
         v0_norm=float(s["v0_norm"]),
         seconds=float(s["seconds"]),
+        matvec_seconds=float(s.get("matvec_seconds", 0.0)),
+        vector_seconds=float(s.get("vector_seconds", 0.0)),
+        io_seconds=float(s.get("io_seconds", 0.0)),
+        basis_kept=basis_kept,
     )
 
 
 def resume(
-    path: Path | None, config: dict, *, params, dtype: torch.dtype, num_kept: Callable[[int], int]
+    path: Path | None,
+    config: dict,
+    *,
+    params,
+    dtype: torch.dtype,
+    num_kept: Callable[[int], int],
+    basis_name: str | None = None,
 ) -> LanczosState | None:
     """The state to resume from: ``load_checkpoint`` when ``path`` exists, else None; under
     ``torch.distributed`` every rank must resume from the same step (else a ``ValueError`` on
@@ -262,7 +317,14 @@ def resume(
     state, error = None, None
     if path.exists():
         try:
-            state = load_checkpoint(path, config, params=params, dtype=dtype, num_kept=num_kept)
+            state = load_checkpoint(
+                path,
+                config,
+                params=params,
+                dtype=dtype,
+                num_kept=num_kept,
+                basis_name=basis_name,
+            )
         except CheckpointError as e:
             error = e
     _dist.check_agree(

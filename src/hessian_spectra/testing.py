@@ -15,7 +15,8 @@ check your own operator, loss or model on a problem small enough for a dense mat
 >>> bool(torch.allclose(flatten(op @ unflatten(v, op.params)), H @ v, atol=1e-12))
 True
 
-Contents: the references :func:`dense_hessian` and :func:`dense_ggn` (``J^T H_out J``), the
+Contents: the references :func:`dense_hessian`, :func:`dense_ggn` (``J^T H_out J``) and
+:func:`dense_empirical_fisher` (``Σ_n w_n g_n g_n^T / Σ_n w_n``), the
 flat layout helpers :func:`flatten` / :func:`unflatten`, :func:`known_spectrum_matrix`, and the
 tiny models and problems the package's own tests share (:func:`make_problem`,
 :func:`make_hf_problem`). ``torch.func.hessian`` (``jacfwd(jacrev)``) is deliberately not the
@@ -41,6 +42,7 @@ __all__ = [
     "SmallCNN",
     "TinyTransformer",
     "ce_loss",
+    "dense_empirical_fisher",
     "dense_ggn",
     "dense_hessian",
     "flat_loss_fn",
@@ -436,3 +438,52 @@ def dense_ggn(
         W += float(w)
     G = G / W if reduction == "mean" else G
     return 0.5 * (G + G.T)
+
+
+def dense_empirical_fisher(
+    model, loss_fn, batches, names=None, reduction: str = "mean"
+) -> torch.Tensor:
+    """Dense empirical Fisher ``F = Σ_n w_n g_n g_n^T / Σ_n w_n`` (``"sum"``: without the
+    division), float64: one example ``n`` at a time (every tensor of a batch sliced ``[k:k+1]``),
+    ``(l_n, w_n) = loss_fn(model, example)`` and ``g_n`` its gradient w.r.t. the flat parameters
+    ``names``, by ``torch.autograd.functional.jacobian``.
+
+    >>> model, loss_fn, batches = make_problem("mlp")
+    >>> F = dense_empirical_fisher(model, loss_fn, batches)
+    >>> F.shape, bool(torch.linalg.eigvalsh(F).min() > -1e-12)   # PSD, rank ≤ 10 examples
+    (torch.Size([51, 51]), True)
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    _, theta0, _, _ = flat_loss_fn(model, loss_fn, batches[:1], names)
+    F = torch.zeros(theta0.numel(), theta0.numel(), dtype=torch.float64)
+    W = 0.0
+    for b in batches:
+        n = next(t for t in _leaves(b) if isinstance(t, torch.Tensor)).shape[0]
+        for k in range(n):
+            ex = _slice(b, k)
+            f, _, _, _ = flat_loss_fn(model, lambda m, e: _split(loss_fn(m, e))[0], [ex], names)
+            w = float(_split(loss_fn(model, ex))[1])
+            g = torch.autograd.functional.jacobian(f, theta0)
+            F += w * torch.outer(g, g)
+            W += w
+    F = F / W if reduction == "mean" else F
+    return 0.5 * (F + F.T)
+
+
+def _leaves(b):
+    if isinstance(b, dict):
+        return [x for v in b.values() for x in _leaves(v)]
+    if isinstance(b, (list, tuple)):
+        return [x for v in b for x in _leaves(v)]
+    return [b]
+
+
+def _slice(b, k):
+    if isinstance(b, torch.Tensor):
+        return b[k : k + 1]
+    if isinstance(b, dict):
+        return {key: _slice(v, k) for key, v in b.items()}
+    if isinstance(b, (list, tuple)):
+        return type(b)(_slice(v, k) for v in b)
+    return b

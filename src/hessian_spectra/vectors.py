@@ -52,22 +52,71 @@ __all__ = [
 ]
 
 
-_DOT_CHUNK = 1 << 16
+_DOT_BLOCK = 1 << 16  # entries per block of a low-precision dot product (see _dot64)
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any operand is float64 (a float64 model keeps float64 dot products, also
+    with a bf16 basis), else float32 (bf16/fp16 are read as float32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a · b`` accumulated in float64. On CPU, non-float64 tensors are converted in chunks of
-    64k entries that stay in cache: 10× faster than converting whole tensors (measured 25 vs
-    254 ms for 28M float32 entries, one thread), and no float64 copies of a whole parameter."""
+    """``a · b`` as a float64 scalar tensor, in one pass over ``a`` and ``b``.
+
+    Two float64 operands: one ``torch.dot``; one float64 operand: blocks converted to float64
+    in cache. Otherwise the vectors are cut into blocks of ``_DOT_BLOCK`` (2^16) entries; each
+    block's dot product is accumulated in float32 (one batched product over all blocks; bf16
+    and fp16 blocks are converted to float32 in cache first) and the block sums are added in
+    float64. The error is that of one block: ``|err| ≲ sqrt(2^16)·ε32·Σ|a_i b_i|``
+    ≈ 1.5e-5·Σ|a_i b_i| (rounding errors of a block add up like a random walk; the float64 sum
+    of the blocks adds nothing measurable), whatever the length; tested on 1e8 entries in
+    ``tests/test_vectors.py``. A plain float32 dot of 1e8 entries is not bounded this way, and
+    converting every entry to float64 (the former implementation) cost 3 passes where this
+    costs 1.1 (one thread, 16M entries: 4.3 ms against 3.5 ms for ``torch.dot``).
+    """
     a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype == torch.float64 and b.dtype == torch.float64:
+    cd = _compute_dtype(a.dtype, b.dtype)
+    if a.dtype == b.dtype == torch.float64:
         return torch.dot(a, b)
-    if a.device.type != "cpu" or a.numel() <= _DOT_CHUNK:
-        return torch.dot(a.double(), b.double())
-    parts = [
-        torch.dot(x.double(), y.double()) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))
+    if a.dtype == b.dtype == cd and a.is_contiguous() and b.is_contiguous():
+        return _rows_dot(b.view(1, -1), a)[0]
+    parts = [  # each block converted in cache
+        torch.dot(_as(x, cd, 0), _as(y, cd, 1))
+        for x, y in zip(a.split(_DOT_BLOCK), b.split(_DOT_BLOCK))
     ]
-    return torch.stack(parts).sum()
+    return torch.stack(parts).double().sum()
+
+
+_SCRATCH: dict = {}
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """``x`` (at most ``GROUP × _DOT_BLOCK`` entries) in ``dtype``: itself, or converted into
+    a reused scratch buffer (a fresh temporary would page-fault on every block)."""
+    if x.dtype == dtype:
+        return x
+    key = (x.device, dtype, slot)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(8 * _DOT_BLOCK, dtype=dtype, device=x.device)
+    return buf[: x.numel()].view(x.shape).copy_(x)
+
+
+def _rows_dot(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Q @ w`` as float64 ``(k,)`` for float32 rows ``Q`` ``(k, n)`` (columns contiguous)
+    and ``w`` ``(n,)``: one batched product over the blocks of ``_DOT_BLOCK`` entries, block
+    sums in float32, their sum in float64 (as fast as one ``torch.mv``)."""
+    n = w.numel()
+    nb, B = n // _DOT_BLOCK, _DOT_BLOCK
+    m = nb * B
+    acc = torch.zeros(Q.shape[0], dtype=torch.float64, device=w.device)
+    if nb:
+        r = torch.bmm(w[:m].view(nb, 1, B), Q[:, :m].unflatten(1, (nb, B)).permute(1, 2, 0))
+        acc += r.view(nb, -1).double().sum(0)  # (nb, 1, k) block sums
+    if m < n:
+        acc += torch.mv(Q[:, m:], w[m:]).double()
+    return acc
 
 
 def _local_sums(pairs) -> torch.Tensor:

@@ -16,9 +16,10 @@ from .._checks import DTYPES, check_positive_int
 from ..data import DataConfig
 from .options import DEFAULTS
 
-__all__ = ["RunConfig", "from_namespace"]
+__all__ = ["CURVATURES", "RunConfig", "from_namespace"]
 
 _METHODS = ("fd", "exact", "jvp")
+CURVATURES = ("hessian", "ggn", "ef")
 # run settings that are not part of the analysed problem, hence not in result.json's config
 _NOT_SAVED = ("options", "threads", "quiet", "debug")
 
@@ -78,6 +79,9 @@ class RunConfig:
     """fd formula: ``central`` or ``four-point``."""
     train_mode: bool = False
     """Analyse the train-mode objective."""
+    curvature: str = "hessian"
+    """The matrix analysed: ``hessian``, ``ggn`` (generalised Gauss–Newton) or ``ef``
+    (empirical Fisher)."""
     params: tuple | None = None
     """Names of the parameters to analyse (None: all)."""
     seed: int = 0
@@ -116,6 +120,8 @@ class RunConfig:
             raise ValueError(f"subsample must be a fraction in (0, 1], got {self.subsample!r}")
         if self.num_batches is not None and self.subsample is not None:
             raise ValueError("give either num_batches or subsample, not both")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if self.loss_on not in ("all", "completion"):
             raise ValueError(f"loss_on must be 'all' or 'completion', got {self.loss_on!r}")
         if self.params is not None and not isinstance(self.params, tuple):

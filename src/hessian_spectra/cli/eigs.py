@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from .command import Command, Outcome, fmt
 from .errors import CliError
-from .options import DTYPE_NAMES, positive_int
+from .options import DTYPE_NAMES, add_basis_storage, lanczos_overhead, positive_int
 
 __all__ = ["Eigs", "EigsOptions"]
 
@@ -21,6 +21,10 @@ class EigsOptions:
     """Lanczos steps (= HVPs)."""
     basis_dtype: str | None = None
     """Storage dtype of the Lanczos vectors (None: the HVP dtype)."""
+    basis_dir: str | None = None
+    """Folder for the stored Lanczos vectors (None: in memory)."""
+    basis_device: str | None = None
+    """Device of the stored Lanczos vectors (None: the model's)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,6 +46,7 @@ class Eigs(Command):
         p.add_argument("--basis-dtype", choices=DTYPE_NAMES,
                        default=None, help="storage dtype of the Lanczos vectors (default: the "
                                           "HVP dtype)")
+        add_basis_storage(p)
 
     def run(self, ctx) -> Outcome:
         from .. import top_eigenvalues
@@ -53,11 +58,14 @@ class Eigs(Command):
         ctx.log.info("Lanczos (full reorth): %d steps for the %d largest and smallest eigenvalues",
                      steps, o.k)
         res = top_eigenvalues(ctx.op, o.k, num_steps=steps, seed=ctx.config.seed,
-                              basis_dtype=o.basis_dtype, progress=not ctx.config.quiet)
+                              basis_dtype=o.basis_dtype, basis_dir=o.basis_dir,
+                              basis_device=o.basis_device, progress=not ctx.config.quiet)
         summary = {"lambda_max": float(res.eigenvalues[0]), "lambda_min": float(res.smallest[0]),
                    "largest": res.eigenvalues.tolist(), "smallest": res.smallest.tolist(),
                    "residual_lambda_max": float(res.residuals[0]),
-                   "residual_lambda_min": float(res.residuals_smallest[0])}
+                   "residual_lambda_min": float(res.residuals_smallest[0]),
+                   "num_ghosts": int(res.run.num_ghosts),
+                   **lanczos_overhead([res.run.to_dict()])}
         return Outcome(res.to_dict(), summary)
 
     def summary_rows(self, result):

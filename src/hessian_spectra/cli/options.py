@@ -144,6 +144,12 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="JSONL completion field (default: completion)")
 
     o = p.add_argument_group("operator")
+    o.add_argument("--curvature", choices=["hessian", "ggn", "ef"], default="hessian",
+                   help="the matrix analysed: hessian (default), ggn = generalised Gauss-Newton "
+                        "J^T H_out J of the logits and their next-token loss (--method exact, or "
+                        "fd: a central difference of the outputs, shard-local), ef = empirical "
+                        "Fisher, mean of per-sequence gradient outer products (one process; "
+                        "--method is not used). density, eigs, trace and blockdiag only")
     o.add_argument("--method", choices=["auto", "fd", "exact", "jvp"], default="auto",
                    help="HVP: exact = double backward, fd = central finite differences of "
                         "gradients (shard-local, the only one under FSDP2), jvp = "
@@ -165,7 +171,8 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
     o.add_argument("--train-mode", action="store_true",
                    help="analyse the train-mode objective (default: eval mode)")
     o.add_argument("--params", nargs="+", default=None, metavar="NAME",
-                   help="analyse only these parameters (names as in model.named_parameters())")
+                   help="analyse only these parameters: names as in model.named_parameters(), "
+                        "or glob patterns such as 'model.layers.3.*'")
 
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="probe s uses seed + s (default: 0)")
@@ -179,3 +186,25 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
                         "least 1; OMP_NUM_THREADS, when set, is respected)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--debug", action="store_true", help="full tracebacks and library logging")
+
+
+def add_basis_storage(p) -> None:
+    """``--basis-dir`` and ``--basis-device``: where the Lanczos vectors are kept (density, eigs)."""
+    p.add_argument("--basis-dir", default=None, metavar="DIR",
+                   help="keep the stored Lanczos vectors in files under DIR (one per vector per "
+                        "rank, removed at the end): the same numbers, and resident memory no "
+                        "longer grows with --steps (default: in memory)")
+    p.add_argument("--basis-device", default=None, metavar="DEV",
+                   help="device of the stored Lanczos vectors, e.g. cpu to keep them in host "
+                        "memory when the model is on a GPU (default: the model's)")
+
+
+def lanczos_overhead(runs) -> dict:
+    """Where the time of Lanczos runs went (``LanczosResult.to_dict()`` dicts): seconds in
+    matvecs, in vector work (dots, updates, reorthogonalisation) and in I/O (basis files,
+    checkpoints), and the vector work in % of the matvec time."""
+    mv = sum(r.get("matvec_seconds", 0.0) for r in runs)
+    vw = sum(r.get("vector_seconds", 0.0) for r in runs)
+    io = sum(r.get("io_seconds", 0.0) for r in runs)
+    return {"lanczos_matvec_seconds": mv, "lanczos_vector_seconds": vw, "lanczos_io_seconds": io,
+            "lanczos_overhead_percent": 100.0 * vw / mv if mv > 0 else None}

@@ -135,7 +135,7 @@ class _Run:
         }
 
     def _execute(self) -> int:
-        from .. import HessianOperator, distributed
+        from .. import distributed
         from .._checks import dtype_name
         from ..problem import load_problem
         from ..results import RunResult, load_result, versions
@@ -148,6 +148,7 @@ class _Run:
         cmd = self.command
         cfg = from_namespace(self.ns, cmd, self.world_size)
         cmd.check(cfg, self.world_size)
+        check_curvature(cfg, self.world_size)
         threads = choose_threads(cfg.threads, ranks_on_node=_ranks_on_node(self.world_size))
         config = cfg.to_dict()
 
@@ -184,10 +185,7 @@ class _Run:
             sharded = distributed.shard_model(model)
             model = sharded if sharded is not None else model
 
-        self.op = op = HessianOperator(model, problem.loss_fn, problem.batches, method=cfg.method,
-                                       eps=cfg.eps, params=cfg.params, train_mode=cfg.train_mode,
-                                       max_fd_error=cfg.max_fd_error, stencil=cfg.stencil,
-                                       progress=not cfg.quiet)
+        self.op = op = build_operator(cfg, model, problem)
         result = self.result = RunResult(
             command=cmd.name, argv=[PROG, *self.argv], config=config, versions=versions(),
             model={"spec": str(lm.spec), "kind": lm.spec.kind, "source": lm.source,
@@ -208,12 +206,14 @@ class _Run:
         eps_unit = None
         if op.method == "fd":
             eps_unit = op.eps if op.eps is not None else op.eps_for(unit_probe(op, 0))
-        result.operator = {"method": cfg.method, "eps": cfg.eps, "eps_unit": eps_unit,
+        result.operator = {"curvature": cfg.curvature, "method": op.method, "eps": cfg.eps,
+                           "eps_unit": eps_unit,
                            "loss": loss, "grad_norm": norm(g), "train_mode": cfg.train_mode}
+        fd_model = getattr(op, "fd_model", None)  # HessianOperator with fd
         if op.method == "fd":
             result.operator.update(stencil=cfg.stencil, max_fd_error=cfg.max_fd_error,
-                                   fd_model=op.fd_model.to_dict() if op.fd_model else None)
-            if op.fd_model is not None:
+                                   fd_model=fd_model.to_dict() if fd_model else None)
+            if fd_model is not None:
                 log.info("fd error model: truncation a0 %.3g, rounding b %.3g, best step along "
                          "the calibration probe %.3g (%d gradient passes)", op.fd_model.a0,
                          op.fd_model.b, op.fd_model.step0, op.fd_model.gradients)
@@ -248,7 +248,7 @@ def _fd_summary(op) -> dict:
     The largest, the number of products redone at their estimated best step, and the
     calibration's cost (empty without fd).
     """
-    if op.fd_model is None:
+    if getattr(op, "fd_model", None) is None:
         return {}
     return {"fd_max_rel_error_estimate": op.stats["fd_max_rel_error_estimate"],
             "fd_retries": op.stats["fd_retries"],
@@ -269,8 +269,10 @@ def _ranks_on_node(world_size: int) -> int:
 RESUME_KEYS = (
     "model", "dtype", "data", "text_field", "seq_len", "batch_size", "num_batches", "subsample",
     "loss_on", "prompt_field", "completion_field", "split", "train_mode", "method", "eps",
-    "params", "steps", "reorth", "basis_dtype", "seed",
+    "params", "steps", "reorth", "basis_dtype", "seed", "curvature", "per_block",
 )
+# commands that take --curvature ggn|ef (the others need the Hessian's own methods)
+CURVATURE_COMMANDS = ("density", "eigs", "trace", "blockdiag")
 
 
 def check_resume(previous: dict, config: dict) -> None:
@@ -278,7 +280,7 @@ def check_resume(previous: dict, config: dict) -> None:
     if previous.get("command") != config["command"]:
         raise CliError(f"--resume: the run in --out is a {previous.get('command')!r} run, "
                        f"not {config['command']!r}")
-    old = previous.get("config", {})
+    old = {"curvature": "hessian", "per_block": False, **previous.get("config", {})}
 
     def norm(v):
         return list(v) if isinstance(v, tuple) else v
@@ -288,3 +290,48 @@ def check_resume(previous: dict, config: dict) -> None:
     if diff:
         raise CliError("--resume with other settings than the saved run (" + "; ".join(diff)
                        + "): use the same options or another --out")
+
+
+def check_curvature(cfg, world_size: int) -> None:
+    """Refuse --curvature where it does not apply, before anything is loaded."""
+    if cfg.curvature == "hessian":
+        return
+    if cfg.command not in CURVATURE_COMMANDS:
+        raise CliError(f"--curvature {cfg.curvature} applies to {', '.join(CURVATURE_COMMANDS)}; "
+                       f"{cfg.command} analyses the Hessian only")
+    if cfg.curvature == "ggn" and cfg.method == "jvp":
+        raise CliError("--curvature ggn takes --method exact or fd (jvp is a Hessian method)")
+    if cfg.curvature == "ef" and world_size > 1:
+        raise CliError("--curvature ef runs in one process (per-example gradients are not "
+                       "available under FSDP2): run without torchrun, or use --curvature ggn")
+
+
+def build_operator(cfg, model, problem):
+    """The operator of ``cfg.curvature`` on the loaded problem (``--params`` globs expanded)."""
+    from .. import EmpiricalFisherOperator, GGNOperator, HessianOperator
+    from ..ggn import split_loss
+    from ..per_block import select_params
+
+    params = cfg.params
+    if params is not None:
+        try:
+            params = select_params([n for n, _ in model.named_parameters()], params)
+        except ValueError as e:
+            raise CliError(f"--params: {e}") from None
+    common = {"params": params, "train_mode": cfg.train_mode, "progress": not cfg.quiet}
+    if cfg.curvature == "ggn":
+        parts = split_loss(problem.loss_fn)
+        if parts is None:
+            raise CliError("--curvature ggn needs the loss split into the model's outputs and the "
+                           "loss of those outputs: language models (embedded, a Hugging Face id "
+                           "or folder, a .gguf file) have it; a module:factory must return "
+                           "hessian_spectra.ggn.SplitLoss(forward_fn, loss_of_output_fn) as its "
+                           "loss_fn")
+        return GGNOperator(model, *parts, problem.batches, method=cfg.method, eps=cfg.eps,
+                           **common)
+    if cfg.curvature == "ef":
+        return EmpiricalFisherOperator(model, problem.loss_fn, problem.batches,
+                                       per_example="auto", **common)
+    return HessianOperator(model, problem.loss_fn, problem.batches, method=cfg.method,
+                           eps=cfg.eps, max_fd_error=cfg.max_fd_error, stencil=cfg.stencil,
+                           **common)
