@@ -95,13 +95,13 @@ def test_default_step_follows_the_documented_rule(dtype):
         if p.norm() > 0
     )
     fm = op.calibrate_fd()
-    assert op.eps_for(v) == pytest.approx(fm.scale / kappa, rel=1e-10)
+    assert op.eps_for(v) == pytest.approx(fm.scale / kappa, rel=1e-7)  # float32 norms
     assert op.eps_for(hs.unit_probe(op, 0)) == pytest.approx(fm.step0, rel=1e-10)
     assert fm.step0 == snap((fm.b / (2 * fm.a0)) ** (1 / 3))
     assert 2 * math.log2(fm.step0) == round(2 * math.log2(fm.step0))
     plain = hs.HessianOperator(m, loss_fn, bs, method="fd", fd_calibration=False)
     c = 0.1 * torch.finfo(dtype).eps ** (1 / 3)
-    assert plain.eps_for(v) == pytest.approx(c / kappa, rel=1e-10)
+    assert plain.eps_for(v) == pytest.approx(c / kappa, rel=1e-7)
     plain.matvec(v)
     assert plain.last_fd_error_estimate is None and plain.fd_model is None
 
