@@ -12,7 +12,7 @@ from .ggn import GGNOperator
 from .influence import InfluenceResult, influence
 from .lanczos import LanczosResult, lanczos
 from .linop import DenseOperator, Operator, as_operator
-from .fd_step import FDError, default_eps_scale
+from .fd_step import FDAccuracyError, FDError, FDEstimate, default_eps_scale, fit_error_model
 from .objective import Objective
 from .operators import HessianOperator
 from .per_block import BlockOperator, per_block_slq, select_params
@@ -32,6 +32,9 @@ __all__ = [
     "Operator",
     "as_operator",
     "FDError",
+    "FDAccuracyError",
+    "FDEstimate",
+    "fit_error_model",
     "default_eps_scale",
     # vectors
     "dot",

@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from . import fd_step as _fd
+from ._opbase import ObjectiveOperator
 from .fd_step import (
     FDAccuracyError,
     FDError,
@@ -68,7 +69,7 @@ def _sharded_method_error(method: str) -> NotImplementedError:
     )
 
 
-class HessianOperator:
+class HessianOperator(ObjectiveOperator):
     """The Hessian of a dataset-averaged (or summed) loss as a linear operator.
 
     Args:
@@ -103,7 +104,8 @@ class HessianOperator:
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
         fd_calibration: measure the error model on first use (default): about 11 gradient
             passes once, ``∇L(θ)`` kept (one vector) and one temporary vector per product
-            (+11% time per product on SmolLM2-135M, CPU, one thread), in exchange for the step, an error estimate per product
+            (+11% time per product on SmolLM2-135M, CPU, one thread), in exchange for the
+            step, an error estimate per product
             (``op.last_fd_error_estimate``) and a second product at the estimated best step
             where the first one's step was > 2.5× off (``op.stats["fd_retries"]``). ``False``:
             the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``, exactly two
@@ -193,36 +195,13 @@ class HessianOperator:
         }
         self._fd_g0: Vector | None = None
 
-    # ------------------------------------------------------------------ the objective's facts
-    model = property(lambda self: self.objective.model, doc="The model.")
+    # the objective's facts (params, num_params, vector_dtype, ...): ObjectiveOperator
     loss_fn = property(lambda self: self.objective.loss_fn, doc="The loss function.")
-    batches = property(lambda self: self.objective.batches, doc="The batches.")
-    params = property(lambda self: self.objective.params, doc="The parameters acted on.")
-    param_names = property(lambda self: self.objective.param_names, doc="Their names.")
-    num_params = property(lambda self: self.objective.num_params, doc="Global number of scalars.")
-    param_dtype = property(
-        lambda self: self.objective.param_dtype, doc="The lowest-precision parameter dtype."
-    )
-    vector_dtype = property(
-        lambda self: self.objective.vector_dtype, doc="The dtype of the vectors matvec returns."
-    )
-    sharded = property(lambda self: self.objective.sharded, doc="FSDP2-sharded parameters.")
-    train_mode = property(lambda self: self.objective.train_mode, doc="Train-mode objective.")
-    reduction = property(lambda self: self.objective.reduction, doc="'mean' or 'sum'.")
-    progress = property(lambda self: self.objective.progress, doc="Progress bars on rank 0.")
 
     @property
     def effective_method(self) -> str:
         """The backend products actually use: ``method``, or ``"exact"`` after a jvp fallback."""
         return "exact" if self.method == "jvp" and self._jvp_fallback else self.method
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(num_params, num_params)``."""
-        return (self.num_params, self.num_params)
-
-    def __matmul__(self, v: Vector) -> Vector:
-        return self.matvec(v)
 
     def __repr__(self):
         return (
@@ -296,14 +275,6 @@ class HessianOperator:
         self.stats["matvec_seconds"] += time.perf_counter() - t0
         return hv
 
-    def gradient(self) -> tuple[float, Vector]:
-        """``(L(θ), ∇L(θ))`` of the objective; the user's ``.grad`` are left as they were."""
-        t0 = time.perf_counter()
-        out = self.objective.gradient()
-        self.stats["gradients"] += 1
-        self.stats["gradient_seconds"] += time.perf_counter() - t0
-        return out
-
     # ------------------------------------------------------------------ the fd step
     def eps_for(self, v: Vector) -> float:
         """The fd step used for direction ``v``: ``self.eps``, or ``c / max_i(||v_i|| /
@@ -369,29 +340,3 @@ class HessianOperator:
         Rademacher probe from ``seed``; :func:`hessian_spectra.fd_step.eps_sweep`).
         """
         return _fd.eps_sweep(self, eps_values, v, seed=seed, reference=reference)
-
-    def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` on flat float64 numpy vectors (one process)."""
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
-
-        if self.sharded:
-            raise NotImplementedError(
-                "to_scipy() needs the whole vector in one process; the model is sharded"
-            )
-        shapes = [p.shape for p in self.params]
-        sizes = [p.numel() for p in self.params]
-
-        def mv(x):
-            x = np.asarray(x, dtype=np.float64).reshape(-1)
-            parts = torch.from_numpy(x).split(sizes)
-            v = [
-                t.reshape(s).to(device=p.device, dtype=self.vector_dtype)
-                for t, s, p in zip(parts, shapes, self.params)
-            ]
-            hv = self.matvec(v)
-            return torch.cat([t.reshape(-1).double().cpu() for t in hv]).numpy()
-
-        return LinearOperator(
-            (self.num_params, self.num_params), matvec=mv, rmatvec=mv, dtype=np.float64
-        )
