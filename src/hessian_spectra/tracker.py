@@ -222,7 +222,8 @@ class CurvatureTracker:
                         ("density_every", density_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer ≥ 0 (0: never), got {v!r}")
-        self.cold_every, self.trace_every, self.density_every = cold_every, trace_every, density_every
+        self.cold_every, self.trace_every = cold_every, trace_every
+        self.density_every = density_every
         if not (isinstance(warm_noise, (int, float)) and 0 <= warm_noise < 1):
             raise ValueError(f"warm_noise must be in [0, 1), got {warm_noise!r}")
         self.warm_noise = float(warm_noise)
