@@ -214,3 +214,18 @@ def test_bad_arguments_are_refused(kw, exc):
     _, loss_fn, batches = make_problem("mlp")
     with pytest.raises(exc, match=next(iter(kw))):
         CurvatureTracker(loss_fn, batches, **kw)
+
+
+def test_lanczos_callback_returning_true_stops_the_run():
+    """``lanczos(..., callback=...)`` returning True after step j gives the same tridiagonal,
+    residual and flags as a run of ``num_steps=j + 1`` (the tracker's stopping rule)."""
+    from hessian_spectra import DenseOperator, lanczos
+    from hessian_spectra.testing import known_spectrum_matrix
+
+    op = DenseOperator(known_spectrum_matrix(torch.linspace(-1, 3, 30, dtype=torch.float64)))
+    stopped = lanczos(op, 20, seed=3, callback=lambda j, a, b: j == 6)
+    short = lanczos(op, 7, seed=3)
+    assert stopped.num_steps == 7 and not stopped.breakdown
+    assert np.array_equal(stopped.alpha, short.alpha) and np.array_equal(stopped.beta, short.beta)
+    assert stopped.residual_beta == short.residual_beta
+    assert lanczos(op, 20, seed=3, callback=lambda j, a, b: None).num_steps == 20

@@ -8,10 +8,11 @@ the model's current weights every ``every_n_steps`` optimizer steps:
   small random part (``warm_noise``, so that an eigenvalue rising past the tracked ones still
   has a component to grow from). Between two nearby weight vectors the top eigenvectors move
   little, so a few products suffice where a cold start needs tens.
-- **Residual stopping.** Lanczos runs in chunks of ``chunk`` steps; after each, the top-``k``
-  Ritz pairs' residual bounds ``|β_m s_{m,i}|`` (= ||H y_i − θ_i y_i||) are compared with
-  ``tol · |θ_1|``. Each ``θ_i`` is then within ``tol · |θ_1|`` of an eigenvalue of H (Weyl).
-  If not converged, Lanczos restarts explicitly from the sum of the current top Ritz vectors.
+- **Residual stopping.** After every Lanczos step the top-``k`` Ritz pairs' residual bounds
+  ``|β_m s_{m,i}|`` (= ||H y_i − θ_i y_i||) are compared with ``tol · |θ_1|``, and Lanczos
+  stops once all are below (``lanczos``'s ``callback`` returning True). Each ``θ_i`` is then
+  within ``tol · |θ_1|`` of an eigenvalue of H. A run of ``chunk`` steps that has not converged
+  restarts explicitly from the sum of its top Ritz vectors (memory stays ``chunk`` vectors).
 - **Cold restarts.** Every ``cold_every``-th measurement, and whenever a warm run has not
   converged within ``max_matvecs`` products, the measurement is redone from a fresh random
   start (a stale vector is never followed silently: ``warm`` and ``cold_reason`` say so).
@@ -51,7 +52,7 @@ import torch
 
 from . import distributed as _dist
 from ._checks import check_positive_int
-from .lanczos import lanczos
+from .lanczos import lanczos, tridiagonal_eigh
 from .operators import HessianOperator
 from .vectors import Vector, axpy, cast, check_vector, norm, random_probe, scale
 
@@ -160,8 +161,10 @@ class CurvatureTracker:
         eps: the fd step (``method="fd"``); default the scale-aware one.
         params: the parameters (names or tensors); default all with ``requires_grad``.
         tol: relative residual tolerance: stop when every tracked residual ≤ ``tol · |λ_max|``.
-        chunk: Lanczos steps between residual checks (default ``max(2k + 4, 8)``).
-        cold_steps: steps of a cold run's first chunk (default ``max(3k, 2k + 20)``).
+        chunk: the most steps of one warm Lanczos run (default ``2k + 18``; it stops earlier
+            once converged: the residuals are checked after every step); a run that has not
+            converged is restarted from its top Ritz vectors. Memory: ``chunk`` vectors.
+        cold_steps: the same for the first run of a cold start (default ``2 · chunk``).
         max_matvecs: product budget of one warm (and of one cold) attempt.
         cold_every: redo from a random start every this many measurements (0: only when a warm
             run does not converge).
@@ -215,8 +218,8 @@ class CurvatureTracker:
         self.k = check_positive_int("k", k)
         self.method, self.eps, self.params = method, eps, params
         self.tol = _check_tol(tol)
-        self.chunk = check_positive_int("chunk", chunk or max(2 * self.k + 4, 8))
-        self.cold_steps = check_positive_int("cold_steps", cold_steps or max(3 * k, 2 * k + 20))
+        self.chunk = check_positive_int("chunk", chunk or 2 * self.k + 18)
+        self.cold_steps = check_positive_int("cold_steps", cold_steps or 2 * self.chunk)
         self.max_matvecs = check_positive_int("max_matvecs", max_matvecs)
         for name, v in (("cold_every", cold_every), ("trace_every", trace_every),
                         ("density_every", density_every)):
@@ -353,24 +356,41 @@ class CurvatureTracker:
             axpy(self.warm_noise / norm(r), r, v0)
         return v0
 
+    def _converged(self, vals: np.ndarray, resid: np.ndarray) -> bool:
+        """Top-k Ritz residuals (descending order of values) all ≤ tol·|θ_1|."""
+        if vals.size < self.k:
+            return False
+        scale_ = max(abs(float(vals[0])), np.finfo(float).tiny)
+        return bool(np.all(resid[: self.k] <= self.tol * scale_))
+
     def _solve(self, op, v0: Vector, first: int) -> dict:
-        """Explicitly restarted Lanczos from ``v0`` until the top-k residuals ≤ tol·|θ_1| or
-        ``max_matvecs`` products; the top-k Ritz values, residuals and vectors."""
+        """Lanczos from ``v0``, stopped as soon as the top-k residuals are ≤ tol·|θ_1| (checked
+        after every step); a run of ``first`` (then ``chunk``) steps that has not converged is
+        restarted from the sum of its top Ritz vectors, up to ``max_matvecs`` products."""
         k, P = self.k, op.num_params
         used, restarts = 0, 0
         m = first
+
+        def stop(j, alpha, beta):
+            al.append(alpha)
+            if len(al) < k:
+                be.append(beta)
+                return False
+            vals, vecs = tridiagonal_eigh(al, be)
+            be.append(beta)
+            hi = np.arange(len(al) - 1, len(al) - 1 - k, -1)
+            return self._converged(vals[hi], np.abs(beta * vecs[-1, hi]))
+
         while True:
             m = max(min(m, P, self.max_matvecs - used), 1)
-            run = lanczos(op, m, v0=v0, reorth="full", return_basis=True)
+            al, be = [], []
+            run = lanczos(op, m, v0=v0, reorth="full", return_basis=True, callback=stop)
             used += run.num_steps
             n = run.num_steps
             kk = min(k, n)
             hi = np.arange(n - 1, n - 1 - kk, -1)
             vals, resid = run.ritz_values[hi], run.residual_bounds()[hi]
-            scale_ = max(abs(float(vals[0])), np.finfo(float).tiny)
-            converged = bool(run.breakdown and kk == k) or (
-                kk == k and bool(np.all(resid <= self.tol * scale_))
-            )
+            converged = (bool(run.breakdown) and kk == k) or self._converged(vals, resid)
             vecs = run.ritz_vectors(hi)
             if converged or used >= self.max_matvecs or n >= P:
                 return {
