@@ -6,6 +6,7 @@
     hessian-spectra blockdiag [options] --out DIR  block-diagonal test per transformer layer (FSHP §6)
     hessian-spectra eps-sweep [options] --out DIR  finite-difference HVP error against eps
     hessian-spectra influence [options] --out DIR  influence scores of the --data batches (CG)
+    hessian-spectra track --checkpoints DIR ...     λ_max of every saved checkpoint (warm start)
     hessian-spectra plot DIR [DIR ...]             re-draw / overlay saved runs
 
 With no model/data options every command runs on the embedded default (SmolLM2-135M-Instruct
@@ -44,6 +45,7 @@ from .errors import (
 from .influence import Influence
 from .options import Parser, add_common
 from .trace import Trace
+from .track import Track
 
 __all__ = [
     "COMMANDS",
@@ -59,7 +61,8 @@ __all__ = [
 ]
 
 #: The analysis commands, by name: a new command is a new module and one entry here.
-COMMANDS = {c.name: c for c in (Density(), Eigs(), Trace(), BlockDiag(), EpsSweep(), Influence())}
+COMMANDS = {c.name: c for c in (Density(), Eigs(), Trace(), BlockDiag(), EpsSweep(), Influence(),
+                                Track())}
 
 
 def build_parser() -> Parser:
