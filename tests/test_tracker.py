@@ -71,13 +71,16 @@ def test_training_is_bit_identical_with_and_without_the_tracker(opt):
     """Training with a tracker measuring every 5 steps (dropout model in train mode, global-RNG
     batch choice, Adam or SGD with momentum) gives bit-identical weights to training without;
     after each measurement the mode, RNG state, .grad (same tensor objects, same values) and
-    optimizer state are as before."""
+    optimizer state are as before, and no autograd graph is kept."""
     loss_fn = mse_loss
     tracker = CurvatureTracker(loss_fn, _data(seed=5, n=2), every_n_steps=5, k=2,
                                method="exact", cold_every=3)
     with_t, logs = _train(tracker, opt=opt)
     without, _ = _train(None, opt=opt)
     assert len(logs) == 5
+    # no autograd graph survives: the kept vectors and the logged numbers hold none
+    assert all(t.grad_fn is None and not t.requires_grad for v in tracker.vectors for t in v)
+    assert all(isinstance(x, (int, float, bool, str, type(None), list)) for x in logs[-1].values())
     for a, b in zip(with_t.parameters(), without.parameters()):
         assert torch.equal(a, b)
 
