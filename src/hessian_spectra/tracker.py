@@ -241,6 +241,7 @@ class CurvatureTracker:
         self.measurements = 0
         self.history: list[dict] = []
         self._checked = False
+        self.last_operator = None  # the operator of the last measurement (its .stats)
 
     def __repr__(self):
         return (f"CurvatureTracker(every_n_steps={self.every_n_steps}, k={self.k}, "
@@ -282,6 +283,7 @@ class CurvatureTracker:
         t0 = time.perf_counter()
         with _rng_preserved():
             op, threshold = self.operator(model, optimizer)
+            self.last_operator = op
             self._checked = True
             i = self.measurements
             due_cold = self.cold_every > 0 and i % self.cold_every == 0

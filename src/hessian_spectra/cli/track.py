@@ -187,6 +187,10 @@ class Track(Command):
         for c in ckpts:
             load_weights(model, c["path"])
             m = tracker.measure(model, c["step"])
+            inner = getattr(tracker.last_operator, "stats", None)
+            if inner is not None and hasattr(ctx.op, "stats"):  # the run's HVP count and time
+                for key in ("matvecs", "matvec_seconds"):
+                    ctx.op.stats[key] += inner[key]
             m["checkpoint"] = c["path"]
             if c["lr"] is not None:
                 m["lr"], m["stability_threshold"] = c["lr"], 2.0 / c["lr"]
@@ -210,12 +214,12 @@ class Track(Command):
         return Outcome(estimate, summary)
 
     def summary_rows(self, result):
-        """Checkpoints, the last and the peak λ_max, HVPs."""
+        """Checkpoints, the last and the peak λ_max, how many were warm-started."""
         s = result.summary
         return [("checkpoints", str(s.get("checkpoints"))),
                 ("lambda_max (last)", fmt(s.get("lambda_max_last"))),
                 ("lambda_max (peak)", fmt(s.get("lambda_max_peak"))),
-                ("HVPs (warm runs)", f"{s.get('matvecs')} ({s.get('warm')})")]
+                ("warm starts", f"{s.get('warm')} of {s.get('checkpoints')}")]
 
     def figures(self, result: dict, out: Path) -> list[Path]:
         """``track.png``: λ_max (and 2/lr, the trace) against step."""
@@ -247,12 +251,13 @@ def plot_track(rows: list[dict], path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("λ_max")
     ax.grid(alpha=0.3)
+    handles = ax.get_lines()
     if any("trace" in r for r in rows):
         ax2 = ax.twinx()
         tr = [(r["step"], r["trace"]) for r in rows if "trace" in r]
-        ax2.plot(*zip(*tr), "s:", color="C2", label="trace")
+        handles = [*handles, *ax2.plot(*zip(*tr), "s:", color="C2", label="trace (right)")]
         ax2.set_ylabel("trace")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(handles=handles, fontsize=8, loc="best")
     ax.set_title("Sharpness during training", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
