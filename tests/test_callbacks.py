@@ -116,3 +116,36 @@ def test_lightning_callback_without_lightning_says_what_to_install():
 
     with pytest.raises(ImportError, match="pip install lightning"):
         cbs.LightningCurvatureCallback  # noqa: B018
+
+
+def test_lightning_callback_logic_against_a_stand_in(monkeypatch):
+    """Against a stand-in ``lightning.pytorch`` (only its ``Callback`` base; real Lightning is
+    not installed, so this checks our logic, not Lightning's calling convention): the callback
+    measures once per due optimizer step even when several batches end at that step (gradient
+    accumulation), skips step 0, logs the scalars with ``log_dict(rank_zero_only=True)`` and
+    its state round-trips through the tracker's."""
+    import sys
+    import types
+
+    pl = types.ModuleType("lightning.pytorch")
+    pl.Callback = type("Callback", (), {})
+    monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", pl)
+    import hessian_spectra.callbacks as cbs
+
+    tr = CurvatureTracker(loss_fn, _probe(), every_n_steps=2, method="exact")
+    cb = cbs.LightningCurvatureCallback(tr)
+    model = Reg()
+    logged = []
+    model.log_dict = lambda d, **kw: logged.append((d, kw))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = types.SimpleNamespace(global_step=0, optimizers=[opt])
+    for step in (0, 1, 2, 2, 3, 4):  # two batches end at step 2 (accumulation)
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, model, None, None, 0)
+    assert [m["step"] for m in tr.history] == [2, 4]
+    assert len(logged) == 2 and logged[0][1] == {"rank_zero_only": True}
+    assert logged[1][0]["curvature/stability_threshold"] == pytest.approx(20.0)
+    tr2 = CurvatureTracker(loss_fn, _probe(), every_n_steps=2, method="exact")
+    cbs.LightningCurvatureCallback(tr2).load_state_dict(cb.state_dict())
+    assert tr2.measurements == 2

@@ -18,7 +18,7 @@ work with status ``interrupted``.
 
 Layout: ``options`` (argparse pieces and the shared options), ``config`` (the frozen
 ``RunConfig``), ``command`` (what a command is), one module per command (``density``, ``eigs``,
-``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``plot``), ``run`` (the run's
+``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``track``, ``plot``), ``run`` (the run's
 lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs`` (logging,
 SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count), ``errors``
 (exit codes, one-line messages in terms of flags).
