@@ -70,8 +70,9 @@ def _train(tmp_path, tracker, attach=True):
 def test_hf_trainer_logs_curvature_and_training_is_unchanged(tmp_path):
     """With the callback attached (every 2 steps), ``trainer.state.log_history`` has
     ``curvature/lambda_max`` at steps 2, 4, 6; the last equals a cold converged
-    ``top_eigenvalues`` on the final weights within tol; the threshold is 2/lr of the scheduled
-    lr; the trained weights are bit-identical to a run without the callback."""
+    ``top_eigenvalues`` on the final weights within tol; ``two_over_lr`` is 2/lr of the
+    scheduled lr (AdamW: no ``stability_threshold`` without ``preconditioned=True``); the
+    trained weights are bit-identical to a run without the callback."""
     tr = CurvatureTracker(loss_fn, _probe(), every_n_steps=2, method="exact", tol=1e-4)
     trainer, model, cb = _train(tmp_path / "a", tr)
     rows = [r for r in trainer.state.log_history if "curvature/lambda_max" in r]
@@ -81,7 +82,8 @@ def test_hf_trainer_logs_curvature_and_training_is_unchanged(tmp_path):
     assert abs(rows[-1]["curvature/lambda_max"] - ref) <= 1e-4 * abs(ref)
     assert rows[-1]["curvature/converged"] == 1.0
     # the linear schedule's lr after 2 of 6 steps: 0.05 · (1 − 2/6)
-    assert rows[0]["curvature/stability_threshold"] == pytest.approx(2 / (0.05 * 4 / 6))
+    assert rows[0]["curvature/two_over_lr"] == pytest.approx(2 / (0.05 * 4 / 6))
+    assert "curvature/stability_threshold" not in rows[0]
     _, plain, _ = _train(tmp_path / "b", None)
     for a, b in zip(model.parameters(), plain.parameters()):
         assert torch.equal(a, b)
@@ -145,7 +147,7 @@ def test_lightning_callback_logic_against_a_stand_in(monkeypatch):
         cb.on_train_batch_end(trainer, model, None, None, 0)
     assert [m["step"] for m in tr.history] == [2, 4]
     assert len(logged) == 2 and logged[0][1] == {"rank_zero_only": True}
-    assert logged[1][0]["curvature/stability_threshold"] == pytest.approx(20.0)
+    assert logged[1][0]["curvature/stability_threshold"] == pytest.approx(20.0)  # plain SGD
     tr2 = CurvatureTracker(loss_fn, _probe(), every_n_steps=2, method="exact")
     cbs.LightningCurvatureCallback(tr2).load_state_dict(cb.state_dict())
     assert tr2.measurements == 2

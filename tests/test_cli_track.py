@@ -52,14 +52,14 @@ def test_track_over_safetensors_files_matches_dense_lambda_max(tmp_path):
     assert [r["step"] for r in rows] == [4, 8, 12]
     for r in rows:
         assert abs(r["lambda_max"] - ref[r["step"]]) <= 1e-6 * abs(ref[r["step"]])
-        assert "stability_threshold" not in r
+        assert "two_over_lr" not in r
     assert [r["warm"] for r in rows] == [False, True, True]
     assert (tmp_path / "out" / "track.png").stat().st_size > 0
 
 
 def test_track_over_hf_checkpoint_folders_reads_the_learning_rate(tmp_path):
     """HF ``checkpoint-<step>`` folders: the learning rate logged in trainer_state.json at (or
-    before) each step gives stability_threshold = 2/lr."""
+    before) each step gives two_over_lr = 2/lr."""
     d = tmp_path / "run"
 
     def save(step, sd):
@@ -72,7 +72,7 @@ def test_track_over_hf_checkpoint_folders_reads_the_learning_rate(tmp_path):
     _train_and_save(save, steps=(4, 8))
     assert _run(d, tmp_path / "out", "--trace-matvecs", "10") == EXIT_OK
     rows = json.loads((tmp_path / "out" / "track.json").read_text())["measurements"]
-    assert [r["stability_threshold"] for r in rows] == pytest.approx([2 / (0.1 / 4), 2 / (0.1 / 8)])
+    assert [r["two_over_lr"] for r in rows] == pytest.approx([2 / (0.1 / 4), 2 / (0.1 / 8)])
     assert all("trace" in r for r in rows)
 
 

@@ -101,13 +101,14 @@ def test_every_logged_lambda_max_matches_a_cold_converged_run():
         assert abs(m["lambda_max"] - ref[0]) <= tol * abs(ref[0])
         assert abs(m["eigenvalues"][1] - ref[1]) <= tol * abs(ref[0])
         assert m["converged"] and max(m["residuals"]) <= tol * abs(m["lambda_max"])
-        assert m["stability_threshold"] == pytest.approx(2 / 0.1)
+        assert m["two_over_lr"] == pytest.approx(2 / 0.1)
+        assert m["stability_threshold"] == pytest.approx((2 + 2 * 0.9) / 0.1)  # heavy ball
         seen.append(m["warm"])
 
     _train(tracker, steps=30, opt="sgd", check=check)
     assert len(seen) == 15 and sum(seen) >= 8 and not seen[0]
     keys = {"step", "lambda_max", "eigenvalues", "residuals", "converged", "matvecs", "seconds",
-            "warm", "restarts", "cold_reason", "lr", "stability_threshold"}
+            "warm", "restarts", "cold_reason", "lr", "two_over_lr", "stability_threshold"}
     assert keys <= set(tracker.history[-1])
 
 

@@ -23,7 +23,7 @@ __all__ = ["HFCurvatureCallback", "scalar_metrics"]
 def scalar_metrics(metrics: dict, prefix: str = "curvature/") -> dict:
     """The tracker's metrics as flat numbers for a logger: ``lambda_max``, ``lambda_2`` …,
     ``residual_max``, ``converged`` and ``warm`` (0/1), ``matvecs``, ``seconds``,
-    ``stability_threshold`` and the trace where measured.
+    ``two_over_lr``, ``stability_threshold`` and the trace where measured.
 
     >>> scalar_metrics({"lambda_max": 2.0, "eigenvalues": [2.0, 1.0], "residuals": [0.0, 1e-5],
     ...                 "converged": True, "warm": False, "matvecs": 9, "seconds": 0.5})
@@ -37,8 +37,8 @@ def scalar_metrics(metrics: dict, prefix: str = "curvature/") -> dict:
         out[f"{prefix}lambda_{i}"] = float(x)
     if metrics.get("residuals"):
         out[f"{prefix}residual_max"] = float(max(metrics["residuals"]))
-    for key in ("converged", "warm", "matvecs", "seconds", "stability_threshold", "trace",
-                "trace_std_error"):
+    for key in ("converged", "warm", "matvecs", "seconds", "two_over_lr", "stability_threshold",
+                "trace", "trace_std_error"):
         if metrics.get(key) is not None:
             out[f"{prefix}{key}"] = float(metrics[key])
     return out

@@ -24,8 +24,11 @@ the model's current weights every ``every_n_steps`` optimizer steps:
 - **Logged per measurement** (the dict ``step`` returns): ``step``, ``lambda_max``,
   ``eigenvalues`` (k, descending), ``residuals``, ``converged``, ``matvecs``, ``seconds``,
   ``warm``, ``restarts`` (explicit Lanczos restarts), ``cold_reason``, and with an optimizer
-  ``lr`` and ``stability_threshold`` (2/lr for SGD; (2 + 2β₁)/((1 − β₁)·lr) for Adam's
-  preconditioned sharpness); optionally ``trace``/``trace_std_error`` and a ``density``.
+  ``lr``, ``two_over_lr`` and, where the optimizer's edge of stability is known,
+  ``stability_threshold``: 2/lr for plain SGD, (2 + 2β)/lr for SGD with heavy-ball momentum β
+  (no Nesterov, no dampening), (2 + 2β₁)/((1 − β₁)·lr) for Adam's preconditioned sharpness
+  (``preconditioned=True``; Cohen et al. 2022); optionally ``trace``/``trace_std_error`` and a
+  ``density``.
 
 Under FSDP2 every rank calls ``step`` (the products are collective); every rank gets the same
 numbers and only rank 0 calls ``log_fn``.
@@ -114,6 +117,18 @@ def adam_preconditioner(optimizer, params, dtype=torch.float32) -> tuple[Vector,
     g0 = optimizer.param_groups[0]
     b1 = g0["betas"][0]
     return d, (2.0 + 2.0 * b1) / ((1.0 - b1) * float(g0["lr"]))
+
+
+def _sgd_threshold(optimizer) -> float | None:
+    """The edge of stability of (heavy-ball) SGD: (2 + 2β)/lr; None for other optimizers."""
+    lr = _learning_rate(optimizer)
+    if lr is None or not isinstance(optimizer, torch.optim.SGD):
+        return None
+    g = optimizer.param_groups[0]
+    beta = float(g.get("momentum", 0.0) or 0.0)
+    if beta and (g.get("nesterov") or g.get("dampening", 0.0)):
+        return None
+    return (2.0 + 2.0 * beta) / lr
 
 
 def _learning_rate(optimizer) -> float | None:
@@ -258,8 +273,7 @@ class CurvatureTracker:
         op = HessianOperator(model, self.loss_fn, self.probe_batches, method=self.method,
                              eps=self.eps, params=self.params, reduction=self.reduction,
                              train_mode=self.train_mode, check_determinism=not self._checked)
-        lr = _learning_rate(optimizer)
-        threshold = 2.0 / lr if lr else None
+        threshold = _sgd_threshold(optimizer)
         if self.preconditioned:
             pre = adam_preconditioner(optimizer, op.params, op.vector_dtype)
             if pre is None:
@@ -320,7 +334,7 @@ class CurvatureTracker:
             }
             lr = _learning_rate(optimizer)
             if lr is not None:
-                out["lr"] = lr
+                out["lr"], out["two_over_lr"] = lr, 2.0 / lr
             if threshold is not None:
                 out["stability_threshold"] = threshold
             if self.trace_every and i % self.trace_every == 0:

@@ -193,7 +193,7 @@ class Track(Command):
                     ctx.op.stats[key] += inner[key]
             m["checkpoint"] = c["path"]
             if c["lr"] is not None:
-                m["lr"], m["stability_threshold"] = c["lr"], 2.0 / c["lr"]
+                m["lr"], m["two_over_lr"] = c["lr"], 2.0 / c["lr"]
             rows.append(m)
             ctx.log.info("step %d: lambda_max %.6g (%s, %d HVPs, residual %.2g)", c["step"],
                          m["lambda_max"], "warm" if m["warm"] else "cold", m["matvecs"],
@@ -244,8 +244,8 @@ def plot_track(rows: list[dict], path) -> Path:
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(steps, [r["lambda_max"] for r in rows], "o-", color="C0", label="λ_max")
-    thr = [(r["step"], r["stability_threshold"]) for r in rows
-           if r.get("stability_threshold") is not None and math.isfinite(r["stability_threshold"])]
+    thr = [(r["step"], r["two_over_lr"]) for r in rows
+           if r.get("two_over_lr") is not None and math.isfinite(r["two_over_lr"])]
     if thr:
         ax.plot(*zip(*thr), "--", color="C3", label="2/lr")
     ax.set_xlabel("step")
