@@ -52,3 +52,12 @@ def test_summary_splits_lanczos_time(tmp_path):
     assert s["lanczos_overhead_percent"] == pytest.approx(
         100 * s["lanczos_vector_seconds"] / s["lanczos_matvec_seconds"]
     )
+
+
+def test_warnings_of_a_run_reach_its_log(tmp_path):
+    """A library warning during a run (ghosts of `--reorth none` past convergence) is written to
+    log.txt, not only to stderr."""
+    out = tmp_path / "ghosts"
+    r = _run(["density", *FAST, "--reorth", "none", "--steps", 40, "--probes", 2, "--out", out])
+    assert r["summary"]["num_ghosts"] > 0
+    assert "GhostWarning" in (out / "log.txt").read_text()

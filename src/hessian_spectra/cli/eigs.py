@@ -64,6 +64,7 @@ class Eigs(Command):
                    "largest": res.eigenvalues.tolist(), "smallest": res.smallest.tolist(),
                    "residual_lambda_max": float(res.residuals[0]),
                    "residual_lambda_min": float(res.residuals_smallest[0]),
+                   "num_ghosts": int(res.run.num_ghosts),
                    **lanczos_overhead([res.run.to_dict()])}
         return Outcome(res.to_dict(), summary)
 

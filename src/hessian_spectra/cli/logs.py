@@ -58,6 +58,10 @@ def logging_to(out: Path | None, write: bool, debug: bool):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            # warnings (ghosts, fd fallbacks, ...) go to stderr and log.txt like every log line
+            warnings.showwarning = lambda message, category, *_a, **_k: log.warning(
+                "warning: %s (%s)", message, category.__name__
+            )
             yield
     finally:
         for h in handlers:
