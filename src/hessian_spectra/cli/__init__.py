@@ -22,8 +22,8 @@ Layout: ``options`` (argparse pieces and the shared options), ``config`` (the fr
 ``RunConfig``), ``command`` (what a command is), one module per command (``density``, ``eigs``,
 ``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``track``, ``plot``, ``sweep``), ``run``
 (the run's lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs``
-(logging, SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count), ``errors``
-(exit codes, one-line messages in terms of flags).
+(logging, SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count),
+``errors`` (exit codes, one-line messages in terms of flags).
 """
 
 from __future__ import annotations
