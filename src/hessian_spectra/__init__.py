@@ -17,6 +17,7 @@ from .objective import Objective
 from .operators import HessianOperator
 from .per_block import BlockOperator, per_block_slq, select_params
 from .solvers import CGInfo, cg_solve
+from .tracker import CurvatureTracker
 from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, unit_probe, zeros_like
 
 __version__ = "0.1.0"
@@ -70,4 +71,6 @@ __all__ = [
     "CGInfo",
     "influence",
     "InfluenceResult",
+    # training
+    "CurvatureTracker",
 ]

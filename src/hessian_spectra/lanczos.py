@@ -425,7 +425,9 @@ def lanczos(
             With ``basis_dir`` it references the basis files instead of copying them.
         return_basis: keep the vectors on the result (``result.basis``) for Ritz vectors;
             requires ``reorth="full"``.
-        callback: ``callback(step, alpha, beta)`` after every step.
+        callback: ``callback(step, alpha, beta)`` after every step; returning ``True`` stops
+            the run there (the result is that of ``num_steps=step + 1``: a stopping rule, e.g.
+            on the Ritz residuals, as :class:`~hessian_spectra.tracker.CurvatureTracker` does).
         progress: show a progress bar over the steps (rank 0).
 
     The result's ``matvec_seconds``, ``vector_seconds`` and ``io_seconds`` split its
@@ -637,11 +639,10 @@ def _run(
             st.alpha.append(alpha)
             st.scale = max(st.scale, abs(alpha) + beta + (st.beta[-1] if st.beta else 0.0))
             residual = beta
-            if callback is not None:
-                callback(j, alpha, beta)
+            stop = callback is not None and callback(j, alpha, beta) is True
             if bar is not None:
                 bar.update(1)
-            if j == num_steps - 1:
+            if j == num_steps - 1 or stop:  # stop: as if num_steps had been j + 1
                 break
             if beta <= tol * st.scale:  # an invariant subspace: T_{j+1} is exact
                 breakdown = True

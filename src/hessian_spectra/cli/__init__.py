@@ -6,6 +6,7 @@
     hessian-spectra blockdiag [options] --out DIR  block-diagonal test per transformer layer (FSHP §6)
     hessian-spectra eps-sweep [options] --out DIR  finite-difference HVP error against eps
     hessian-spectra influence [options] --out DIR  influence scores of the --data batches (CG)
+    hessian-spectra track --checkpoints DIR ...     λ_max of every saved checkpoint (warm start)
     hessian-spectra plot DIR [DIR ...]             re-draw / overlay saved runs
     hessian-spectra sweep COMMAND --vary OPTION=V1,V2 [...] --out DIR
                                                    a grid of runs of COMMAND (``sweep``)
@@ -19,10 +20,10 @@ work with status ``interrupted``.
 
 Layout: ``options`` (argparse pieces and the shared options), ``config`` (the frozen
 ``RunConfig``), ``command`` (what a command is), one module per command (``density``, ``eigs``,
-``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``plot``, ``sweep``), ``run`` (the run's
-lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs`` (logging,
-SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count), ``errors``
-(exit codes, one-line messages in terms of flags).
+``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``track``, ``plot``, ``sweep``), ``run``
+(the run's lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs``
+(logging, SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count),
+``errors`` (exit codes, one-line messages in terms of flags).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .errors import (
 from .influence import Influence
 from .options import Parser, add_common
 from .trace import Trace
+from .track import Track
 
 __all__ = [
     "COMMANDS",
@@ -61,7 +63,8 @@ __all__ = [
 ]
 
 #: The analysis commands, by name: a new command is a new module and one entry here.
-COMMANDS = {c.name: c for c in (Density(), Eigs(), Trace(), BlockDiag(), EpsSweep(), Influence())}
+COMMANDS = {c.name: c for c in (Density(), Eigs(), Trace(), BlockDiag(), EpsSweep(), Influence(),
+                                Track())}
 
 
 def build_parser() -> Parser:
