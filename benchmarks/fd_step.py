@@ -150,13 +150,17 @@ def run_tiny(args):
             u = [t / norm(u) for t in u]
             rows[name] = direction_row(op, u, ex.matvec(u), args.points, args.decades)
             x = rows[name]
-            print(f"{kind:11s} {name:18s} default {x['default_eps']:.2g} "
-                  f"err {x['default_error']:.2g}"
-                  f" (est {x['estimate']:.2g}) | best {x['best_eps']:.2g} err {x['best_error']:.2g}"
-                  f" | ×{x['default_over_best']:.2f}", flush=True)
+            print(
+                f"{kind:11s} {name:18s} default {x['default_eps']:.2g} "
+                f"err {x['default_error']:.2g}"
+                f" (est {x['estimate']:.2g}) | best {x['best_eps']:.2g} err {x['best_error']:.2g}"
+                f" | ×{x['default_over_best']:.2f}",
+                flush=True,
+            )
         m64, l64, b64 = tiny_problem(kind, torch.float64)
-        lam = float(np.max(hs.lanczos(hs.HessianOperator(m64, l64, b64, method="exact"), 80)
-                           .ritz_values))
+        lam = float(
+            np.max(hs.lanczos(hs.HessianOperator(m64, l64, b64, method="exact"), 80).ritz_values)
+        )
         top1, secs = {}, {}
         for st in ("central", "four-point"):
             o = hs.HessianOperator(m, loss, bs, method="fd", stencil=st)
@@ -192,8 +196,13 @@ def run_llm(args):
     t0 = time.perf_counter()
     fm = op.calibrate_fd()
     print(f"calibration {time.perf_counter() - t0:.0f} s: {fm}", flush=True)
-    out = {"model": args.model, "tokens": args.seq_len * args.batch_size,
-           "num_params": op.num_params, "fd_model": fm.to_dict(), "directions": {}}
+    out = {
+        "model": args.model,
+        "tokens": args.seq_len * args.batch_size,
+        "num_params": op.num_params,
+        "fd_model": fm.to_dict(),
+        "directions": {},
+    }
     # the perturbation lost to bf16 rounding along a unit random probe (no gradient needed)
     u = hs.unit_probe(op, 1)
     out["bf16_perturbation_lost"] = {
@@ -203,8 +212,9 @@ def run_llm(args):
     print("bf16 lost fraction along a unit probe:", out["bf16_perturbation_lost"], flush=True)
     rows = out["directions"]
     rows["random probe"] = direction_row(op, u, ex.matvec(u), args.points, args.decades)
-    print("random probe", {k: v for k, v in rows["random probe"].items() if k != "sweep"},
-          flush=True)
+    print(
+        "random probe", {k: v for k, v in rows["random probe"].items() if k != "sweep"}, flush=True
+    )
     del u
     r = hs.lanczos(ex, args.lanczos, return_basis=True)
     for j in range(1, args.lanczos):
@@ -269,8 +279,11 @@ def _low_precision_setups(m32, loss, b32):
     return {
         "bf16 parameters": (mb, loss, [_cast_bf16(b) for b in b32]),
         "fp32 parameters, bf16 autocast": (m32, autocast_loss(loss), b32),
-        "fp32 parameters cast to bf16 (FSDP2 MixedPrecisionPolicy)":
-            (m32, bf16_cast_loss(loss), b32),
+        "fp32 parameters cast to bf16 (FSDP2 MixedPrecisionPolicy)": (
+            m32,
+            bf16_cast_loss(loss),
+            b32,
+        ),
     }
 
 
@@ -281,8 +294,9 @@ def _low_precision_rows(setups, dirs, refs, grid, calibrate=True):
     for name, (m, loss, bs) in setups.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            op = hs.HessianOperator(m, loss, bs, method="fd", allow_low_precision_fd=True,
-                                    fd_calibration=calibrate)
+            op = hs.HessianOperator(
+                m, loss, bs, method="fd", allow_low_precision_fd=True, fd_calibration=calibrate
+            )
         rows = {}
         for dn, u in dirs.items():
             ref = refs[dn]
@@ -293,9 +307,13 @@ def _low_precision_rows(setups, dirs, refs, grid, calibrate=True):
                 return norm([a.double() - b.double() for a, b in zip(h, ref)]) / rn
 
             sweep = [err(op.matvec(uu, eps=float(e))) for e in grid]
-            row = {"sweep": {"eps": list(map(float, grid)), "error": sweep},
-                   "lost_to_rounding": {f"{e:g}": perturbation_rounding(
-                       op.params, uu, float(e), torch.bfloat16) for e in grid}}
+            row = {
+                "sweep": {"eps": list(map(float, grid)), "error": sweep},
+                "lost_to_rounding": {
+                    f"{e:g}": perturbation_rounding(op.params, uu, float(e), torch.bfloat16)
+                    for e in grid
+                },
+            }
             if calibrate:
                 d = err(op.matvec(uu))
                 est = op.last_fd_error_estimate
@@ -303,11 +321,18 @@ def _low_precision_rows(setups, dirs, refs, grid, calibrate=True):
             k = int(np.argmin(sweep))
             row.update(best_eps=float(grid[k]), best_error=sweep[k])
             rows[dn] = row
-            print(f"{name:58s} {dn:16s} best eps {grid[k]:.2g} err {sweep[k]:.2g}"
-                  + (f" | default eps {row['default_eps']:.2g} err {row['default_error']:.2g}"
-                     f" est {row['estimate']:.2g}" if calibrate else "")
-                  + " | lost " + " ".join(f"{v:.2g}" for v in row["lost_to_rounding"].values()),
-                  flush=True)
+            print(
+                f"{name:58s} {dn:16s} best eps {grid[k]:.2g} err {sweep[k]:.2g}"
+                + (
+                    f" | default eps {row['default_eps']:.2g} err {row['default_error']:.2g}"
+                    f" est {row['estimate']:.2g}"
+                    if calibrate
+                    else ""
+                )
+                + " | lost "
+                + " ".join(f"{v:.2g}" for v in row["lost_to_rounding"].values()),
+                flush=True,
+            )
         out[name] = rows
     return out
 
@@ -325,8 +350,11 @@ def run_low_precision(args):
         refs = {"random probe": ex.matvec(u)}
         grid = np.array([1.0, 3.0, 10.0, 30.0, 100.0])
         setups = _low_precision_setups(lm.model, causal_lm_loss, bs)
-        return {"model": args.model, "tokens": args.seq_len * args.batch_size,
-                "settings": _low_precision_rows(setups, {"random probe": u}, refs, grid)}
+        return {
+            "model": args.model,
+            "tokens": args.seq_len * args.batch_size,
+            "settings": _low_precision_rows(setups, {"random probe": u}, refs, grid),
+        }
     out = {}
     for kind in ("mlp", "transformer", "cnn"):
         m64, loss, b64 = tiny_problem(kind, torch.float64)
@@ -336,8 +364,9 @@ def run_low_precision(args):
         refs = {k: ex.matvec(v) for k, v in dirs.items()}
         m32, _, b32 = tiny_problem(kind, torch.float32)
         print(kind, flush=True)
-        out[kind] = _low_precision_rows(_low_precision_setups(m32, loss, b32), dirs, refs,
-                                        np.logspace(-3, 1, 17))
+        out[kind] = _low_precision_rows(
+            _low_precision_setups(m32, loss, b32), dirs, refs, np.logspace(-3, 1, 17)
+        )
     return out
 
 
@@ -358,7 +387,8 @@ def main():
     else:
         out = run_tiny(args) if args.model == "tiny" else run_llm(args)
     out["command"] = "python benchmarks/fd_step.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
         if v is not None and v is not False
     ).replace(" True", "")
     if args.json:

@@ -28,7 +28,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     lm = load_model(args.model)
-    batches = make_batches(lm.tokenizer, DataConfig(seq_len=args.seq_len, batch_size=args.batch_size, num_batches=1))
+    batches = make_batches(
+        lm.tokenizer, DataConfig(seq_len=args.seq_len, batch_size=args.batch_size, num_batches=1)
+    )
     exact = hs.HessianOperator(lm.model, causal_lm_loss, batches, method="exact")
     fd = hs.HessianOperator(lm.model, causal_lm_loss, batches, method="fd")
     r = hs.lanczos(exact, args.steps, return_basis=True)
@@ -42,11 +44,31 @@ def main():
     rf = hs.lanczos(fd, args.steps)
     da = (np.abs(rf.alpha - r.alpha) / np.abs(r.alpha)).tolist()
     db = (np.abs(rf.beta - r.beta) / np.abs(r.beta)).tolist()
-    print("alpha exact", r.alpha, "\nalpha fd   ", rf.alpha, "\nrelative gap alpha", np.round(da, 6), "\nrelative gap beta ", np.round(db, 6))
+    print(
+        "alpha exact",
+        r.alpha,
+        "\nalpha fd   ",
+        rf.alpha,
+        "\nrelative gap alpha",
+        np.round(da, 6),
+        "\nrelative gap beta ",
+        np.round(db, 6),
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"vectors": rows, "alpha_exact": r.alpha.tolist(), "alpha_fd": rf.alpha.tolist(),
-                       "beta_exact": r.beta.tolist(), "beta_fd": rf.beta.tolist(), "gap_alpha": da, "gap_beta": db}, f, indent=1)
+            json.dump(
+                {
+                    "vectors": rows,
+                    "alpha_exact": r.alpha.tolist(),
+                    "alpha_fd": rf.alpha.tolist(),
+                    "beta_exact": r.beta.tolist(),
+                    "beta_fd": rf.beta.tolist(),
+                    "gap_alpha": da,
+                    "gap_beta": db,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

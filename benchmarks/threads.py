@@ -52,10 +52,17 @@ def worker(threads: str, steps: int, late: bool = False) -> None:
 
     chosen = choose_threads(None if threads == "auto" else int(threads))
     g = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 512),
-                                torch.nn.Tanh(), torch.nn.Linear(512, 10))
-    batches = [(torch.randn(512, 256, generator=g), torch.randint(0, 10, (512,), generator=g))
-               for _ in range(2)]
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 512),
+        torch.nn.Tanh(),
+        torch.nn.Linear(512, 512),
+        torch.nn.Tanh(),
+        torch.nn.Linear(512, 10),
+    )
+    batches = [
+        (torch.randn(512, 256, generator=g), torch.randint(0, 10, (512,), generator=g))
+        for _ in range(2)
+    ]
 
     def loss(m, b):
         return torch.nn.functional.cross_entropy(m(b[0]), b[1])
@@ -65,8 +72,15 @@ def worker(threads: str, steps: int, late: bool = False) -> None:
     t0 = time.perf_counter()
     lanczos(op, steps)
     dt = (time.perf_counter() - t0) / steps
-    print(json.dumps({"ms_per_step": 1e3 * dt, "threads": chosen["num_threads"],
-                      "busy_cores_seen": chosen["busy_cores"]}))
+    print(
+        json.dumps(
+            {
+                "ms_per_step": 1e3 * dt,
+                "threads": chosen["num_threads"],
+                "busy_cores_seen": chosen["busy_cores"],
+            }
+        )
+    )
 
 
 SPIN = "import time\nt = time.time()\nwhile time.time() - t < 600: pass\n"
@@ -83,8 +97,13 @@ def measure(threads: str, policy: str, neighbour: bool, steps: int) -> dict:
             time.sleep(0.5)  # the neighbour is running before the worker starts
         load = os.getloadavg()[0]
         cmd = [sys.executable, __file__, "--worker", threads, "--steps", str(steps)]
-        out = subprocess.run(cmd + (["--late"] if policy == "late" else []), env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            cmd + (["--late"] if policy == "late" else []),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     finally:
         if spin:
             spin.kill()
@@ -105,8 +124,14 @@ def main() -> None:
         return
     cores = len(os.sched_getaffinity(0))
     c = str(cores)
-    per = [("1", "unset"), (c, "unset"), (c, "PASSIVE"), (c, "late"), ("auto", "unset"),
-           ("auto", "PASSIVE")]
+    per = [
+        ("1", "unset"),
+        (c, "unset"),
+        (c, "PASSIVE"),
+        (c, "late"),
+        ("auto", "unset"),
+        ("auto", "PASSIVE"),
+    ]
     configs = [(t, p, n) for n in (False, True) for t, p in per]
     base = (c, "unset", False)
     rows = {c: [] for c in configs}
@@ -121,10 +146,14 @@ def main() -> None:
             ratios[c].append(got[c]["ms_per_step"] / got[base]["ms_per_step"])
         print(f"round {r + 1}/{a.rounds} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
     name = {"unset": "", "PASSIVE": " PASSIVE", "late": " late"}
-    print(f"{cores} usable cores; {a.rounds} rounds x {a.steps} Lanczos steps; base = {cores} "
-          f"threads, no neighbour")
-    print(f"{'neighbour':>9}  {'threads':>12}  {'ms/step':>8}  {'x base':>7}  {'chosen':>6}  "
-          "load1 per round")
+    print(
+        f"{cores} usable cores; {a.rounds} rounds x {a.steps} Lanczos steps; base = {cores} "
+        f"threads, no neighbour"
+    )
+    print(
+        f"{'neighbour':>9}  {'threads':>12}  {'ms/step':>8}  {'x base':>7}  {'chosen':>6}  "
+        "load1 per round"
+    )
     table = []
     for c in configs:
         t, p, n = c
@@ -132,16 +161,36 @@ def main() -> None:
         ratio = statistics.median(ratios[c])
         chosen = sorted({x["threads"] for x in rows[c]})
         loads = [round(x["load1"], 2) for x in rows[c]]
-        print(f"{'busy' if n else 'none':>9}  {t + name[p]:>12}  {ms:8.1f}  {ratio:7.2f}  "
-              f"{','.join(map(str, chosen)):>6}  {loads}")
-        table.append({"threads": t, "omp_wait_policy": p, "neighbour": n,
-                      "ms_per_step_median": ms, "ratio_to_base_median": ratio,
-                      "threads_chosen": chosen, "runs": rows[c]})
+        print(
+            f"{'busy' if n else 'none':>9}  {t + name[p]:>12}  {ms:8.1f}  {ratio:7.2f}  "
+            f"{','.join(map(str, chosen)):>6}  {loads}"
+        )
+        table.append(
+            {
+                "threads": t,
+                "omp_wait_policy": p,
+                "neighbour": n,
+                "ms_per_step_median": ms,
+                "ratio_to_base_median": ratio,
+                "threads_chosen": chosen,
+                "runs": rows[c],
+            }
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"cores": cores, "rounds": a.rounds, "steps": a.steps,
-                                       "loadavg_at_end": os.getloadavg(),
-                                       "base": "cores threads, no neighbour", "rows": table},
-                                      indent=1) + "\n")
+    Path(a.out).write_text(
+        json.dumps(
+            {
+                "cores": cores,
+                "rounds": a.rounds,
+                "steps": a.steps,
+                "loadavg_at_end": os.getloadavg(),
+                "base": "cores threads, no neighbour",
+                "rows": table,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

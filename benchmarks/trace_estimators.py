@@ -101,12 +101,22 @@ def main(argv=None) -> int:
             res = {meth: run(H, meth, m, args.repeats) for meth in METHODS}
             base = res["hutchinson"]["rel_rmse"]
             for meth in METHODS:
-                rows.append({"case": name, "dim": int(H.shape[0]), "matvecs": m,
-                             "method": meth, **res[meth]})
+                rows.append(
+                    {
+                        "case": name,
+                        "dim": int(H.shape[0]),
+                        "matvecs": m,
+                        "method": meth,
+                        **res[meth],
+                    }
+                )
             ratio = "  ".join(f"{k}={res[k]['rel_rmse'] / base:6.3f}" for k in METHODS[1:])
             cov = " ".join(f"{res[k]['coverage_2se']:.2f}" for k in METHODS)
-            print(f"{name:18s} P={H.shape[0]:4d} m={m:3d}  hutchinson rel_rmse={base:.2e}  "
-                  f"RMSE ratio: {ratio}   2SE coverage (h, h++, x): {cov}", flush=True)
+            print(
+                f"{name:18s} P={H.shape[0]:4d} m={m:3d}  hutchinson rel_rmse={base:.2e}  "
+                f"RMSE ratio: {ratio}   2SE coverage (h, h++, x): {cov}",
+                flush=True,
+            )
     # Which method has the smallest RMSE in each (case, budget)?
     wins = {k: 0 for k in METHODS}
     for i in range(0, len(rows), len(METHODS)):

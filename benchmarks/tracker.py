@@ -116,9 +116,12 @@ def warm_vs_cold(data, steps, lr, cadence, ref_steps, probe_b, rel=1e-2):
         ref_run = lanczos(op, ref_steps, seed=10_000 + step)
         ref = float(ref_run.ritz_values[-1])
         cold, vec = ritz_trajectory(op, random_probe(op, step), ref_steps)
-        row = {"step": step, "lambda_max": ref,
-               "reference_residual": float(ref_run.residual_bounds()[-1]),
-               "cold": first_within(cold, ref, rel)}
+        row = {
+            "step": step,
+            "lambda_max": ref,
+            "reference_residual": float(ref_run.residual_bounds()[-1]),
+            "cold": first_within(cold, ref, rel),
+        }
         if prev is not None:
             v0 = scale(1.0 / norm(prev), prev)
             r = random_probe(op, 7919 + step)
@@ -131,9 +134,13 @@ def warm_vs_cold(data, steps, lr, cadence, ref_steps, probe_b, rel=1e-2):
     train(data, steps, lr, on_measure=on_measure)
     warm = [r["warm"] for r in rows if r.get("warm") is not None]
     cold = [r["cold"] for r in rows[1:] if r["cold"] is not None]
-    return {"cadence": cadence, "relative_accuracy": rel, "measurements": rows,
-            "median_cold_matvecs": statistics.median(cold) if cold else None,
-            "median_warm_matvecs": statistics.median(warm) if warm else None}
+    return {
+        "cadence": cadence,
+        "relative_accuracy": rel,
+        "measurements": rows,
+        "median_cold_matvecs": statistics.median(cold) if cold else None,
+        "median_warm_matvecs": statistics.median(warm) if warm else None,
+    }
 
 
 def main(argv=None):
@@ -152,12 +159,18 @@ def main(argv=None):
 
     accuracy = [warm_vs_cold(data, a.steps, a.lr, c, a.ref_steps, probe_b) for c in (10, 100)]
     for acc in accuracy:
-        print(f"every {acc['cadence']}: matvecs to 1e-2: cold {acc['median_cold_matvecs']}, "
-              f"warm {acc['median_warm_matvecs']}", flush=True)
+        print(
+            f"every {acc['cadence']}: matvecs to 1e-2: cold {acc['median_cold_matvecs']}, "
+            f"warm {acc['median_warm_matvecs']}",
+            flush=True,
+        )
 
-    settings = {"none": None, "every_10": dict(every_n_steps=10),
-                "every_100": dict(every_n_steps=100),
-                "every_10_all_cold": dict(every_n_steps=10, cold_every=1)}
+    settings = {
+        "none": None,
+        "every_10": dict(every_n_steps=10),
+        "every_100": dict(every_n_steps=100),
+        "every_10_all_cold": dict(every_n_steps=10, cold_every=1),
+    }
     times = {k: [] for k in settings}
     logged = {}
     for _ in range(a.repeats):
@@ -172,27 +185,42 @@ def main(argv=None):
         t = statistics.median(times[name])
         logs = logged[name]
         overhead[name] = {
-            "seconds": t, "seconds_all": times[name],
+            "seconds": t,
+            "seconds_all": times[name],
             "overhead_fraction": (t - base) / base,
             "measurements": len(logs),
             "matvecs": sum(m["matvecs"] for m in logs),
             "warm_measurements": sum(bool(m["warm"]) for m in logs),
-            "mean_matvecs_warm": (statistics.mean([m["matvecs"] for m in logs if m["warm"]])
-                                  if any(m["warm"] for m in logs) else None),
-            "mean_matvecs_cold": (statistics.mean([m["matvecs"] for m in logs if not m["warm"]])
-                                  if any(not m["warm"] for m in logs) else None),
+            "mean_matvecs_warm": (
+                statistics.mean([m["matvecs"] for m in logs if m["warm"]])
+                if any(m["warm"] for m in logs)
+                else None
+            ),
+            "mean_matvecs_cold": (
+                statistics.mean([m["matvecs"] for m in logs if not m["warm"]])
+                if any(not m["warm"] for m in logs)
+                else None
+            ),
             "all_converged": all(m["converged"] for m in logs),
         }
-        print(f"{name:>18}: {t:7.2f} s, overhead {overhead[name]['overhead_fraction']:+.1%}, "
-              f"{overhead[name]['matvecs']} matvecs in {len(logs)} measurements", flush=True)
+        print(
+            f"{name:>18}: {t:7.2f} s, overhead {overhead[name]['overhead_fraction']:+.1%}, "
+            f"{overhead[name]['matvecs']} matvecs in {len(logs)} measurements",
+            flush=True,
+        )
     out = {
         "model": f"TinyTransformer(vocab={VOCAB}, d=16, n_layer=2), {num_params} params, float32",
         "data": f"pydoc_data prose, batches {BATCH}x{SEQ}, 2 probe batches",
         "train": {"steps": a.steps, "optimizer": "SGD momentum 0.9", "lr": a.lr},
-        "hvp": "exact", "threads": 1, "repeats": a.repeats,
-        "platform": platform.platform(), "torch": torch.__version__,
-        "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-        "warm_vs_cold": accuracy, "overhead": overhead,
+        "hvp": "exact",
+        "threads": 1,
+        "repeats": a.repeats,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "warm_vs_cold": accuracy,
+        "overhead": overhead,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

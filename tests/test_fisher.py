@@ -70,8 +70,9 @@ def test_empirical_fisher_spectrum_and_subset():
     assert _rel(flatten(op @ unflatten(v, op.params)), Fs @ v) <= 1e-10
     full = hs.EmpiricalFisherOperator(m, loss_fn, batches)
     lam = np.linalg.eigvalsh(F.numpy())[::-1]
-    np.testing.assert_allclose(hs.top_eigenvalues(full, 3, num_steps=10).eigenvalues, lam[:3],
-                               rtol=1e-8)
+    np.testing.assert_allclose(
+        hs.top_eigenvalues(full, 3, num_steps=10).eigenvalues, lam[:3], rtol=1e-8
+    )
 
 
 def test_empirical_fisher_clear_errors():

@@ -62,9 +62,9 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_exact_ggn_equals_dense(name):
-    """The exact GGN product equals dense_ggn @ v to ≤ 1e-10 relative on the float64 MLP (MSE and
-    cross-entropy), CNN (cross-entropy) and LayerNorm transformer (next-token CE), for three random v; the
-    parameters are bit-for-bit unchanged."""
+    """The exact GGN product equals dense_ggn @ v to ≤ 1e-10 relative on the float64 MLP (MSE
+    and cross-entropy), CNN (cross-entropy) and LayerNorm transformer (next-token CE), for three
+    random v; the parameters are bit-for-bit unchanged."""
     model, fwd, lof, batches, G = case(name)
     before = [p.detach().clone() for p in model.parameters()]
     op = hs.GGNOperator(model, fwd, lof, batches, method="exact")
@@ -109,8 +109,10 @@ def test_ggn_equals_hessian_for_linear_model_with_mse():
     model = torch.nn.Linear(4, 3).double()
     g = torch.Generator().manual_seed(5)
     batches = [
-        (torch.randn(n, 4, generator=g, dtype=torch.float64),
-         torch.randn(n, 3, generator=g, dtype=torch.float64))
+        (
+            torch.randn(n, 4, generator=g, dtype=torch.float64),
+            torch.randn(n, 3, generator=g, dtype=torch.float64),
+        )
         for n in (3, 5)
     ]
     H = dense_hessian(model, lambda m, b: _mse_out(_fwd(m, b), b), batches)
@@ -208,7 +210,9 @@ def test_causal_lm_helpers_match_data_loss_and_dense_ggn():
     for b in batches:
         a, n = causal_lm_loss_of_logits(causal_lm_forward(model, b), b)
         a2, n2 = causal_lm_loss(model, b)
-        assert int(n) == int(n2) and float(a.detach()) == pytest.approx(float(a2.detach()), rel=1e-6)
+        assert int(n) == int(n2) and float(a.detach()) == pytest.approx(
+            float(a2.detach()), rel=1e-6
+        )
     G = dense_ggn(model, causal_lm_forward, causal_lm_loss_of_logits, batches)
     op = hs.GGNOperator(model, causal_lm_forward, causal_lm_loss_of_logits, batches)
     v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

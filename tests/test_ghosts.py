@@ -102,7 +102,8 @@ def test_cullum_willoughby_keeps_one_copy_of_a_cluster():
     assert np.allclose(res.ritz_values, [1.0, 3.0, 3.0])
     assert res.ghost_indices().size == 1
     assert res.ritz_weights[np.delete(np.arange(3), res.ghost_indices())].sum() == (
-        pytest.approx(1.0))
+        pytest.approx(1.0)
+    )
 
 
 def _plain_lanczos(a: np.ndarray, v: np.ndarray, m: int):
@@ -131,8 +132,8 @@ def test_omega_recurrence_tracks_the_true_loss_of_orthogonality():
     alpha, beta, q = _plain_lanczos(a, v, 60)
     gram = np.abs(np.tril(q @ q.T, -1))
     true = gram.max(axis=1)
-    est = orthogonality_loss(alpha, beta, eps=2.0 ** -52, window=0)
-    s = np.sqrt(2.0 ** -52)
+    est = orthogonality_loss(alpha, beta, eps=2.0**-52, window=0)
+    s = np.sqrt(2.0**-52)
     j_true, j_est = int(np.argmax(true > s)), int(np.argmax(est > s))
     assert true.max() > s and est.max() > s
     assert abs(j_true - j_est) <= 5, (j_true, j_est)
@@ -147,7 +148,7 @@ def test_omega_with_a_window_is_reset_for_the_kept_vectors():
     estimate stays at ε, as for full; with r = 0 (none) it grows past √ε on the same T; a run's
     own orthogonality_loss() reads its reorth from config."""
     res = lanczos(DenseOperator(_matrix()), 60, seed=1, reorth="full")
-    eps = 2.0 ** -52
+    eps = 2.0**-52
     full = orthogonality_loss(res.alpha, res.beta, eps=eps, window=None)
     wide = orthogonality_loss(res.alpha, res.beta, eps=eps, window=60)
     none = orthogonality_loss(res.alpha, res.beta, eps=eps, window=0)

@@ -16,8 +16,11 @@ class Blocked:
 
     def __init__(self, H):
         self.H = H
-        self.params = [torch.zeros(6, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64),
-                       torch.zeros(5, dtype=torch.float64)]
+        self.params = [
+            torch.zeros(6, dtype=torch.float64),
+            torch.zeros(2, 4, dtype=torch.float64),
+            torch.zeros(5, dtype=torch.float64),
+        ]
         self.param_names = ["a.w", "b.w", "c.w"]
         self.method = "dense"
 

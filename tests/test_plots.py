@@ -23,18 +23,30 @@ FAST = ["--quiet", "--model", "factories:mlp", "--method", "exact"]
 def runs(tmp_path_factory):
     """One saved run of each command on the tiny MLP."""
     d = tmp_path_factory.mktemp("runs")
-    cmds = {"density": ["--steps", "4", "--probes", "2"], "eigs": ["-k", "1", "--steps", "4"],
-            "trace": ["--probes", "2"], "blockdiag": [], "eps-sweep": ["--eps-values", "1e-3", "1e-2"],
-            "influence": ["--damping", "100"]}
+    cmds = {
+        "density": ["--steps", "4", "--probes", "2"],
+        "eigs": ["-k", "1", "--steps", "4"],
+        "trace": ["--probes", "2"],
+        "blockdiag": [],
+        "eps-sweep": ["--eps-values", "1e-3", "1e-2"],
+        "influence": ["--damping", "100"],
+    }
     for c, extra in cmds.items():
         assert main([c, *FAST, *extra, "--out", str(d / c)]) == 0, c
     return {c: load_result(d / c) for c in cmds}
 
 
-@pytest.mark.parametrize("command, files", [
-    ("density", ["density.png", "ritz.png"]), ("eigs", ["eigs.png"]),
-    ("blockdiag", ["blockdiag.png"]), ("eps-sweep", ["eps_sweep.png"]),
-    ("trace", []), ("influence", [])])
+@pytest.mark.parametrize(
+    "command, files",
+    [
+        ("density", ["density.png", "ritz.png"]),
+        ("eigs", ["eigs.png"]),
+        ("blockdiag", ["blockdiag.png"]),
+        ("eps-sweep", ["eps_sweep.png"]),
+        ("trace", []),
+        ("influence", []),
+    ],
+)
 def test_plot_result_draws_the_standard_figures(runs, tmp_path, command, files):
     """plot_result draws exactly the standard figures of each run kind, all PNG files, all named
     in FIGURE_FILES (what a run removes when they are stale)."""

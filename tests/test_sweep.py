@@ -42,10 +42,14 @@ def test_two_by_two_grid_writes_four_cells_sweep_json_and_figure(tmp_path):
     assert sw["vary"] == {"steps": ["6", "10"], "basis-dtype": ["float64", "float32"]}
     rows = sw["cells"]
     assert [r["options"] for r in rows] == [
-        {"steps": "6", "basis-dtype": "float64"}, {"steps": "6", "basis-dtype": "float32"},
-        {"steps": "10", "basis-dtype": "float64"}, {"steps": "10", "basis-dtype": "float32"}]
-    ref = SpectralDensity.from_dict(json.loads((out / rows[0]["cell"] / "result.json")
-                                               .read_text())["density"])
+        {"steps": "6", "basis-dtype": "float64"},
+        {"steps": "6", "basis-dtype": "float32"},
+        {"steps": "10", "basis-dtype": "float64"},
+        {"steps": "10", "basis-dtype": "float32"},
+    ]
+    ref = SpectralDensity.from_dict(
+        json.loads((out / rows[0]["cell"] / "result.json").read_text())["density"]
+    )
     for r in rows:
         res = json.loads((out / r["cell"] / "result.json").read_text())
         assert res["config"]["steps"] == int(r["options"]["steps"])
@@ -56,11 +60,13 @@ def test_two_by_two_grid_writes_four_cells_sweep_json_and_figure(tmp_path):
         lo, hi = min(d.lambda_min, ref.lambda_min), max(d.lambda_max, ref.lambda_max)
         from scipy.stats import wasserstein_distance
 
-        w1 = wasserstein_distance(d.nodes.ravel(), ref.nodes.ravel(),
-                                  d.weights.ravel(), ref.weights.ravel()) / (hi - lo)
+        w1 = wasserstein_distance(
+            d.nodes.ravel(), ref.nodes.ravel(), d.weights.ravel(), ref.weights.ravel()
+        ) / (hi - lo)
         assert r["w1_over_range"] == pytest.approx(w1, rel=1e-9, abs=1e-15)
         assert r["rel_diff_lambda_max"] == pytest.approx(
-            (r["lambda_max"] - rows[0]["lambda_max"]) / abs(rows[0]["lambda_max"]))
+            (r["lambda_max"] - rows[0]["lambda_max"]) / abs(rows[0]["lambda_max"])
+        )
     assert rows[0]["w1_over_range"] == 0.0 and rows[0]["rel_diff_lambda_max"] == 0.0
     assert rows[2]["w1_over_range"] > 0  # 10 steps vs 6: another quadrature
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -126,17 +132,20 @@ def test_changed_options_rerun_a_complete_cell(tmp_path, monkeypatch):
     assert _sweep(out, "--seed", "3") == EXIT_OK and n["calls"] == 8
 
 
-@pytest.mark.parametrize(("argv", "match"), [
-    (["density", "--steps", "4"], "at least one --vary"),
-    (["--vary", "eps=1"], "command to run first"),
-    (["nope", "--vary", "eps=1"], "unknown command"),
-    (["density", "--vary", "eps"], "OPTION=V1,V2"),
-    (["density", "--vary", "colour=red"], "no option --colour"),
-    (["density", "--vary", "steps=4,4"], "listed twice"),
-    (["density", "--vary", "steps=4", "--vary", "steps=5"], "given twice"),
-    (["density", "--vary", "steps=4,5", "--steps", "3"], "both varied and given"),
-    (["density", "--vary", "per-block=maybe"], "on/off"),
-])
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["density", "--steps", "4"], "at least one --vary"),
+        (["--vary", "eps=1"], "command to run first"),
+        (["nope", "--vary", "eps=1"], "unknown command"),
+        (["density", "--vary", "eps"], "OPTION=V1,V2"),
+        (["density", "--vary", "colour=red"], "no option --colour"),
+        (["density", "--vary", "steps=4,4"], "listed twice"),
+        (["density", "--vary", "steps=4", "--vary", "steps=5"], "given twice"),
+        (["density", "--vary", "steps=4,5", "--steps", "3"], "both varied and given"),
+        (["density", "--vary", "per-block=maybe"], "on/off"),
+    ],
+)
 def test_bad_sweep_lines(argv, match):
     """Malformed sweep lines are refused with a message naming the problem."""
     with pytest.raises(SweepUsageError, match=match):
@@ -165,8 +174,19 @@ def test_a_failing_cell_does_not_stop_the_sweep(tmp_path):
     """A cell whose run fails (a model factory that does not exist: exit 2 from that run) is
     recorded as failed and the next cell still runs; the sweep's exit status is the failure's."""
     out = tmp_path / "sw"
-    argv = ["sweep", "trace", "--vary", "model=factories:no_such_factory,factories:mlp",
-            "--quiet", "--method", "exact", "--probes", "2", "--out", str(out)]
+    argv = [
+        "sweep",
+        "trace",
+        "--vary",
+        "model=factories:no_such_factory,factories:mlp",
+        "--quiet",
+        "--method",
+        "exact",
+        "--probes",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == EXIT_USAGE
     rows = json.loads((out / "sweep.json").read_text())["cells"]
     assert [r["exit_code"] for r in rows] == [EXIT_USAGE, EXIT_OK]

@@ -28,8 +28,13 @@ class DropMLP(nn.Module):
 
 def _data(seed=1, n=4):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(6, 4, generator=g, dtype=torch.float64),
-             torch.randn(6, 3, generator=g, dtype=torch.float64)) for _ in range(n)]
+    return [
+        (
+            torch.randn(6, 4, generator=g, dtype=torch.float64),
+            torch.randn(6, 3, generator=g, dtype=torch.float64),
+        )
+        for _ in range(n)
+    ]
 
 
 def _train(tracker, steps=25, opt="adam", check=None):
@@ -38,8 +43,11 @@ def _train(tracker, steps=25, opt="adam", check=None):
     torch.manual_seed(0)
     model = DropMLP().double().train()
     data = _data()
-    o = (torch.optim.Adam(model.parameters(), lr=0.05) if opt == "adam"
-         else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    o = (
+        torch.optim.Adam(model.parameters(), lr=0.05)
+        if opt == "adam"
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
     logs = []
     for step in range(1, steps + 1):
         b = data[int(torch.randint(0, len(data), (1,)))]
@@ -47,8 +55,12 @@ def _train(tracker, steps=25, opt="adam", check=None):
         loss.backward()
         o.step()
         if tracker is not None:
-            before = (copy.deepcopy(o.state_dict()), [p.grad.clone() for p in model.parameters()],
-                      [p.grad for p in model.parameters()], torch.get_rng_state())
+            before = (
+                copy.deepcopy(o.state_dict()),
+                [p.grad.clone() for p in model.parameters()],
+                [p.grad for p in model.parameters()],
+                torch.get_rng_state(),
+            )
             m = tracker.step(model, step, optimizer=o)
             if m is not None:
                 logs.append(m)
@@ -73,8 +85,9 @@ def test_training_is_bit_identical_with_and_without_the_tracker(opt):
     after each measurement the mode, RNG state, .grad (same tensor objects, same values) and
     optimizer state are as before, and no autograd graph is kept."""
     loss_fn = mse_loss
-    tracker = CurvatureTracker(loss_fn, _data(seed=5, n=2), every_n_steps=5, k=2,
-                               method="exact", cold_every=3)
+    tracker = CurvatureTracker(
+        loss_fn, _data(seed=5, n=2), every_n_steps=5, k=2, method="exact", cold_every=3
+    )
     with_t, logs = _train(tracker, opt=opt)
     without, _ = _train(None, opt=opt)
     assert len(logs) == 5
@@ -91,8 +104,9 @@ def test_every_logged_lambda_max_matches_a_cold_converged_run():
     logged fields are present and warm measurements happen."""
     probe = _data(seed=5, n=2)
     tol = 1e-3
-    tracker = CurvatureTracker(mse_loss, probe, every_n_steps=2, k=2, method="exact", tol=tol,
-                               cold_every=4)
+    tracker = CurvatureTracker(
+        mse_loss, probe, every_n_steps=2, k=2, method="exact", tol=tol, cold_every=4
+    )
     seen = []
 
     def check(model, m):
@@ -107,8 +121,21 @@ def test_every_logged_lambda_max_matches_a_cold_converged_run():
 
     _train(tracker, steps=30, opt="sgd", check=check)
     assert len(seen) == 15 and sum(seen) >= 8 and not seen[0]
-    keys = {"step", "lambda_max", "eigenvalues", "residuals", "converged", "matvecs", "seconds",
-            "warm", "restarts", "cold_reason", "lr", "two_over_lr", "stability_threshold"}
+    keys = {
+        "step",
+        "lambda_max",
+        "eigenvalues",
+        "residuals",
+        "converged",
+        "matvecs",
+        "seconds",
+        "warm",
+        "restarts",
+        "cold_reason",
+        "lr",
+        "two_over_lr",
+        "stability_threshold",
+    }
     assert keys <= set(tracker.history[-1])
 
 
@@ -134,8 +161,9 @@ def test_a_crossing_eigenvalue_is_caught_by_the_warm_start():
     h[0] = 5.0
     for noise, expect in ((1e-2, 6.0), (0.0, 5.0)):
         model = Quadratic(h.copy())
-        tr = CurvatureTracker(_quad_loss, [None], every_n_steps=1, cold_every=0,
-                              warm_noise=noise, tol=1e-6)
+        tr = CurvatureTracker(
+            _quad_loss, [None], every_n_steps=1, cold_every=0, warm_noise=noise, tol=1e-6
+        )
         assert tr.step(model, 1)["lambda_max"] == pytest.approx(5.0, rel=1e-9)
         model.h[3] = 6.0
         m = tr.step(model, 2)
@@ -147,8 +175,16 @@ def test_unconverged_warm_run_falls_back_to_cold():
     """A warm run that does not converge within ``max_matvecs`` is redone from a random start
     and says so (``warm`` False, ``cold_reason``), its matvecs counting both attempts."""
     model, loss_fn, batches = make_problem("mlp")
-    tr = CurvatureTracker(loss_fn, batches, every_n_steps=1, cold_every=0, chunk=2,
-                          max_matvecs=4, tol=1e-12, method="exact")
+    tr = CurvatureTracker(
+        loss_fn,
+        batches,
+        every_n_steps=1,
+        cold_every=0,
+        chunk=2,
+        max_matvecs=4,
+        tol=1e-12,
+        method="exact",
+    )
     tr.step(model, 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -201,8 +237,15 @@ def test_trace_and_density_at_multiples_of_the_cadence():
     dense trace; ``density_every`` adds SLQ nodes and weights (each probe's sum to 1)."""
     model, loss_fn, batches = make_problem("mlp")
     true = torch.trace(dense_hessian(model, loss_fn, batches)).item()
-    tr = CurvatureTracker(loss_fn, batches, every_n_steps=1, trace_every=2, trace_matvecs=40,
-                          density_every=3, density_steps=10)
+    tr = CurvatureTracker(
+        loss_fn,
+        batches,
+        every_n_steps=1,
+        trace_every=2,
+        trace_matvecs=40,
+        density_every=3,
+        density_steps=10,
+    )
     ms = [tr.step(model, s) for s in range(1, 5)]
     assert ["trace" in m for m in ms] == [True, False, True, False]
     assert ["density" in m for m in ms] == [True, False, False, True]
@@ -211,8 +254,15 @@ def test_trace_and_density_at_multiples_of_the_cadence():
     assert np.allclose(np.sum(ms[0]["density"]["weights"], axis=-1), 1.0)
 
 
-@pytest.mark.parametrize("kw,exc", [({"every_n_steps": 0}, ValueError), ({"tol": 2.0}, ValueError),
-                                    ({"cold_every": -1}, ValueError), ({"k": 0}, ValueError)])
+@pytest.mark.parametrize(
+    "kw,exc",
+    [
+        ({"every_n_steps": 0}, ValueError),
+        ({"tol": 2.0}, ValueError),
+        ({"cold_every": -1}, ValueError),
+        ({"k": 0}, ValueError),
+    ],
+)
 def test_bad_arguments_are_refused(kw, exc):
     """Nonsensical settings raise with the argument's name."""
     _, loss_fn, batches = make_problem("mlp")

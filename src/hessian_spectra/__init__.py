@@ -7,18 +7,31 @@ central finite differences), fast (an HVP costs about two gradients) and scalabl
 from .blockdiag import BlockDiagReport, BlockRow, block_diagonal_test, default_blocks
 from .density import SpectralDensity, slq
 from .estimators import TRACE_METHODS, EigResult, TraceEstimate, top_eigenvalues, trace
+from .fd_step import FDAccuracyError, FDError, FDEstimate, default_eps_scale, fit_error_model
 from .fisher import EmpiricalFisherOperator
 from .ggn import GGNOperator
 from .influence import InfluenceResult, influence
 from .lanczos import LanczosResult, lanczos
 from .linop import DenseOperator, Operator, as_operator
-from .fd_step import FDAccuracyError, FDError, FDEstimate, default_eps_scale, fit_error_model
 from .objective import Objective
 from .operators import HessianOperator
 from .per_block import BlockOperator, per_block_slq, select_params
 from .solvers import CGInfo, cg_solve
 from .tracker import CurvatureTracker
-from .vectors import add, axpy, clone, dot, dots, lincomb, norm, random_probe, scale, sub, unit_probe, zeros_like
+from .vectors import (
+    add,
+    axpy,
+    clone,
+    dot,
+    dots,
+    lincomb,
+    norm,
+    random_probe,
+    scale,
+    sub,
+    unit_probe,
+    zeros_like,
+)
 
 __version__ = "0.1.0"
 

@@ -198,7 +198,8 @@ class KrylovBasis:
 
     def claim(self, t: int) -> torch.Tensor:
         """Keep vector ``t`` in its row, which the caller fills: the row itself, a flat view
-        (resident bases only: ``not streamed``); drops vector ``t - capacity``."""
+        (resident bases only: ``not streamed``); drops vector ``t - capacity``.
+        """
         slot = t % self.capacity
         for s in [s for s, sl in self.kept.items() if sl == slot]:
             del self.kept[s]
@@ -207,7 +208,8 @@ class KrylovBasis:
 
     def put(self, t: int, q: torch.Tensor) -> None:
         """Keep vector ``t`` (a flat buffer in the basis dtype), dropping vector
-        ``t - capacity`` (whose file is removed at the next ``put``)."""
+        ``t - capacity`` (whose file is removed at the next ``put``).
+        """
         slot = t % self.capacity
         for s in [s for s, sl in self.kept.items() if sl == slot]:
             del self.kept[s]
@@ -282,7 +284,8 @@ class KrylovBasis:
 
     def dots(self, groups: list[list[int]], w: Vector) -> torch.Tensor:
         """This rank's float64 sums ``q_t · w`` for the vectors of ``groups``, in their order
-        (the caller all-reduces them)."""
+        (the caller all-reduces them).
+        """
         out = []
         for g in groups:
             Q = self.rows(g)
@@ -311,7 +314,8 @@ class KrylovBasis:
 
     def close(self, *, keep_files: bool = False) -> None:
         """Drop the rows; remove this run's files (and the directory if it made it and it is
-        empty) unless ``keep_files``."""
+        empty) unless ``keep_files``.
+        """
         self._rows = self._buf = None
         if self.dir is None or keep_files:
             return

@@ -37,8 +37,16 @@ def scalar_metrics(metrics: dict, prefix: str = "curvature/") -> dict:
         out[f"{prefix}lambda_{i}"] = float(x)
     if metrics.get("residuals"):
         out[f"{prefix}residual_max"] = float(max(metrics["residuals"]))
-    for key in ("converged", "warm", "matvecs", "seconds", "two_over_lr", "stability_threshold",
-                "trace", "trace_std_error"):
+    for key in (
+        "converged",
+        "warm",
+        "matvecs",
+        "seconds",
+        "two_over_lr",
+        "stability_threshold",
+        "trace",
+        "trace_std_error",
+    ):
         if metrics.get(key) is not None:
             out[f"{prefix}{key}"] = float(metrics[key])
     return out
@@ -127,7 +135,8 @@ def _lightning_callback_class():
 
     class LightningCurvatureCallback(pl.Callback):
         """Measure curvature after every Lightning optimizer step (``trainer.global_step``)
-        and log the scalars with ``pl_module.log_dict``."""
+        and log the scalars with ``pl_module.log_dict``.
+        """
 
         def __init__(self, tracker: CurvatureTracker, prefix: str = "curvature/"):
             super().__init__()

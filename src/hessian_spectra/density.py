@@ -79,7 +79,8 @@ class SpectralDensity:
     @property
     def nodes(self) -> np.ndarray:
         """(num_probes, num_steps) Ritz values; runs that broke down early are padded with
-        their last node at weight 0."""
+        their last node at weight 0.
+        """
         m = max(r.num_steps for r in self.runs)
         return np.stack(
             [np.pad(r.ritz_values, (0, m - r.num_steps), mode="edge") for r in self.runs]
@@ -137,12 +138,14 @@ class SpectralDensity:
 
     def negative_mass(self, threshold: float = 0.0) -> float:
         """Fraction of the spectrum below ``−threshold``: the mean over probes of the sum of the
-        weights w_i of the nodes θ_i < −threshold (``threshold=0``: the raw mass below zero)."""
+        weights w_i of the nodes θ_i < −threshold (``threshold=0``: the raw mass below zero).
+        """
         return float(np.mean(np.sum(self.weights * (self.nodes < -threshold), axis=1)))
 
     def negative_mass_threshold(self) -> float:
         """``NEGATIVE_MASS_REL_TOL · max(|λ_max|, |λ_min|)``: nodes closer to 0 than this are
-        not counted as negative curvature in the summary (module docstring)."""
+        not counted as negative curvature in the summary (module docstring).
+        """
         return NEGATIVE_MASS_REL_TOL * max(abs(self.lambda_max), abs(self.lambda_min))
 
     def summary(self) -> dict:
@@ -176,7 +179,8 @@ class SpectralDensity:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``num_params``, ``config``, ``runs`` (``LanczosResult.to_dict``)
-        and ``summary``."""
+        and ``summary``.
+        """
         return {
             "num_params": int(self.num_params),
             "config": dict(self.config),

@@ -234,9 +234,7 @@ def compute_dtype(model: torch.nn.Module, param_dtype: torch.dtype) -> torch.dty
     return low
 
 
-def perturbation_rounding(
-    params, v: Vector, eps: float, dtype: torch.dtype | None = None
-) -> float:
+def perturbation_rounding(params, v: Vector, eps: float, dtype: torch.dtype | None = None) -> float:
     """The relative part of the perturbation lost to rounding: ``||fl(θ+εv) − fl(θ−εv) − 2εv||
     / ||2εv||`` with ``fl`` rounding to ``dtype`` (default: each parameter's own). Near 1: the
     step is below the parameters' resolution and the fd product is mostly noise. O(P) vector
@@ -325,9 +323,7 @@ class FDModel:
         r = hu / self.hu0 if self.hu0 > 0 else 1.0
         return self.a4 * r**3 if four else self.a0 * r**2
 
-    def best_eps(
-        self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None
-    ) -> float:
+    def best_eps(self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None) -> float:
         """The step along ``v`` that minimises the estimated error (``inf`` without truncation),
         from a product at ``eps`` (:meth:`truncation_coefficient`).
         """
@@ -429,8 +425,15 @@ def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
         best = min(best, cap)
     best = snap(best)
     return FDModel(
-        a0=a, b=b, hu0=hu0, kappa0=k0, step0=best, scale=best * k0, stencil=stencil,
-        gradients=grads, a4=a4,
+        a0=a,
+        b=b,
+        hu0=hu0,
+        kappa0=k0,
+        step0=best,
+        scale=best * k0,
+        stencil=stencil,
+        gradients=grads,
+        a4=a4,
     )
 
 
@@ -481,8 +484,10 @@ def fd_error(op, v: Vector, eps: float | None = None, reference: str = "exact") 
     _check_reference(reference)
     v = check_vector(v, op.params, "v")
     if norm(v) == 0:
-        raise ValueError("v is the zero vector: the fd error along it is undefined; pass a "
-                         "nonzero direction (e.g. hessian_spectra.unit_probe(op))")
+        raise ValueError(
+            "v is the zero vector: the fd error along it is undefined; pass a "
+            "nonzero direction (e.g. hessian_spectra.unit_probe(op))"
+        )
     if eps is not None:
         e = check_eps(eps)
         h = op.matvec(v, method="fd", eps=e)

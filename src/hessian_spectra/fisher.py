@@ -267,9 +267,7 @@ class EmpiricalFisherOperator(ObjectiveOperator):
                     f"the loss of an example of batch {i} does not depend on the parameters"
                 )
             g = torch.autograd.grad(loss.reshape(()), obj.params, allow_unused=True)
-            c = sum(
-                (gi.double() * vi.double()).sum() for gi, vi in zip(g, v) if gi is not None
-            )
+            c = sum((gi.double() * vi.double()).sum() for gi, vi in zip(g, v) if gi is not None)
             c = float(c) * float(w) * (0.0 if zero else 1.0)
             for o, gi in zip(out, g):
                 if gi is not None:

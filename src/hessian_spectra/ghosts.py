@@ -57,7 +57,7 @@ def unit_roundoff(dtype_name: str | None) -> float:
     return float(torch.finfo(dt).eps)
 
 
-def default_tol(alpha, beta, eps: float = 2.0 ** -52) -> float:
+def default_tol(alpha, beta, eps: float = 2.0**-52) -> float:
     """``m · eps · ||T||₁``: the tolerance of :func:`ghost_indices` by default.
 
     >>> default_tol([1.0, 1.0], [1.0], eps=0.5)
@@ -81,7 +81,7 @@ def _eigvals(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
     return eigh_tridiagonal(alpha, beta, eigvals_only=True)
 
 
-def ghost_indices(alpha, beta, tol: float | None = None, eps: float = 2.0 ** -52) -> np.ndarray:
+def ghost_indices(alpha, beta, tol: float | None = None, eps: float = 2.0**-52) -> np.ndarray:
     """Indices (into the ascending eigenvalues of ``T``) of the spurious Ritz values: the
     Cullum–Willoughby test (module docstring): clusters within ``tol`` (default
     :func:`default_tol` with ``eps``), matches with ``T̂`` within ``tol / m``.
@@ -117,7 +117,7 @@ def ghost_indices(alpha, beta, tol: float | None = None, eps: float = 2.0 ** -52
     return np.asarray(ghosts, dtype=np.int64)
 
 
-def orthogonality_loss(alpha, beta, eps: float = 2.0 ** -52, window: int | None = 0) -> np.ndarray:
+def orthogonality_loss(alpha, beta, eps: float = 2.0**-52, window: int | None = 0) -> np.ndarray:
     """The ω-recurrence estimate of ``max_{k<j} |q_j · q_k|`` for ``j = 0 .. m−1`` (module
     docstring); ``window``: 0 without reorthogonalisation, ``r`` for the last ``r`` vectors,
     None for full.

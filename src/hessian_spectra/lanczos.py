@@ -166,7 +166,8 @@ class LanczosResult:
 
     def residual_bounds(self) -> np.ndarray:
         """``|beta_m · s_{m,i}|``: the residual norm ||H y_i − θ_i y_i|| of each Ritz pair
-        (exact arithmetic)."""
+        (exact arithmetic).
+        """
         if self.alpha.size == 0:
             return np.zeros(0)
         return np.abs(self.residual_beta * self.ritz_coords[-1, :])
@@ -174,7 +175,8 @@ class LanczosResult:
     @property
     def unit_roundoff(self) -> float:
         """Machine epsilon of the dtype the recurrence ran in (``vector_dtype``; else
-        ``config["basis_dtype"]``; else float64)."""
+        ``config["basis_dtype"]``; else float64).
+        """
         from .ghosts import unit_roundoff
 
         return unit_roundoff(self.vector_dtype or self.config.get("basis_dtype"))
@@ -237,7 +239,8 @@ class LanczosResult:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the tridiagonal, nodes, weights, flags, config, seconds and their
-        split)."""
+        split).
+        """
         return {
             "alpha": self.alpha.tolist(),
             "beta": self.beta.tolist(),
@@ -257,7 +260,8 @@ class LanczosResult:
 
     def _ghost_report(self) -> dict:
         """``num_ghosts``, ``ghost_indices``, ``ghost_values`` and the final estimated
-        ``orthogonality_loss`` (informational: ``from_dict`` recomputes them)."""
+        ``orthogonality_loss`` (informational: ``from_dict`` recomputes them).
+        """
         g = self.ghost_indices()
         w = self.orthogonality_loss()
         return {
@@ -321,7 +325,8 @@ def _parse_reorth(reorth) -> int | None:
 
 def _num_kept(window: int | None):
     """The map ``n ↦`` the number of kept vectors a checkpoint after ``n`` steps holds: those
-    that step ``n`` reorthogonalises against besides ``q_n`` (all, or the last ``window − 1``)."""
+    that step ``n`` reorthogonalises against besides ``q_n`` (all, or the last ``window − 1``).
+    """
     return lambda n: n if window is None else min(n, max(window - 1, 0))
 
 
@@ -344,7 +349,8 @@ def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta:
     """In place ``w -= alpha q + beta q_prev`` in one pass over ``w`` (blocks that stay in
     cache between the two updates); the same arithmetic, entry by entry, as two ``axpy``.
     A float64 ``q`` with a lower-precision ``w`` is converted block by block first (the mixed
-    in-place kernel is 50× slower than a copy)."""
+    in-place kernel is 50× slower than a copy).
+    """
     prev = q_prev if q_prev is not None else [None] * len(w)
     for wi, qi, pi in zip(w, q, prev):
         if qi.dtype == torch.float64 and wi.dtype != torch.float64 and wi.is_contiguous():
@@ -373,7 +379,8 @@ def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta:
 def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> None:
     """``w -= Q Qᵀ w`` against the kept vectors ``ts``, twice: CGS2, twice is enough (Giraud
     et al. 2005); per pass one sweep of the basis for the dots (one all-reduce of all of them)
-    and one for the update (:class:`hessian_spectra.basis.KrylovBasis`)."""
+    and one for the update (:class:`hessian_spectra.basis.KrylovBasis`).
+    """
     groups = basis.groups(ts)
     for _ in range(2 if groups else 0):
         c = _dist.all_reduce_sum(basis.dots(groups, w))
@@ -382,7 +389,8 @@ def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> None:
 
 def _basis_name(ckpt) -> str | None:
     """The file stem of an offloaded basis: tied to the checkpoint (so that a resumed run finds
-    its files), else a fresh one."""
+    its files), else a fresh one.
+    """
     return None if ckpt is None else f"{ckpt.name.split('.rank')[0]}-basis"
 
 

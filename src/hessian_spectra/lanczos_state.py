@@ -134,7 +134,8 @@ def save_checkpoint(
 ) -> None:
     """Write ``state`` and the run's ``config`` to ``path`` atomically (module docstring);
     ``basis_name``: the file stem of an offloaded basis whose ``state.basis_kept`` files the
-    checkpoint references."""
+    checkpoint references.
+    """
     tensors = {f"q.{i}": _plain(t) for i, t in enumerate(state.q)}
     for k, vec in enumerate(state.kept):
         tensors.update({f"kept.{k}.{i}": _plain(t) for i, t in enumerate(vec)})
@@ -311,7 +312,8 @@ def resume(
 ) -> LanczosState | None:
     """The state to resume from: ``load_checkpoint`` when ``path`` exists, else None; under
     ``torch.distributed`` every rank must resume from the same step (else a ``ValueError`` on
-    every rank, before any collective could hang)."""
+    every rank, before any collective could hang).
+    """
     if path is None:
         return None
     state, error = None, None

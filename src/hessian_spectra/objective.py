@@ -76,7 +76,8 @@ def batch_size(batch) -> int | None:
 
 class PassRecord:
     """What one pass over the batches saw: losses, weights, and the sizes of the batches whose
-    ``loss_fn`` returned no weight (for the unequal-batch check)."""
+    ``loss_fn`` returned no weight (for the unequal-batch check).
+    """
 
     def __init__(self):
         self.losses: list[torch.Tensor] = []
@@ -109,7 +110,8 @@ def _same_batch(a, b) -> bool:
 
 def normalise(out, i: int, zero: bool = False):
     """``(loss, weight, given)`` from what ``loss_fn`` returned for batch ``i`` (``given``: a
-    weight was returned; ``zero``: a ZeroWeight batch, weight 0), or a clear error."""
+    weight was returned; ``zero``: a ZeroWeight batch, weight 0), or a clear error.
+    """
     given = isinstance(out, (tuple, list))
     if given:
         if len(out) != 2:
@@ -231,7 +233,8 @@ class Objective:
     @contextlib.contextmanager
     def mode(self):
         """Train/eval mode as asked for the duration; modules' modes and every buffer (e.g.
-        batch-norm running statistics) restored bit-for-bit afterwards."""
+        batch-norm running statistics) restored bit-for-bit afterwards.
+        """
         modes = [(m, m.training) for m in self.model.modules()]
         bufs = [
             (m, name, b, b.detach().clone())
@@ -321,7 +324,8 @@ class Objective:
     def normaliser(self, rec: PassRecord, where: str = "at the current parameters") -> float:
         """Check one pass (finite losses, weights ≥ 0, no unequal unweighted batches) and return
         what its weighted sum is divided by: ``Σ_b w_b`` (global) for ``"mean"``, 1 for
-        ``"sum"``. Also sets ``rec.total_weight``."""
+        ``"sum"``. Also sets ``rec.total_weight``.
+        """
         check_losses(rec.losses, where)
         self._check_sizes(rec)
         w = torch.stack(rec.weights)
@@ -458,7 +462,7 @@ class Objective:
             N = self.normaliser(rec)
             g = self.read_grads()
             torch._foreach_mul_(g, self.grad_scale / N)
-        lw = torch.stack([l.double() * w for l, w in zip(rec.losses, rec.weights)]).sum()
+        lw = torch.stack([lb.double() * w for lb, w in zip(rec.losses, rec.weights)]).sum()
         loss = float(_dist.all_reduce_sum(lw.reshape(1))[0]) / N
         self.check_finite(g, what="gradient")
         return loss, g
@@ -466,7 +470,7 @@ class Objective:
 
 def check_losses(losses, where: str) -> None:
     """Raise ``FloatingPointError`` naming the first batch whose loss is not finite."""
-    L = torch.stack([l.detach().double().reshape(()) for l in losses])
+    L = torch.stack([lb.detach().double().reshape(()) for lb in losses])
     if not bool(torch.isfinite(L).all()):
         i = int((~torch.isfinite(L)).nonzero()[0, 0])
         raise FloatingPointError(

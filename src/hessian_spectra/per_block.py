@@ -130,9 +130,7 @@ class BlockOperator:
         the block's part of the result.
         """
         v = check_vector(v, self.params, "v")
-        full = [
-            torch.zeros_like(_dist.local(p), dtype=self.vector_dtype) for p in self.op.params
-        ]
+        full = [torch.zeros_like(_dist.local(p), dtype=self.vector_dtype) for p in self.op.params]
         for i, t in zip(self._index, v):
             full[i].copy_(t)
         hv = self.op.matvec(full)

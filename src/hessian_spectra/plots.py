@@ -86,7 +86,9 @@ def plot_density(results, path, *, labels=None, sigma=None, num: int = 2001, tit
         a1.plot(grid, y, lw=1.4, label=lab)
         a2.semilogy(grid, np.maximum(y, 1e-300), lw=1.4, label=lab)
     peaks = [float(d.density(grid, sigma=s).max()) for d, s in zip(dens, sig)]
-    a2.set_ylim(max(peaks) * 1e-16, max(peaks) * 3)  # 16 decades: weights below 1e-16 are rounding-level
+    a2.set_ylim(
+        max(peaks) * 1e-16, max(peaks) * 3
+    )  # 16 decades: weights below 1e-16 are rounding-level
     for a, name in ((a1, "density"), (a2, "density (log scale)")):
         a.set_xlabel("eigenvalue λ")
         a.set_ylabel(name)
@@ -95,9 +97,11 @@ def plot_density(results, path, *, labels=None, sigma=None, num: int = 2001, tit
     a1.legend(fontsize=8, loc="upper right")
     if title is None and len(results) == 1:
         d0, nm = dens[0], dens[0].summary()
-        title = (f"Hessian spectral density (SLQ): λ_max={d0.lambda_max:.4g}, "
-                 f"λ_min={d0.lambda_min:.4g}, trace={d0.trace():.4g}, "
-                 f"mass below −{nm['negative_mass_threshold']:.2g}: {nm['negative_mass']:.2g}")
+        title = (
+            f"Hessian spectral density (SLQ): λ_max={d0.lambda_max:.4g}, "
+            f"λ_min={d0.lambda_min:.4g}, trace={d0.trace():.4g}, "
+            f"mass below −{nm['negative_mass_threshold']:.2g}: {nm['negative_mass']:.2g}"
+        )
     ttl = title or "Hessian spectral densities (SLQ)"
     fig.suptitle(ttl, fontsize=10)
     fig.tight_layout()
@@ -126,7 +130,11 @@ def plot_ritz(results, path, *, labels=None, title=None):
             plt.setp(ml, color=c, markersize=3.5, label=lab if s == 0 else None)
     ax.set_yscale("log")
     ax.set_xlabel("Ritz value θ (node)")
-    ax.set_ylabel(f"quadrature weight w (< {bottom:.0e} drawn at {bottom:.0e})" if bottom <= 1e-16 else "quadrature weight w")
+    ax.set_ylabel(
+        f"quadrature weight w (< {bottom:.0e} drawn at {bottom:.0e})"
+        if bottom <= 1e-16
+        else "quadrature weight w"
+    )
     ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -145,10 +153,21 @@ def plot_eigs(result: dict, path, *, title=None):
     if not e:
         raise ValueError("this result has no eigenvalues (only `eigs` runs do)")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, res, lab, c in (("largest", "residuals", "largest", "C0"), ("smallest", "residuals_smallest", "smallest", "C3")):
+    for key, res, lab, c in (
+        ("largest", "residuals", "largest", "C0"),
+        ("smallest", "residuals_smallest", "smallest", "C3"),
+    ):
         v = np.asarray(e[key], dtype=float)
         r = np.asarray(e[res], dtype=float)
-        ax.errorbar(np.arange(1, v.size + 1), v, yerr=r, fmt="o", color=c, capsize=3, label=f"{lab} (± residual bound)")
+        ax.errorbar(
+            np.arange(1, v.size + 1),
+            v,
+            yerr=r,
+            fmt="o",
+            color=c,
+            capsize=3,
+            label=f"{lab} (± residual bound)",
+        )
     ax.axhline(0.0, color="0.6", lw=0.8, ls=":")
     from matplotlib.ticker import MaxNLocator
 
@@ -173,8 +192,15 @@ def plot_blockdiag(result: dict, path, *, title=None):
     names = list(dict.fromkeys(r["block"] for r in b["blocks"]))
 
     def per_block(key):
-        return np.array([np.nanmean([np.nan if r[key] is None else r[key] for r in b["blocks"] if r["block"] == n])
-                         for n in names], dtype=float)
+        return np.array(
+            [
+                np.nanmean(
+                    [np.nan if r[key] is None else r[key] for r in b["blocks"] if r["block"] == n]
+                )
+                for n in names
+            ],
+            dtype=float,
+        )
 
     x = np.arange(len(names))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 0.35 * len(names) + 4), 4.2))
@@ -188,7 +214,10 @@ def plot_blockdiag(result: dict, path, *, title=None):
         a.set_xticklabels(names, rotation=90, fontsize=7)
         a.grid(alpha=0.3, axis="y")
     n = b.get("config", {}).get("num_probes", 1)
-    fig.suptitle(title or f"Block-diagonal test ({len(names)} blocks, {n} probe(s); {label_for(result)})", fontsize=10)
+    fig.suptitle(
+        title or f"Block-diagonal test ({len(names)} blocks, {n} probe(s); {label_for(result)})",
+        fontsize=10,
+    )
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -197,24 +226,45 @@ def plot_blockdiag(result: dict, path, *, title=None):
 
 def plot_eps_sweep(result: dict, path, *, title=None):
     """Relative FD error against eps (log-log) of an ``eps-sweep`` run; the default step dashed,
-    the fit of FSHP Thm 3.1 (``a eps² + b/eps``) and its best eps dotted."""
+    the fit of FSHP Thm 3.1 (``a eps² + b/eps``) and its best eps dotted.
+    """
     plt = _plt()
     e = result.get("eps_sweep")
     if not e:
         raise ValueError("this result has no eps sweep (only `eps-sweep` runs do)")
     eps = np.array([r["eps"] for r in e["rows"]], dtype=float)
-    err = np.array([np.nan if r["rel_error"] is None else r["rel_error"] for r in e["rows"]], dtype=float)
+    err = np.array(
+        [np.nan if r["rel_error"] is None else r["rel_error"] for r in e["rows"]], dtype=float
+    )
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.loglog(eps, np.where(err > 0, err, np.nan), "o-", color="C0", label=f"reference: {e.get('reference')}")
+    ax.loglog(
+        eps,
+        np.where(err > 0, err, np.nan),
+        "o-",
+        color="C0",
+        label=f"reference: {e.get('reference')}",
+    )
     if e.get("default_eps"):
-        ax.axvline(e["default_eps"], color="C3", ls="--", lw=1, label=f"default eps {e['default_eps']:.2g}")
+        ax.axvline(
+            e["default_eps"], color="C3", ls="--", lw=1, label=f"default eps {e['default_eps']:.2g}"
+        )
     fit = e.get("fit")
     if fit and fit.get("a", 0) > 0 and fit.get("b", 0) > 0:  # FSHP Thm 3.1: a eps² + b/eps
         x = np.logspace(np.log10(eps.min()), np.log10(eps.max()), 200)
-        ax.loglog(x, fit["a"] * x**2 + fit["b"] / x, ":", color="C2",
-                  label=f"Thm 3.1 fit {fit['a']:.2g} eps² + {fit['b']:.2g}/eps")
-        ax.axvline(fit["eps_best_predicted"], color="C2", ls=":", lw=1,
-                   label=f"fit's best eps {fit['eps_best_predicted']:.2g}")
+        ax.loglog(
+            x,
+            fit["a"] * x**2 + fit["b"] / x,
+            ":",
+            color="C2",
+            label=f"Thm 3.1 fit {fit['a']:.2g} eps² + {fit['b']:.2g}/eps",
+        )
+        ax.axvline(
+            fit["eps_best_predicted"],
+            color="C2",
+            ls=":",
+            lw=1,
+            label=f"fit's best eps {fit['eps_best_predicted']:.2g}",
+        )
     ax.set_xlabel("fd step eps")
     ax.set_ylabel("relative error ||H_eps v − ref|| / ||ref||")
     ax.grid(alpha=0.3, which="both")
@@ -292,12 +342,16 @@ def plot_sweep(sweep: dict, results: dict, path, *, num: int = 1001):
         r = results.get(c["cell"])
         if r and (r.get("density") or {}).get("runs"):
             dens[c["cell"]] = _density(r)
-    lo = min([d.lambda_min - 5 * d.default_sigma() for d in dens.values()]
-             + [c["lambda_min"] for c in rows.values() if c.get("lambda_min") is not None]
-             + [0.0])
-    hi = max([d.lambda_max + 5 * d.default_sigma() for d in dens.values()]
-             + [c["lambda_max"] for c in rows.values() if c.get("lambda_max") is not None]
-             + [lo + 1.0])
+    lo = min(
+        [d.lambda_min - 5 * d.default_sigma() for d in dens.values()]
+        + [c["lambda_min"] for c in rows.values() if c.get("lambda_min") is not None]
+        + [0.0]
+    )
+    hi = max(
+        [d.lambda_max + 5 * d.default_sigma() for d in dens.values()]
+        + [c["lambda_max"] for c in rows.values() if c.get("lambda_max") is not None]
+        + [lo + 1.0]
+    )
     grid = np.linspace(lo, hi, num)
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
@@ -315,14 +369,18 @@ def plot_sweep(sweep: dict, results: dict, path, *, num: int = 1001):
                 ax.semilogy(grid, np.maximum(y, 1e-300), lw=1.3, color=col, label=lab)
             elif c.get("lambda_max") is not None:
                 for x in (c["lambda_min"], c["lambda_max"]):
-                    ax.axvline(x, color=col, ls="--", lw=1.2, label=lab if x == c["lambda_min"]
-                               else None)
+                    ax.axvline(
+                        x, color=col, ls="--", lw=1.2, label=lab if x == c["lambda_min"] else None
+                    )
         peak = [float(d.density(grid).max()) for d in dens.values()]
         if peak:
             ax.set_ylim(max(peak) * 1e-12, max(peak) * 3)
         ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
-        ax.set_title(", ".join(f"{n}={x}" for n, x in zip(panel_names, combo)) or
-                     f"{sweep.get('command', '')}: {over}", fontsize=9)
+        ax.set_title(
+            ", ".join(f"{n}={x}" for n, x in zip(panel_names, combo))
+            or f"{sweep.get('command', '')}: {over}",
+            fontsize=9,
+        )
         ax.set_xlabel("eigenvalue λ")
         if dens:
             ax.set_ylabel("density (log scale)")
@@ -331,10 +389,13 @@ def plot_sweep(sweep: dict, results: dict, path, *, num: int = 1001):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(f"sweep of {sweep.get('command', '?')}: "
-                 + " x ".join(f"{n} ({len(v)})" for n, v in zip(names, vals)), fontsize=10)
+    fig.suptitle(
+        f"sweep of {sweep.get('command', '?')}: "
+        + " x ".join(f"{n} ({len(v)})" for n, v in zip(names, vals)),
+        fontsize=10,
+    )
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -73,6 +73,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(d_hidden, d_out)
 
     def forward(self, x):  # (B, d_in) -> (B, d_out)
+        """The outputs (B, d_out)."""
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
@@ -85,6 +86,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(2 * 2 * 2, 3)
 
     def forward(self, x):  # (B, 1, 6, 6)
+        """The logits (B, 3)."""
         h = torch.tanh(self.conv(x))  # (B, 2, 4, 4)
         h = F.avg_pool2d(h, 2)  # (B, 2, 2, 2)
         return self.fc(h.flatten(1))
@@ -122,6 +124,7 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, idx):  # (B, T) -> (B, T, V)
+        """The next-token logits (B, T, V)."""
         x = self.tok(idx) + self.pos[: idx.shape[1]]
         for b in self.blocks:
             x = b(x)
@@ -237,7 +240,8 @@ def make_problem(kind: str, dtype=torch.float64, seed: int = 0):
 
 def make_hf_problem(arch: str = "gpt2", attn: str = "eager", dtype=torch.float64, seed: int = 0):
     """A tiny Hugging Face causal LM built from a config (n_embd 8, vocab 11, 1 layer), its loss
-    (:func:`hf_loss`) and two batches of token ids; ``arch`` is ``"gpt2"`` or ``"llama"``."""
+    (:func:`hf_loss`) and two batches of token ids; ``arch`` is ``"gpt2"`` or ``"llama"``.
+    """
     import transformers
 
     torch.manual_seed(seed)
@@ -342,7 +346,8 @@ def _layout(model, names):
 def flat_loss_fn(model, loss_fn, batches, names=None, reduction: str = "mean"):
     """``(f, θ0, names, shapes)``: ``f(θ_flat)`` is the weighted loss of ``batches``,
     ``Σ_b w_b l_b / Σ_b w_b`` (``reduction="mean"``) or ``Σ_b w_b l_b`` (``"sum"``), with the
-    model's buffers copied (a train-mode batch norm does not touch the model's own)."""
+    model's buffers copied (a train-mode batch norm does not touch the model's own).
+    """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     names, shapes, sizes, others, theta0 = _layout(model, names)

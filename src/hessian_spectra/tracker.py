@@ -98,7 +98,8 @@ def adam_preconditioner(optimizer, params, dtype=torch.float32) -> tuple[Vector,
     """``(P^{-1/2}, threshold)`` from an Adam/AdamW optimizer: ``P = sqrt(v̂) + eps`` with
     ``v̂ = exp_avg_sq / (1 − β₂^t)`` (the step Adam takes is ``−lr · P^{-1} m̂``), and the
     stability threshold ``(2 + 2β₁) / ((1 − β₁) lr)`` of Cohen et al. (2022); None when the
-    optimizer has no second-moment state for every parameter yet (before its first step)."""
+    optimizer has no second-moment state for every parameter yet (before its first step).
+    """
     if optimizer is None:
         return None
     d, group_of = [], {}
@@ -236,8 +237,11 @@ class CurvatureTracker:
         self.chunk = check_positive_int("chunk", chunk or 2 * self.k + 18)
         self.cold_steps = check_positive_int("cold_steps", cold_steps or 2 * self.chunk)
         self.max_matvecs = check_positive_int("max_matvecs", max_matvecs)
-        for name, v in (("cold_every", cold_every), ("trace_every", trace_every),
-                        ("density_every", density_every)):
+        for name, v in (
+            ("cold_every", cold_every),
+            ("trace_every", trace_every),
+            ("density_every", density_every),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer ≥ 0 (0: never), got {v!r}")
         self.cold_every, self.trace_every = cold_every, trace_every
@@ -259,8 +263,10 @@ class CurvatureTracker:
         self.last_operator = None  # the operator of the last measurement (its .stats)
 
     def __repr__(self):
-        return (f"CurvatureTracker(every_n_steps={self.every_n_steps}, k={self.k}, "
-                f"method={self.method!r}, tol={self.tol}, measurements={self.measurements})")
+        return (
+            f"CurvatureTracker(every_n_steps={self.every_n_steps}, k={self.k}, "
+            f"method={self.method!r}, tol={self.tol}, measurements={self.measurements})"
+        )
 
     # ------------------------------------------------------------------ measuring
     def should_measure(self, step: int) -> bool:
@@ -269,10 +275,19 @@ class CurvatureTracker:
 
     def operator(self, model, optimizer=None):
         """The operator measured at the model's current weights, and the stability threshold
-        (None without an optimizer with a learning rate)."""
-        op = HessianOperator(model, self.loss_fn, self.probe_batches, method=self.method,
-                             eps=self.eps, params=self.params, reduction=self.reduction,
-                             train_mode=self.train_mode, check_determinism=not self._checked)
+        (None without an optimizer with a learning rate).
+        """
+        op = HessianOperator(
+            model,
+            self.loss_fn,
+            self.probe_batches,
+            method=self.method,
+            eps=self.eps,
+            params=self.params,
+            reduction=self.reduction,
+            train_mode=self.train_mode,
+            check_determinism=not self._checked,
+        )
         threshold = _sgd_threshold(optimizer)
         if self.preconditioned:
             pre = adam_preconditioner(optimizer, op.params, op.vector_dtype)
@@ -287,7 +302,8 @@ class CurvatureTracker:
 
     def step(self, model, step: int, optimizer=None) -> dict | None:
         """Measure when ``step`` is a multiple of ``every_n_steps`` (after the optimizer's
-        step); returns the metrics dict (module docstring), or None on other steps."""
+        step); returns the metrics dict (module docstring), or None on other steps.
+        """
         if not self.should_measure(step):
             return None
         return self.measure(model, step, optimizer)
@@ -320,8 +336,9 @@ class CurvatureTracker:
                         reason = "warm run not converged"
             if reason is not None:
                 warm_mv = res["matvecs"] if res else 0
-                res = self._solve(op, random_probe(op, self.seed + i, dtype=op.vector_dtype),
-                                  self.cold_steps)
+                res = self._solve(
+                    op, random_probe(op, self.seed + i, dtype=op.vector_dtype), self.cold_steps
+                )
                 res["matvecs"] += warm_mv
             self.vectors = res.pop("vectors")
             out = {
@@ -348,8 +365,10 @@ class CurvatureTracker:
 
                 steps = min(self.density_steps, op.num_params)
                 dens = slq(op, steps, self.density_probes, seed=self.seed + i)
-                out["density"] = {"nodes": np.asarray(dens.nodes).tolist(),
-                                  "weights": np.asarray(dens.weights).tolist()}
+                out["density"] = {
+                    "nodes": np.asarray(dens.nodes).tolist(),
+                    "weights": np.asarray(dens.weights).tolist(),
+                }
         out["seconds"] = time.perf_counter() - t0
         self.measurements += 1
         self.history.append({k: v for k, v in out.items() if k != "density"})
@@ -382,7 +401,8 @@ class CurvatureTracker:
     def _solve(self, op, v0: Vector, first: int) -> dict:
         """Lanczos from ``v0``, stopped as soon as the top-k residuals are ≤ tol·|θ_1| (checked
         after every step); a run of ``first`` (then ``chunk``) steps that has not converged is
-        restarted from the sum of its top Ritz vectors, up to ``max_matvecs`` products."""
+        restarted from the sum of its top Ritz vectors, up to ``max_matvecs`` products.
+        """
         k, P = self.k, op.num_params
         used, restarts = 0, 0
         m = first
@@ -427,18 +447,21 @@ class CurvatureTracker:
     def state_dict(self) -> dict:
         """The tracker's state: the warm-start vectors (tensors, local shards under FSDP2),
         the number of measurements and the history; save it with ``torch.save`` or
-        safetensors next to the training checkpoint."""
+        safetensors next to the training checkpoint.
+        """
         return {
             "measurements": self.measurements,
             "history": [dict(h) for h in self.history],
-            "vectors": None if self.vectors is None
+            "vectors": None
+            if self.vectors is None
             else [[t.detach().clone() for t in v] for v in self.vectors],
             "checked": self._checked,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict()``; the vectors are checked against the parameters at
-        the next measurement (a mismatch makes that one cold)."""
+        the next measurement (a mismatch makes that one cold).
+        """
         if not isinstance(state, dict) or "measurements" not in state:
             raise TypeError(
                 "load_state_dict expects the dict from CurvatureTracker.state_dict(), "

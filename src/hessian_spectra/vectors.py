@@ -57,7 +57,8 @@ _DOT_BLOCK = 1 << 16  # entries per block of a low-precision dot product (see _d
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 when any operand is float64 (a float64 model keeps float64 dot products, also
-    with a bf16 basis), else float32 (bf16/fp16 are read as float32)."""
+    with a bf16 basis), else float32 (bf16/fp16 are read as float32).
+    """
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
@@ -93,7 +94,8 @@ _SCRATCH: dict = {}
 
 def _as(x: torch.Tensor, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
     """``x`` (at most ``GROUP × _DOT_BLOCK`` entries) in ``dtype``: itself, or converted into
-    a reused scratch buffer (a fresh temporary would page-fault on every block)."""
+    a reused scratch buffer (a fresh temporary would page-fault on every block).
+    """
     if x.dtype == dtype:
         return x
     key = (x.device, dtype, slot)
@@ -106,7 +108,8 @@ def _as(x: torch.Tensor, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
 def _rows_dot(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``Q @ w`` as float64 ``(k,)`` for float32 rows ``Q`` ``(k, n)`` (columns contiguous)
     and ``w`` ``(n,)``: one batched product over the blocks of ``_DOT_BLOCK`` entries, block
-    sums in float32, their sum in float64 (as fast as one ``torch.mv``)."""
+    sums in float32, their sum in float64 (as fast as one ``torch.mv``).
+    """
     n = w.numel()
     nb, B = n // _DOT_BLOCK, _DOT_BLOCK
     m = nb * B

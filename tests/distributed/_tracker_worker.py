@@ -28,8 +28,9 @@ def main(out_path):
     model = D.shard_model(build_model())
     batches = local_data(global_data())
     logged = []
-    tracker = CurvatureTracker(loss_fn, batches, every_n_steps=1, method="fd", tol=1e-4,
-                               cold_every=0, log_fn=logged.append)
+    tracker = CurvatureTracker(
+        loss_fn, batches, every_n_steps=1, method="fd", tol=1e-4, cold_every=0, log_fn=logged.append
+    )
     rows, same = [], []
     for step in range(1, 4):
         before = [D.local(p).detach().clone() for p in model.parameters()]
@@ -39,10 +40,13 @@ def main(out_path):
         with torch.no_grad():
             for p in model.parameters():
                 D.local(p).mul_(1.01)
-    res = {"world_size": D.world_size(), "rows": rows,
-           "log_calls": D.all_gather_object(len(logged)),
-           "params_unchanged": D.all_gather_object(all(same)),
-           "lambda_agree": D.all_gather_object([r["lambda_max"] for r in rows])}
+    res = {
+        "world_size": D.world_size(),
+        "rows": rows,
+        "log_calls": D.all_gather_object(len(logged)),
+        "params_unchanged": D.all_gather_object(all(same)),
+        "lambda_agree": D.all_gather_object([r["lambda_max"] for r in rows]),
+    }
     if D.is_rank0():
         Path(out_path).write_text(json.dumps(res))
     D.teardown()

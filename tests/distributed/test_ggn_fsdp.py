@@ -23,11 +23,15 @@ def _run(out: Path, nproc: int | None) -> dict:
         env.pop(k, None)
     cmd = [sys.executable]
     if nproc is not None:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                "--max-restarts=0"]
+        cmd += [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+        ]
     cmd += [str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
-                          check=False)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 

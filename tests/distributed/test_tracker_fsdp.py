@@ -22,10 +22,16 @@ def _launch(out: Path, nproc: int | None):
         env.pop(k, None)
     cmd = [sys.executable]
     if nproc is not None:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                "--max-restarts=0"]
-    proc = subprocess.run([*cmd, str(WORKER), str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
+        cmd += [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+        ]
+    proc = subprocess.run(
+        [*cmd, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -1,9 +1,9 @@
 """``hessian-spectra``: the command line over the public API.
 
-    hessian-spectra density [options] --out DIR    SLQ spectral density (default command of the demo)
+    hessian-spectra density [options] --out DIR    SLQ spectral density (the demo's command)
     hessian-spectra eigs    [options] --out DIR    extreme eigenvalues (Lanczos, full reorth)
     hessian-spectra trace   [options] --out DIR    Hutchinson trace estimate
-    hessian-spectra blockdiag [options] --out DIR  block-diagonal test per transformer layer (FSHP §6)
+    hessian-spectra blockdiag [options] --out DIR  block-diagonal test per layer (FSHP §6)
     hessian-spectra eps-sweep [options] --out DIR  finite-difference HVP error against eps
     hessian-spectra influence [options] --out DIR  influence scores of the --data batches (CG)
     hessian-spectra track --checkpoints DIR ...     λ_max of every saved checkpoint (warm start)
@@ -63,8 +63,9 @@ __all__ = [
 ]
 
 #: The analysis commands, by name: a new command is a new module and one entry here.
-COMMANDS = {c.name: c for c in (Density(), Eigs(), Trace(), BlockDiag(), EpsSweep(), Influence(),
-                                Track())}
+COMMANDS = {
+    c.name: c for c in (Density(), Eigs(), Trace(), BlockDiag(), EpsSweep(), Influence(), Track())
+}
 
 
 def build_parser() -> Parser:
@@ -76,11 +77,14 @@ def build_parser() -> Parser:
     from .. import __version__
     from .plot import add_plot_parser
 
-    p = Parser(prog=PROG, description="Hessian spectral analysis of PyTorch models and LLMs "
-               "(SLQ densities, extreme eigenvalues, traces). Runs offline on an embedded 135M "
-               "LLM by default.",
-               epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/model/data/options, "
-                      "3 numerical failure or not converged, 130 interrupted, 143 terminated.")
+    p = Parser(
+        prog=PROG,
+        description="Hessian spectral analysis of PyTorch models and LLMs "
+        "(SLQ densities, extreme eigenvalues, traces). Runs offline on an embedded 135M "
+        "LLM by default.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/model/data/options, "
+        "3 numerical failure or not converged, 130 interrupted, 143 terminated.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True

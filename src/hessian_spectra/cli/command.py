@@ -86,10 +86,13 @@ class Command:
 
     def options_from(self, ns, world_size: int):
         """The command's ``Options`` from parsed arguments (world-size-dependent defaults
-        resolved here)."""
+        resolved here).
+        """
         if self.Options is None:
             return None
-        return self.Options(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(self.Options)})
+        return self.Options(
+            **{f.name: getattr(ns, f.name) for f in dataclasses.fields(self.Options)}
+        )
 
     def resolve_method(self, method: str, eps):
         """The HVP method and fd step this command runs with (most: as asked)."""

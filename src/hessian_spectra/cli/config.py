@@ -103,8 +103,9 @@ class RunConfig:
         if self.threads is not None:
             check_positive_int("threads", self.threads)
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of float32, float64, bfloat16, float16, "
-                             f"got {self.dtype!r}")
+            raise ValueError(
+                f"dtype must be one of float32, float64, bfloat16, float16, got {self.dtype!r}"
+            )
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS} once resolved, got {self.method!r}")
         if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
@@ -112,8 +113,9 @@ class RunConfig:
         if self.max_fd_error is not None and not (
             self.max_fd_error > 0 and math.isfinite(self.max_fd_error)
         ):
-            raise ValueError(f"max_fd_error must be a positive finite number or None, got "
-                             f"{self.max_fd_error!r}")
+            raise ValueError(
+                f"max_fd_error must be a positive finite number or None, got {self.max_fd_error!r}"
+            )
         if self.stencil not in ("central", "four-point"):
             raise ValueError(f"stencil must be 'central' or 'four-point', got {self.stencil!r}")
         if self.subsample is not None and not (0 < self.subsample <= 1):
@@ -130,21 +132,34 @@ class RunConfig:
     def data_config(self, path: str | None = None) -> DataConfig:
         """The ``DataConfig`` of these options, for ``path`` (default: ``data``)."""
         num = self.num_batches if (self.num_batches or self.subsample) else DEFAULTS["num_batches"]
-        return DataConfig(path=self.data if path is None else path, text_field=self.text_field,
-                          seq_len=self.seq_len, batch_size=self.batch_size, num_batches=num,
-                          subsample=self.subsample, loss_on=self.loss_on,
-                          prompt_field=self.prompt_field, completion_field=self.completion_field,
-                          split=self.split)
+        return DataConfig(
+            path=self.data if path is None else path,
+            text_field=self.text_field,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            num_batches=num,
+            subsample=self.subsample,
+            loss_on=self.loss_on,
+            prompt_field=self.prompt_field,
+            completion_field=self.completion_field,
+            split=self.split,
+        )
 
     def to_dict(self) -> dict:
         """``result.json``'s ``config``: the shared options, then the command's (flat)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in _NOT_SAVED}
+        d = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in _NOT_SAVED
+        }
         if d["params"] is not None:
             d["params"] = list(d["params"])
         if self.options is not None:
-            d.update(self.options.to_dict() if hasattr(self.options, "to_dict")
-                     else dataclasses.asdict(self.options))
+            d.update(
+                self.options.to_dict()
+                if hasattr(self.options, "to_dict")
+                else dataclasses.asdict(self.options)
+            )
         return d
 
 

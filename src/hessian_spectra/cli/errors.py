@@ -48,18 +48,52 @@ def first_line(e: BaseException) -> str:
 # API argument names that are CLI flags under another spelling. Bare names are rewritten only
 # when they cannot be ordinary words (they contain "_", or are listed in _BARE).
 _FLAG_NAMES = (
-    "seq_len", "batch_size", "num_batches", "subsample", "text_field", "prompt_field",
-    "completion_field", "loss_on", "split", "attn_implementation", "allow_download",
-    "trust_remote_code", "train_mode", "device_map", "device", "dtype", "method", "eps",
-    "eps_values", "reference", "damping", "cg_tol", "cg_max_iter", "query_data", "basis_dtype",
-    "reorth", "steps", "probes", "num_steps", "num_probes", "params", "threads", "max_fd_error",
+    "seq_len",
+    "batch_size",
+    "num_batches",
+    "subsample",
+    "text_field",
+    "prompt_field",
+    "completion_field",
+    "loss_on",
+    "split",
+    "attn_implementation",
+    "allow_download",
+    "trust_remote_code",
+    "train_mode",
+    "device_map",
+    "device",
+    "dtype",
+    "method",
+    "eps",
+    "eps_values",
+    "reference",
+    "damping",
+    "cg_tol",
+    "cg_max_iter",
+    "query_data",
+    "basis_dtype",
+    "reorth",
+    "steps",
+    "probes",
+    "num_steps",
+    "num_probes",
+    "params",
+    "threads",
+    "max_fd_error",
     "stencil",
 )
-_ALIASES = {"num_steps": "steps", "num_probes": "probes", "max_iter": "cg_max_iter", "tol": "cg_tol"}
+_ALIASES = {
+    "num_steps": "steps",
+    "num_probes": "probes",
+    "max_iter": "cg_max_iter",
+    "tol": "cg_tol",
+}
 _BARE = {"subsample", "damping"}
 _ASSIGN = re.compile(r"(?<![\w./-])(" + "|".join(_FLAG_NAMES) + r")=(['\"]?)([\w.:+-]+)\2")
-_NAME = re.compile(r"(?<![\w./-])(" + "|".join(n for n in _FLAG_NAMES if "_" in n or n in _BARE)
-                   + r")(?![\w(=])")
+_NAME = re.compile(
+    r"(?<![\w./-])(" + "|".join(n for n in _FLAG_NAMES if "_" in n or n in _BARE) + r")(?![\w(=])"
+)
 
 
 def _flag(name: str) -> str:
@@ -96,6 +130,8 @@ def classify(e: BaseException) -> tuple[int, str]:
     if isinstance(e, (ValueError, TypeError, NotImplementedError, FileNotFoundError)):
         return EXIT_USAGE, with_flags(first_line(e))
     if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        return EXIT_ERROR, (f"out of memory: {first_line(e)} (use fewer --steps, --reorth none or "
-                            "an INT window, --basis-dtype bfloat16, or less data per batch)")
+        return EXIT_ERROR, (
+            f"out of memory: {first_line(e)} (use fewer --steps, --reorth none or "
+            "an INT window, --basis-dtype bfloat16, or less data per batch)"
+        )
     return EXIT_ERROR, f"{type(e).__name__}: {first_line(e)} (rerun with --debug for the traceback)"

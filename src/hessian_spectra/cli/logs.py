@@ -1,5 +1,6 @@
 """Logging of a run (stderr through tqdm, ``log.txt`` on rank 0, errors only on other ranks),
-quieter third-party libraries, and SIGTERM turned into an interruption."""
+quieter third-party libraries, and SIGTERM turned into an interruption.
+"""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def logging_to(out: Path | None, write: bool, debug: bool):
 @contextlib.contextmanager
 def sigterm_interrupts():
     """While inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so
-    a scheduler's stop unwinds like Ctrl-C; a second SIGTERM kills as usual."""
+    a scheduler's stop unwinds like Ctrl-C; a second SIGTERM kills as usual.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -30,11 +30,15 @@ def prepare_out(out: Path, flag: str = "--out") -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise CliError(f"{flag} {str(out)!r} cannot be created: part of its path is a file; "
-                       "choose another folder") from None
+        raise CliError(
+            f"{flag} {str(out)!r} cannot be created: part of its path is a file; "
+            "choose another folder"
+        ) from None
     except OSError as e:
-        raise CliError(f"{flag} {str(out)!r} cannot be created ({e.strerror}): choose a folder "
-                       "you can write to") from None
+        raise CliError(
+            f"{flag} {str(out)!r} cannot be created ({e.strerror}): choose a folder "
+            "you can write to"
+        ) from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise CliError(f"{flag} {str(out)!r} is not writable: choose a folder you can write to")
 
@@ -47,8 +51,9 @@ def locked(out: Path):
     try:
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise CliError(f"--out {str(out)!r} is not writable ({e.strerror}): choose a folder "
-                       "you can write to") from None
+        raise CliError(
+            f"--out {str(out)!r} is not writable ({e.strerror}): choose a folder you can write to"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -56,8 +61,10 @@ def locked(out: Path):
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise CliError(f"another run (pid {other}) is writing to --out {str(out)!r}: wait "
-                           "for it to finish or choose another --out") from None
+            raise CliError(
+                f"another run (pid {other}) is writing to --out {str(out)!r}: wait "
+                "for it to finish or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -127,11 +127,15 @@ class _Run:
         s = self.op.stats
         return {
             "seconds_per_hvp": s["matvec_seconds"] / s["matvecs"] if s["matvecs"] else None,
-            "seconds_per_gradient": (s["gradient_seconds"] / s["gradients"]
-                                     if s["gradients"] else None),
-            "num_hvps": s["matvecs"], "num_gradients": s["gradients"],
-            "hvp_seconds": s["matvec_seconds"], "gradient_seconds": s["gradient_seconds"],
-            "load_seconds": self.load_seconds, "total_seconds": time.perf_counter() - self.t0,
+            "seconds_per_gradient": (
+                s["gradient_seconds"] / s["gradients"] if s["gradients"] else None
+            ),
+            "num_hvps": s["matvecs"],
+            "num_gradients": s["gradients"],
+            "hvp_seconds": s["matvec_seconds"],
+            "gradient_seconds": s["gradient_seconds"],
+            "load_seconds": self.load_seconds,
+            "total_seconds": time.perf_counter() - self.t0,
         }
 
     def _execute(self) -> int:
@@ -163,23 +167,42 @@ class _Run:
                 self.fresh = False
 
         if self.world_size > 1 and cfg.device_map:
-            raise CliError("--device-map spreads one process over devices; under torchrun the "
-                           "model is sharded with FSDP2 instead")
+            raise CliError(
+                "--device-map spreads one process over devices; under torchrun the "
+                "model is sharded with FSDP2 instead"
+            )
         if not cfg.allow_download:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        problem = load_problem(cfg.model, cfg.data_config(), dtype=cfg.dtype,
-                               attn_implementation=cfg.attn_implementation, device=cfg.device,
-                               device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code,
-                               allow_download=cfg.allow_download)
+        problem = load_problem(
+            cfg.model,
+            cfg.data_config(),
+            dtype=cfg.dtype,
+            attn_implementation=cfg.attn_implementation,
+            device=cfg.device,
+            device_map=cfg.device_map,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_download=cfg.allow_download,
+        )
         lm = problem.loaded
         self.load_seconds = lm.seconds
-        log.info("model: %s (%s, %s parameters, %s) loaded in %.1f s", lm.spec, lm.source,
-                 f"{lm.num_params:,}", cfg.dtype, lm.seconds)
+        log.info(
+            "model: %s (%s, %s parameters, %s) loaded in %.1f s",
+            lm.spec,
+            lm.source,
+            f"{lm.num_params:,}",
+            cfg.dtype,
+            lm.seconds,
+        )
         if problem.info.get("target_tokens") is not None:
             c = problem.info["config"]
-            log.info("data: %s, %d batch(es) of %d x %d tokens, %d target tokens",
-                     problem.info["source"], problem.info["num_batches"], c["batch_size"],
-                     c["seq_len"], problem.info["target_tokens"])
+            log.info(
+                "data: %s, %d batch(es) of %d x %d tokens, %d target tokens",
+                problem.info["source"],
+                problem.info["num_batches"],
+                c["batch_size"],
+                c["seq_len"],
+                problem.info["target_tokens"],
+            )
         model = problem.model
         if self.world_size > 1:
             sharded = distributed.shard_model(model)
@@ -187,12 +210,24 @@ class _Run:
 
         self.op = op = build_operator(cfg, model, problem)
         result = self.result = RunResult(
-            command=cmd.name, argv=[PROG, *self.argv], config=config, versions=versions(),
-            model={"spec": str(lm.spec), "kind": lm.spec.kind, "source": lm.source,
-                   "dtype": dtype_name(op.param_dtype),
-                   "device": str(next(model.parameters()).device), "num_params": int(op.num_params),
-                   "num_params_model": int(lm.num_params), "load_seconds": lm.seconds, **lm.info},
-            data=problem.info, world_size=self.world_size, threads=threads,
+            command=cmd.name,
+            argv=[PROG, *self.argv],
+            config=config,
+            versions=versions(),
+            model={
+                "spec": str(lm.spec),
+                "kind": lm.spec.kind,
+                "source": lm.source,
+                "dtype": dtype_name(op.param_dtype),
+                "device": str(next(model.parameters()).device),
+                "num_params": int(op.num_params),
+                "num_params_model": int(lm.num_params),
+                "load_seconds": lm.seconds,
+                **lm.info,
+            },
+            data=problem.info,
+            world_size=self.world_size,
+            threads=threads,
         )
         if previous is not None:
             result.created = previous.get("created", result.created)
@@ -206,28 +241,55 @@ class _Run:
         eps_unit = None
         if op.method == "fd":
             eps_unit = op.eps if op.eps is not None else op.eps_for(unit_probe(op, 0))
-        result.operator = {"curvature": cfg.curvature, "method": op.method, "eps": cfg.eps,
-                           "eps_unit": eps_unit,
-                           "loss": loss, "grad_norm": norm(g), "train_mode": cfg.train_mode}
+        result.operator = {
+            "curvature": cfg.curvature,
+            "method": op.method,
+            "eps": cfg.eps,
+            "eps_unit": eps_unit,
+            "loss": loss,
+            "grad_norm": norm(g),
+            "train_mode": cfg.train_mode,
+        }
         fd_model = getattr(op, "fd_model", None)  # HessianOperator with fd
         if op.method == "fd":
-            result.operator.update(stencil=cfg.stencil, max_fd_error=cfg.max_fd_error,
-                                   fd_model=fd_model.to_dict() if fd_model else None)
+            result.operator.update(
+                stencil=cfg.stencil,
+                max_fd_error=cfg.max_fd_error,
+                fd_model=fd_model.to_dict() if fd_model else None,
+            )
             if fd_model is not None:
-                log.info("fd error model: truncation a0 %.3g, rounding b %.3g, best step along "
-                         "the calibration probe %.3g (%d gradient passes)", op.fd_model.a0,
-                         op.fd_model.b, op.fd_model.step0, op.fd_model.gradients)
+                log.info(
+                    "fd error model: truncation a0 %.3g, rounding b %.3g, best step along "
+                    "the calibration probe %.3g (%d gradient passes)",
+                    op.fd_model.a0,
+                    op.fd_model.b,
+                    op.fd_model.step0,
+                    op.fd_model.gradients,
+                )
         del g
-        log.info("loss %.6g, |grad| %.4g, fd step for a unit direction %s", loss,
-                 result.operator["grad_norm"], f"{eps_unit:.3g}" if eps_unit is not None else "n/a")
+        log.info(
+            "loss %.6g, |grad| %.4g, fd step for a unit direction %s",
+            loss,
+            result.operator["grad_norm"],
+            f"{eps_unit:.3g}" if eps_unit is not None else "n/a",
+        )
 
         def publish(estimate, summary):
             result.estimate = estimate
             result.summary = {**result.summary, **summary}
             self._save("running")
 
-        ctx = Context(config=cfg, op=op, problem=problem, out=self.out, rank0=self.rank0,
-                      previous=previous, publish=publish, draw=self._draw, log=log)
+        ctx = Context(
+            config=cfg,
+            op=op,
+            problem=problem,
+            out=self.out,
+            rank0=self.rank0,
+            previous=previous,
+            publish=publish,
+            draw=self._draw,
+            log=log,
+        )
         outcome = cmd.run(ctx)
         result.estimate = outcome.estimate
         result.summary = {**result.summary, **outcome.summary, **_fd_summary(op)}
@@ -250,13 +312,15 @@ def _fd_summary(op) -> dict:
     """
     if getattr(op, "fd_model", None) is None:
         return {}
-    return {"fd_max_rel_error_estimate": op.stats["fd_max_rel_error_estimate"],
-            "fd_retries": op.stats["fd_retries"],
-            "fd_calibration_gradients": op.stats["fd_calibration_gradients"]}
+    return {
+        "fd_max_rel_error_estimate": op.stats["fd_max_rel_error_estimate"],
+        "fd_retries": op.stats["fd_retries"],
+        "fd_calibration_gradients": op.stats["fd_calibration_gradients"],
+    }
 
 
 def _ranks_on_node(world_size: int) -> int:
-    """torchrun ranks sharing this machine (``LOCAL_WORLD_SIZE``), 1 in one process."""
+    """Torchrun ranks sharing this machine (``LOCAL_WORLD_SIZE``), 1 in one process."""
     if world_size == 1:
         return 1
     try:
@@ -267,9 +331,28 @@ def _ranks_on_node(world_size: int) -> int:
 
 # options whose values must match for --resume to continue a run
 RESUME_KEYS = (
-    "model", "dtype", "data", "text_field", "seq_len", "batch_size", "num_batches", "subsample",
-    "loss_on", "prompt_field", "completion_field", "split", "train_mode", "method", "eps",
-    "params", "steps", "reorth", "basis_dtype", "seed", "curvature", "per_block",
+    "model",
+    "dtype",
+    "data",
+    "text_field",
+    "seq_len",
+    "batch_size",
+    "num_batches",
+    "subsample",
+    "loss_on",
+    "prompt_field",
+    "completion_field",
+    "split",
+    "train_mode",
+    "method",
+    "eps",
+    "params",
+    "steps",
+    "reorth",
+    "basis_dtype",
+    "seed",
+    "curvature",
+    "per_block",
 )
 # commands that take --curvature ggn|ef (the others need the Hessian's own methods)
 CURVATURE_COMMANDS = ("density", "eigs", "trace", "blockdiag")
@@ -278,18 +361,26 @@ CURVATURE_COMMANDS = ("density", "eigs", "trace", "blockdiag")
 def check_resume(previous: dict, config: dict) -> None:
     """Refuse --resume of a run with other settings (RESUME_KEYS) or of another command."""
     if previous.get("command") != config["command"]:
-        raise CliError(f"--resume: the run in --out is a {previous.get('command')!r} run, "
-                       f"not {config['command']!r}")
+        raise CliError(
+            f"--resume: the run in --out is a {previous.get('command')!r} run, "
+            f"not {config['command']!r}"
+        )
     old = {"curvature": "hessian", "per_block": False, **previous.get("config", {})}
 
     def norm(v):
         return list(v) if isinstance(v, tuple) else v
 
-    diff = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in RESUME_KEYS
-            if k in config and norm(old.get(k)) != norm(config.get(k))]
+    diff = [
+        f"{k}: {old.get(k)!r} -> {config.get(k)!r}"
+        for k in RESUME_KEYS
+        if k in config and norm(old.get(k)) != norm(config.get(k))
+    ]
     if diff:
-        raise CliError("--resume with other settings than the saved run (" + "; ".join(diff)
-                       + "): use the same options or another --out")
+        raise CliError(
+            "--resume with other settings than the saved run ("
+            + "; ".join(diff)
+            + "): use the same options or another --out"
+        )
 
 
 def check_curvature(cfg, world_size: int) -> None:
@@ -297,13 +388,17 @@ def check_curvature(cfg, world_size: int) -> None:
     if cfg.curvature == "hessian":
         return
     if cfg.command not in CURVATURE_COMMANDS:
-        raise CliError(f"--curvature {cfg.curvature} applies to {', '.join(CURVATURE_COMMANDS)}; "
-                       f"{cfg.command} analyses the Hessian only")
+        raise CliError(
+            f"--curvature {cfg.curvature} applies to {', '.join(CURVATURE_COMMANDS)}; "
+            f"{cfg.command} analyses the Hessian only"
+        )
     if cfg.curvature == "ggn" and cfg.method == "jvp":
         raise CliError("--curvature ggn takes --method exact or fd (jvp is a Hessian method)")
     if cfg.curvature == "ef" and world_size > 1:
-        raise CliError("--curvature ef runs in one process (per-example gradients are not "
-                       "available under FSDP2): run without torchrun, or use --curvature ggn")
+        raise CliError(
+            "--curvature ef runs in one process (per-example gradients are not "
+            "available under FSDP2): run without torchrun, or use --curvature ggn"
+        )
 
 
 def build_operator(cfg, model, problem):
@@ -322,16 +417,25 @@ def build_operator(cfg, model, problem):
     if cfg.curvature == "ggn":
         parts = split_loss(problem.loss_fn)
         if parts is None:
-            raise CliError("--curvature ggn needs the loss split into the model's outputs and the "
-                           "loss of those outputs: language models (embedded, a Hugging Face id "
-                           "or folder, a .gguf file) have it; a module:factory must return "
-                           "hessian_spectra.ggn.SplitLoss(forward_fn, loss_of_output_fn) as its "
-                           "loss_fn")
-        return GGNOperator(model, *parts, problem.batches, method=cfg.method, eps=cfg.eps,
-                           **common)
+            raise CliError(
+                "--curvature ggn needs the loss split into the model's outputs and the "
+                "loss of those outputs: language models (embedded, a Hugging Face id "
+                "or folder, a .gguf file) have it; a module:factory must return "
+                "hessian_spectra.ggn.SplitLoss(forward_fn, loss_of_output_fn) as its "
+                "loss_fn"
+            )
+        return GGNOperator(model, *parts, problem.batches, method=cfg.method, eps=cfg.eps, **common)
     if cfg.curvature == "ef":
-        return EmpiricalFisherOperator(model, problem.loss_fn, problem.batches,
-                                       per_example="auto", **common)
-    return HessianOperator(model, problem.loss_fn, problem.batches, method=cfg.method,
-                           eps=cfg.eps, max_fd_error=cfg.max_fd_error, stencil=cfg.stencil,
-                           **common)
+        return EmpiricalFisherOperator(
+            model, problem.loss_fn, problem.batches, per_example="auto", **common
+        )
+    return HessianOperator(
+        model,
+        problem.loss_fn,
+        problem.batches,
+        method=cfg.method,
+        eps=cfg.eps,
+        max_fd_error=cfg.max_fd_error,
+        stencil=cfg.stencil,
+        **common,
+    )

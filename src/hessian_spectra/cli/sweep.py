@@ -49,16 +49,26 @@ example: FSHP's eps x basis-precision study on the small test model (4 cells):
 the reorthogonalisation ablation:
   hessian-spectra sweep density --vary reorth=full,none --steps 80 --out runs/reorth"""
 
-DESCRIPTION = ("A grid of runs of COMMAND: the cartesian product of the --vary lists, each cell "
-               "a normal run in its own folder under --out, resumable cell by cell. Writes "
-               "sweep.json (one row per cell: options, lambda_max, lambda_min, trace, negative "
-               "mass, ghosts, seconds, and the distance to the first cell: W1 between the "
-               "densities over the spectral range, relative differences of the extremes) and "
-               "sweep.png (the densities, overlays laid out as a grid). Every other option is "
-               "passed to COMMAND unchanged.")
+DESCRIPTION = (
+    "A grid of runs of COMMAND: the cartesian product of the --vary lists, each cell "
+    "a normal run in its own folder under --out, resumable cell by cell. Writes "
+    "sweep.json (one row per cell: options, lambda_max, lambda_min, trace, negative "
+    "mass, ghosts, seconds, and the distance to the first cell: W1 between the "
+    "densities over the spectral range, relative differences of the extremes) and "
+    "sweep.png (the densities, overlays laid out as a grid). Every other option is "
+    "passed to COMMAND unchanged."
+)
 
-_FLAG_VALUES = {"on": True, "true": True, "yes": True, "1": True,
-                "off": False, "false": False, "no": False, "0": False}
+_FLAG_VALUES = {
+    "on": True,
+    "true": True,
+    "yes": True,
+    "1": True,
+    "off": False,
+    "false": False,
+    "no": False,
+    "0": False,
+}
 
 
 class SweepUsageError(ValueError):
@@ -67,9 +77,14 @@ class SweepUsageError(ValueError):
 
 def add_sweep_parser(sub, commands) -> None:
     """The ``sweep`` entry of the top-level parser (its help; ``parse_sweep`` reads the line)."""
-    sp = sub.add_parser("sweep", help="a grid of runs of one command (--vary OPTION=V1,V2)",
-                        description=DESCRIPTION, epilog=EXAMPLE, add_help=False,
-                        formatter_class=_raw())
+    sp = sub.add_parser(
+        "sweep",
+        help="a grid of runs of one command (--vary OPTION=V1,V2)",
+        description=DESCRIPTION,
+        epilog=EXAMPLE,
+        add_help=False,
+        formatter_class=_raw(),
+    )
     _sweep_arguments(sp, commands)
 
 
@@ -81,21 +96,39 @@ def _raw():
 
 def _sweep_arguments(p, commands) -> None:
     p.add_argument("-h", "--help", action="help", help="show this help message and exit")
-    p.add_argument("sweep_command", metavar="COMMAND", choices=sorted(commands),
-                   help="the command run in every cell: " + ", ".join(commands))
-    p.add_argument("--vary", action="append", metavar="OPTION=V1,V2,...", default=[],
-                   help="an option of COMMAND (without --) and its values, comma-separated; "
-                        "repeat for more options (cells: the cartesian product)")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="folder of the sweep (default: runs/sweep-COMMAND): one subfolder per "
-                        "cell, sweep.json, sweep.png")
+    p.add_argument(
+        "sweep_command",
+        metavar="COMMAND",
+        choices=sorted(commands),
+        help="the command run in every cell: " + ", ".join(commands),
+    )
+    p.add_argument(
+        "--vary",
+        action="append",
+        metavar="OPTION=V1,V2,...",
+        default=[],
+        help="an option of COMMAND (without --) and its values, comma-separated; "
+        "repeat for more options (cells: the cartesian product)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="folder of the sweep (default: runs/sweep-COMMAND): one subfolder per "
+        "cell, sweep.json, sweep.png",
+    )
 
 
 def _help_parser(commands):
     from .options import Parser
 
-    p = Parser(prog=f"{PROG} sweep", description=DESCRIPTION, epilog=EXAMPLE, add_help=False,
-               formatter_class=_raw())
+    p = Parser(
+        prog=f"{PROG} sweep",
+        description=DESCRIPTION,
+        epilog=EXAMPLE,
+        add_help=False,
+        formatter_class=_raw(),
+    )
     _sweep_arguments(p, commands)
     p.add_argument("options", nargs="*", metavar="...", help="COMMAND's options")
     return p
@@ -122,12 +155,15 @@ def parse_sweep(argv, commands) -> dict:
     """
     argv = list(argv)
     if not argv or argv[0].startswith("-"):
-        raise SweepUsageError(f"sweep needs the command to run first: one of "
-                              f"{', '.join(commands)} (e.g. `{PROG} sweep density --vary ...`)")
+        raise SweepUsageError(
+            f"sweep needs the command to run first: one of "
+            f"{', '.join(commands)} (e.g. `{PROG} sweep density --vary ...`)"
+        )
     name = argv[0]
     if name not in commands:
-        raise SweepUsageError(f"sweep: unknown command {name!r}: choose one of "
-                              f"{', '.join(commands)}")
+        raise SweepUsageError(
+            f"sweep: unknown command {name!r}: choose one of {', '.join(commands)}"
+        )
     cmd = commands[name]
     parser = _command_parser(cmd)
     actions = parser._option_string_actions  # noqa: SLF001 - argparse's table of options
@@ -147,20 +183,26 @@ def parse_sweep(argv, commands) -> dict:
             opt = opt.lstrip("-")
             vals = [v.strip() for v in values.split(",")]
             if not eq2 or not opt or not all(vals):
-                raise SweepUsageError(f"sweep: --vary {val!r}: expected OPTION=V1,V2,... (e.g. "
-                                      "eps=1e-4,1e-2)")
+                raise SweepUsageError(
+                    f"sweep: --vary {val!r}: expected OPTION=V1,V2,... (e.g. eps=1e-4,1e-2)"
+                )
             act = actions.get(f"--{opt}")
             if act is None or opt in ("out", "resume", "help"):
-                raise SweepUsageError(f"sweep: --vary {opt}: {name} has no option --{opt} that "
-                                      f"can be varied (see `{PROG} {name} --help`)")
+                raise SweepUsageError(
+                    f"sweep: --vary {opt}: {name} has no option --{opt} that "
+                    f"can be varied (see `{PROG} {name} --help`)"
+                )
             if act.nargs == 0:
                 bad = [v for v in vals if v.lower() not in _FLAG_VALUES]
                 if bad:
-                    raise SweepUsageError(f"sweep: --vary {opt}: --{opt} is a flag; give on/off "
-                                          f"values, got {', '.join(bad)}")
+                    raise SweepUsageError(
+                        f"sweep: --vary {opt}: --{opt} is a flag; give on/off "
+                        f"values, got {', '.join(bad)}"
+                    )
             if any(o == opt for o, _ in vary):
-                raise SweepUsageError(f"sweep: --vary {opt} is given twice: list all its values "
-                                      "in one --vary")
+                raise SweepUsageError(
+                    f"sweep: --vary {opt} is given twice: list all its values in one --vary"
+                )
             if len(set(vals)) != len(vals):
                 raise SweepUsageError(f"sweep: --vary {opt}: a value is listed twice")
             vary.append((opt, vals))
@@ -174,8 +216,13 @@ def parse_sweep(argv, commands) -> dict:
         flags = set(actions[f"--{opt}"].option_strings)
         if any(w.partition("=")[0] in flags for w in rest):
             raise SweepUsageError(f"sweep: --{opt} is both varied and given: drop one")
-    return {"command": name, "vary": vary, "out": out or f"runs/sweep-{name}", "rest": rest,
-            "flags": {o for o, _ in vary if actions[f"--{o}"].nargs == 0}}
+    return {
+        "command": name,
+        "vary": vary,
+        "out": out or f"runs/sweep-{name}",
+        "rest": rest,
+        "flags": {o for o, _ in vary if actions[f"--{o}"].nargs == 0},
+    }
 
 
 def _cell_name(index: int, options: dict) -> str:
@@ -234,21 +281,28 @@ def run_sweep(argv, commands) -> int:
         try:
             build_parser().parse_args(argv_i)
         except SystemExit:
-            print(f"{PROG} sweep: error: the cell {options} has a bad command line (above)",
-                  file=sys.stderr)
+            print(
+                f"{PROG} sweep: error: the cell {options} has a bad command line (above)",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     rows, code = [], EXIT_OK
     for i, (folder, options, argv_i) in enumerate(plans):
         saved = _load(folder)
         same = saved is not None and _same_run(saved, argv_i)
         if same and saved.get("status") == "complete":
-            print(f"{PROG} sweep: cell {i + 1}/{len(cells)} {folder.name}: complete, kept",
-                  file=sys.stderr)
+            print(
+                f"{PROG} sweep: cell {i + 1}/{len(cells)} {folder.name}: complete, kept",
+                file=sys.stderr,
+            )
             rc = EXIT_OK
         else:
             again = same and resumable and saved.get("status") in ("running", "interrupted")
-            print(f"{PROG} sweep: cell {i + 1}/{len(cells)} {folder.name}"
-                  f"{' (resuming)' if again else ''}", file=sys.stderr)
+            print(
+                f"{PROG} sweep: cell {i + 1}/{len(cells)} {folder.name}"
+                f"{' (resuming)' if again else ''}",
+                file=sys.stderr,
+            )
             rc = cli_main(argv_i + (["--resume"] if again else []))
         rows.append(_row(i, options, folder, rc))
         _write(out, spec, cells, rows)
@@ -264,22 +318,31 @@ def run_sweep(argv, commands) -> int:
         plot_sweep(done, {r["cell"]: _load(out / r["cell"]) for r in rows}, out / "sweep.png")
     except Exception as e:  # noqa: BLE001 - a figure must never lose the sweep
         print(f"{PROG} sweep: could not draw sweep.png: {e}", file=sys.stderr)
-    print(f"{PROG} sweep: {sum(r['status'] == 'complete' for r in rows)}/{len(cells)} cell(s) "
-          f"complete; {out / 'sweep.json'}", file=sys.stderr)
+    print(
+        f"{PROG} sweep: {sum(r['status'] == 'complete' for r in rows)}/{len(cells)} cell(s) "
+        f"complete; {out / 'sweep.json'}",
+        file=sys.stderr,
+    )
     return code
 
 
 def _table(rows: list) -> str:
     """One line per cell: name, status, the extremes, W1/range to the first cell."""
+
     def f(x, spec=".5g"):
         return "n/a" if x is None else format(x, spec)
 
     w = max([len(r["cell"]) for r in rows] + [4])
-    lines = [f"{'cell':<{w}}  {'status':<13}  {'lambda_max':>11}  {'lambda_min':>11}  "
-             f"{'W1/range':>9}  {'ghosts':>6}"]
-    lines += [f"{r['cell']:<{w}}  {r['status']:<13}  {f(r['lambda_max']):>11}  "
-              f"{f(r['lambda_min']):>11}  {f(r.get('w1_over_range'), '.3g'):>9}  "
-              f"{f(r['num_ghosts'], 'd'):>6}" for r in rows]
+    lines = [
+        f"{'cell':<{w}}  {'status':<13}  {'lambda_max':>11}  {'lambda_min':>11}  "
+        f"{'W1/range':>9}  {'ghosts':>6}"
+    ]
+    lines += [
+        f"{r['cell']:<{w}}  {r['status']:<13}  {f(r['lambda_max']):>11}  "
+        f"{f(r['lambda_min']):>11}  {f(r.get('w1_over_range'), '.3g'):>9}  "
+        f"{f(r['num_ghosts'], 'd'):>6}"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -287,16 +350,25 @@ def _row(i: int, options: dict, folder: Path, rc: int) -> dict:
     saved = _load(folder) or {}
     s = saved.get("summary") or {}
     t = saved.get("timings") or {}
-    return {"index": i, "cell": folder.name, "options": dict(options),
-            "status": saved.get("status", "missing"), "exit_code": rc,
-            "lambda_max": s.get("lambda_max"), "lambda_min": s.get("lambda_min"),
-            "trace": s.get("trace"), "negative_mass": s.get("negative_mass"),
-            "num_ghosts": _ghosts(saved), "seconds": t.get("total_seconds")}
+    return {
+        "index": i,
+        "cell": folder.name,
+        "options": dict(options),
+        "status": saved.get("status", "missing"),
+        "exit_code": rc,
+        "lambda_max": s.get("lambda_max"),
+        "lambda_min": s.get("lambda_min"),
+        "trace": s.get("trace"),
+        "negative_mass": s.get("negative_mass"),
+        "num_ghosts": _ghosts(saved),
+        "seconds": t.get("total_seconds"),
+    }
 
 
 def _ghosts(saved: dict) -> int | None:
-    runs = ((saved.get("density") or {}).get("runs")
-            or ([saved["eigs"]["run"]] if (saved.get("eigs") or {}).get("run") else []))
+    runs = (saved.get("density") or {}).get("runs") or (
+        [saved["eigs"]["run"]] if (saved.get("eigs") or {}).get("run") else []
+    )
     counts = [r.get("num_ghosts") for r in runs]
     return sum(counts) if counts and None not in counts else None
 
@@ -311,8 +383,11 @@ def _measure(saved: dict | None):
     from ..density import SpectralDensity
 
     dens = SpectralDensity.from_dict(d)
-    return dens.nodes.reshape(-1), dens.weights.reshape(-1) / dens.num_probes, (
-        np.min(dens.nodes), np.max(dens.nodes))
+    return (
+        dens.nodes.reshape(-1),
+        dens.weights.reshape(-1) / dens.num_probes,
+        (np.min(dens.nodes), np.max(dens.nodes)),
+    )
 
 
 def w1_over_range(a, b) -> float:
@@ -347,14 +422,20 @@ def _write(out: Path, spec: dict, cells: list, rows: list) -> dict:
     ref_measure = _measure(_load(out / ref["cell"])) if ref else None
     for r in rows:
         m = _measure(_load(out / r["cell"]))
-        r["w1_over_range"] = (w1_over_range(m, ref_measure)
-                              if m is not None and ref_measure is not None else None)
+        r["w1_over_range"] = (
+            w1_over_range(m, ref_measure) if m is not None and ref_measure is not None else None
+        )
         r["rel_diff_lambda_max"] = _rel(r["lambda_max"], ref["lambda_max"])
         r["rel_diff_lambda_min"] = _rel(r["lambda_min"], ref["lambda_min"])
     complete = len(rows) == len(cells) and all(r["status"] == "complete" for r in rows)
-    doc = {"command": spec["command"], "vary": {k: v for k, v in spec["vary"]},
-           "options": spec["rest"], "num_cells": len(cells),
-           "reference": ref["cell"] if ref else None,
-           "status": "complete" if complete else "incomplete", "cells": rows}
+    doc = {
+        "command": spec["command"],
+        "vary": {k: v for k, v in spec["vary"]},
+        "options": spec["rest"],
+        "num_cells": len(cells),
+        "reference": ref["cell"] if ref else None,
+        "status": "complete" if complete else "incomplete",
+        "cells": rows,
+    }
     atomic_write_text(out / "sweep.json", json.dumps(doc, indent=1) + "\n")
     return doc

@@ -41,7 +41,8 @@ def usable_cores() -> int:
 
 def busy_cores(samples: int = 5, interval_s: float = 0.02) -> int | None:
     """Cores other processes keep busy now: runnable tasks (``/proc/loadavg``, 4th field)
-    minus this one, the least of ``samples`` readings; None where unknown (not Linux)."""
+    minus this one, the least of ``samples`` readings; None where unknown (not Linux).
+    """
     counts = []
     for i in range(samples):
         try:
@@ -57,7 +58,8 @@ def busy_cores(samples: int = 5, interval_s: float = 0.02) -> int | None:
 
 def choose_threads(requested: int | None = None, *, ranks_on_node: int = 1) -> dict:
     """Set ``torch.set_num_threads`` (module docstring) and return what was chosen, for
-    ``result.json``: ``num_threads``, ``rule``, ``cores``, ``busy_cores``."""
+    ``result.json``: ``num_threads``, ``rule``, ``cores``, ``busy_cores``.
+    """
     import torch
 
     cores = usable_cores()

@@ -24,8 +24,9 @@ class TraceOptions:
 
     def __post_init__(self):
         if self.trace_method not in TRACE_METHODS:
-            raise ValueError(f"trace_method must be one of {TRACE_METHODS}, "
-                             f"got {self.trace_method!r}")
+            raise ValueError(
+                f"trace_method must be one of {TRACE_METHODS}, got {self.trace_method!r}"
+            )
 
     def to_dict(self) -> dict:
         """The options as saved in result.json's config."""
@@ -37,22 +38,33 @@ class Trace(Command):
 
     name = "trace"
     help = "estimate of tr(H) from --probes HVPs (XTrace, Hutch++ or Hutchinson)"
-    description = ("A stochastic estimate of the trace of the Hessian (or of --curvature) from "
-                   "--probes products, with its standard error: XTrace (default; deflates the "
-                   "largest eigenvalues, every probe used twice), Hutch++ or Hutchinson (mean "
-                   "of z^T H z over Rademacher probes z).")
+    description = (
+        "A stochastic estimate of the trace of the Hessian (or of --curvature) from "
+        "--probes products, with its standard error: XTrace (default; deflates the "
+        "largest eigenvalues, every probe used twice), Hutch++ or Hutchinson (mean "
+        "of z^T H z over Rademacher probes z)."
+    )
     Options = TraceOptions
 
     def add_options(self, p) -> None:
         """``--probes`` and ``--trace-method``."""
         d = TraceOptions()
-        p.add_argument("--probes", type=positive_int, default=d.probes, metavar="S",
-                       help=f"number of HVPs to spend (default: {d.probes}); xtrace uses "
-                            "S/2 probes, hutch++ S/3 to deflate (with S < 2, resp. < 3: "
-                            "Hutchinson's estimate)")
-        p.add_argument("--trace-method", choices=TRACE_METHODS, default=d.trace_method,
-                       help="estimator (default: xtrace: the smallest error at equal HVPs in "
-                            "16 of 21 measured cases; hutchinson is best on a flat spectrum)")
+        p.add_argument(
+            "--probes",
+            type=positive_int,
+            default=d.probes,
+            metavar="S",
+            help=f"number of HVPs to spend (default: {d.probes}); xtrace uses "
+            "S/2 probes, hutch++ S/3 to deflate (with S < 2, resp. < 3: "
+            "Hutchinson's estimate)",
+        )
+        p.add_argument(
+            "--trace-method",
+            choices=TRACE_METHODS,
+            default=d.trace_method,
+            help="estimator (default: xtrace: the smallest error at equal HVPs in "
+            "16 of 21 measured cases; hutchinson is best on a flat spectrum)",
+        )
 
     def run(self, ctx) -> Outcome:
         """``hs.trace`` on the run's operator; the estimate is ``TraceEstimate.to_dict()``."""
@@ -60,8 +72,13 @@ class Trace(Command):
 
         o = ctx.config.options
         ctx.log.info("trace (%s): %d HVP(s)", o.trace_method, o.probes)
-        est = trace(ctx.op, o.probes, method=o.trace_method, seed=ctx.config.seed,
-                    progress=not ctx.config.quiet)
+        est = trace(
+            ctx.op,
+            o.probes,
+            method=o.trace_method,
+            seed=ctx.config.seed,
+            progress=not ctx.config.quiet,
+        )
         return Outcome(est.to_dict(), {"trace": est.estimate, "trace_std_error": est.std_error})
 
     def summary_rows(self, result):

@@ -117,8 +117,9 @@ def load_weights(model, path: str) -> None:
     res = model.load_state_dict(sd, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded_ptrs = {params[n].data_ptr() for n in sd if n in params}
-    missing = [n for n in res.missing_keys
-               if n not in params or params[n].data_ptr() not in loaded_ptrs]
+    missing = [
+        n for n in res.missing_keys if n not in params or params[n].data_ptr() not in loaded_ptrs
+    ]
     if res.unexpected_keys or missing:
         raise CliError(
             f"--checkpoints: {path} does not fit --model: "
@@ -131,30 +132,59 @@ class Track(Command):
 
     name = "track"
     help = "λ_max (warm-started Lanczos) of every saved checkpoint of a training run"
-    description = ("Measure the largest Hessian eigenvalue (and optionally the trace) of every "
-                   "checkpoint in --checkpoints (Hugging Face checkpoint-<step> folders or "
-                   "<name><step>.safetensors files), in step order, each Lanczos run "
-                   "warm-started from the previous checkpoint's top Ritz vectors and stopped "
-                   "on its residual. Writes track.json and track.png (with 2/lr where the "
-                   "trainer state gives the learning rate).")
+    description = (
+        "Measure the largest Hessian eigenvalue (and optionally the trace) of every "
+        "checkpoint in --checkpoints (Hugging Face checkpoint-<step> folders or "
+        "<name><step>.safetensors files), in step order, each Lanczos run "
+        "warm-started from the previous checkpoint's top Ritz vectors and stopped "
+        "on its residual. Writes track.json and track.png (with 2/lr where the "
+        "trainer state gives the learning rate)."
+    )
     Options = TrackOptions
 
     def add_options(self, p) -> None:
         """``--checkpoints`` and the tracker's settings."""
         d = TrackOptions()
-        p.add_argument("--checkpoints", required=True, metavar="DIR",
-                       help="folder of checkpoint-<step> folders or *.safetensors files")
-        p.add_argument("-k", "--k", type=positive_int, default=d.k,
-                       help=f"how many of the largest eigenvalues (default: {d.k})")
-        p.add_argument("--tol", type=float, default=d.tol,
-                       help=f"relative residual tolerance (default: {d.tol:g})")
-        p.add_argument("--max-matvecs", type=positive_int, default=d.max_matvecs,
-                       help=f"HVP budget of one attempt (default: {d.max_matvecs})")
-        p.add_argument("--cold-every", type=int, default=d.cold_every, metavar="N",
-                       help=f"a cold start every N checkpoints (default: {d.cold_every}; 0: "
-                            "only when a warm run does not converge)")
-        p.add_argument("--trace-matvecs", type=int, default=d.trace_matvecs, metavar="S",
-                       help="HVPs for an XTrace estimate at each checkpoint (default: 0, none)")
+        p.add_argument(
+            "--checkpoints",
+            required=True,
+            metavar="DIR",
+            help="folder of checkpoint-<step> folders or *.safetensors files",
+        )
+        p.add_argument(
+            "-k",
+            "--k",
+            type=positive_int,
+            default=d.k,
+            help=f"how many of the largest eigenvalues (default: {d.k})",
+        )
+        p.add_argument(
+            "--tol",
+            type=float,
+            default=d.tol,
+            help=f"relative residual tolerance (default: {d.tol:g})",
+        )
+        p.add_argument(
+            "--max-matvecs",
+            type=positive_int,
+            default=d.max_matvecs,
+            help=f"HVP budget of one attempt (default: {d.max_matvecs})",
+        )
+        p.add_argument(
+            "--cold-every",
+            type=int,
+            default=d.cold_every,
+            metavar="N",
+            help=f"a cold start every N checkpoints (default: {d.cold_every}; 0: "
+            "only when a warm run does not converge)",
+        )
+        p.add_argument(
+            "--trace-matvecs",
+            type=int,
+            default=d.trace_matvecs,
+            metavar="S",
+            help="HVPs for an XTrace estimate at each checkpoint (default: 0, none)",
+        )
 
     def check(self, config, world_size: int) -> None:
         """One process, the Hessian, sensible numbers."""
@@ -177,11 +207,20 @@ class Track(Command):
         ckpts = find_checkpoints(o.checkpoints)
         model = ctx.problem.model
         tracker = CurvatureTracker(
-            ctx.problem.loss_fn, ctx.problem.batches, every_n_steps=1, k=o.k,
-            method=ctx.op.method, eps=cfg.eps, params=ctx.op.param_names, tol=o.tol,
-            max_matvecs=o.max_matvecs, cold_every=o.cold_every,
-            trace_every=1 if o.trace_matvecs else 0, trace_matvecs=max(o.trace_matvecs, 1),
-            train_mode=cfg.train_mode, seed=cfg.seed,
+            ctx.problem.loss_fn,
+            ctx.problem.batches,
+            every_n_steps=1,
+            k=o.k,
+            method=ctx.op.method,
+            eps=cfg.eps,
+            params=ctx.op.param_names,
+            tol=o.tol,
+            max_matvecs=o.max_matvecs,
+            cold_every=o.cold_every,
+            trace_every=1 if o.trace_matvecs else 0,
+            trace_matvecs=max(o.trace_matvecs, 1),
+            train_mode=cfg.train_mode,
+            seed=cfg.seed,
         )
         rows = []
         for c in ckpts:
@@ -195,31 +234,44 @@ class Track(Command):
             if c["lr"] is not None:
                 m["lr"], m["two_over_lr"] = c["lr"], 2.0 / c["lr"]
             rows.append(m)
-            ctx.log.info("step %d: lambda_max %.6g (%s, %d HVPs, residual %.2g)", c["step"],
-                         m["lambda_max"], "warm" if m["warm"] else "cold", m["matvecs"],
-                         max(m["residuals"]))
+            ctx.log.info(
+                "step %d: lambda_max %.6g (%s, %d HVPs, residual %.2g)",
+                c["step"],
+                m["lambda_max"],
+                "warm" if m["warm"] else "cold",
+                m["matvecs"],
+                max(m["residuals"]),
+            )
             ctx.publish({"measurements": rows}, {})
         estimate = {"measurements": rows, "tol": o.tol, "k": o.k}
         if ctx.rank0:
             atomic_write_text(ctx.out / "track.json", json.dumps(estimate, indent=1))
         bad = [r["step"] for r in rows if not r["converged"]]
-        summary = {"checkpoints": len(rows), "lambda_max_last": rows[-1]["lambda_max"],
-                   "lambda_max_peak": max(r["lambda_max"] for r in rows),
-                   "matvecs": sum(r["matvecs"] for r in rows),
-                   "warm": sum(bool(r["warm"]) for r in rows)}
+        summary = {
+            "checkpoints": len(rows),
+            "lambda_max_last": rows[-1]["lambda_max"],
+            "lambda_max_peak": max(r["lambda_max"] for r in rows),
+            "matvecs": sum(r["matvecs"] for r in rows),
+            "warm": sum(bool(r["warm"]) for r in rows),
+        }
         if bad:
-            return Outcome(estimate, summary, status="not_converged",
-                           problem=f"λ_max did not converge to --tol at step(s) {bad}; "
-                                   "raise --max-matvecs")
+            return Outcome(
+                estimate,
+                summary,
+                status="not_converged",
+                problem=f"λ_max did not converge to --tol at step(s) {bad}; raise --max-matvecs",
+            )
         return Outcome(estimate, summary)
 
     def summary_rows(self, result):
         """Checkpoints, the last and the peak λ_max, how many were warm-started."""
         s = result.summary
-        return [("checkpoints", str(s.get("checkpoints"))),
-                ("lambda_max (last)", fmt(s.get("lambda_max_last"))),
-                ("lambda_max (peak)", fmt(s.get("lambda_max_peak"))),
-                ("warm starts", f"{s.get('warm')} of {s.get('checkpoints')}")]
+        return [
+            ("checkpoints", str(s.get("checkpoints"))),
+            ("lambda_max (last)", fmt(s.get("lambda_max_last"))),
+            ("lambda_max (peak)", fmt(s.get("lambda_max_peak"))),
+            ("warm starts", f"{s.get('warm')} of {s.get('checkpoints')}"),
+        ]
 
     def figures(self, result: dict, out: Path) -> list[Path]:
         """``track.png``: λ_max (and 2/lr, the trace) against step."""
@@ -244,8 +296,11 @@ def plot_track(rows: list[dict], path) -> Path:
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(steps, [r["lambda_max"] for r in rows], "o-", color="C0", label="λ_max")
-    thr = [(r["step"], r["two_over_lr"]) for r in rows
-           if r.get("two_over_lr") is not None and math.isfinite(r["two_over_lr"])]
+    thr = [
+        (r["step"], r["two_over_lr"])
+        for r in rows
+        if r.get("two_over_lr") is not None and math.isfinite(r["two_over_lr"])
+    ]
     if thr:
         ax.plot(*zip(*thr), "--", color="C3", label="2/lr")
     ax.set_xlabel("step")
