@@ -13,20 +13,18 @@ uses ``--standalone`` (a free port) and a timeout; the file takes well under a m
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _launch import LAUNCH_TIMEOUT_S, launch
+
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_worker.py")
-LAUNCH_TIMEOUT_S = 240
 
 
 def _launch(
@@ -37,42 +35,7 @@ def _launch(
     timeout: float = LAUNCH_TIMEOUT_S,
 ):
     """Run the worker (under torchrun when ``nproc``); return (returncode, seconds, output)."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HESSIAN_SPECTRA_DIST_TIMEOUT": "60",
-        **(extra_env or {}),
-    }
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # a plain run must not think it is under torchrun
-    cmd = [sys.executable]
-    if nproc is not None:
-        cmd += [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "--max-restarts=0",
-        ]
-    cmd += [str(WORKER), mode, str(out)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(
-            f"{' '.join(cmd)} did not finish in {timeout} s (hang?). Output:\n{output[-4000:]}"
-        )
-    return proc.returncode, time.monotonic() - t0, output
+    return launch(WORKER, [mode, out], nproc, extra_env, timeout)
 
 
 @pytest.fixture(scope="module")

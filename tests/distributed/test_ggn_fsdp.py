@@ -3,14 +3,14 @@ what one plain process gives on the same global data."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _launch import launch_json
 
 pytestmark = pytest.mark.distributed
 
@@ -18,22 +18,7 @@ WORKER = Path(__file__).with_name("_ggn_worker.py")
 
 
 def _run(out: Path, nproc: int | None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable]
-    if nproc is not None:
-        cmd += [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "--max-restarts=0",
-        ]
-    cmd += [str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return launch_json(WORKER, out, nproc)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ logs, the parameters are untouched, and λ_max is what one plain process measure
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _launch import launch_json
 
 pytestmark = pytest.mark.distributed
 
@@ -17,23 +17,7 @@ WORKER = Path(__file__).with_name("_tracker_worker.py")
 
 
 def _launch(out: Path, nproc: int | None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable]
-    if nproc is not None:
-        cmd += [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "--max-restarts=0",
-        ]
-    proc = subprocess.run(
-        [*cmd, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return launch_json(WORKER, out, nproc, timeout=300)
 
 
 def test_tracker_under_fsdp2_matches_one_process(tmp_path):
