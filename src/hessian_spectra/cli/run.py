@@ -190,7 +190,7 @@ class _Run:
             lm.spec,
             lm.source,
             f"{lm.num_params:,}",
-            cfg.dtype,
+            str(next(lm.model.parameters()).dtype).replace("torch.", ""),  # a factory's own
             lm.seconds,
         )
         if problem.info.get("target_tokens") is not None:
