@@ -1,9 +1,9 @@
-"""The training callbacks: HF Trainer logs the tracker's metrics into ``state.log_history``
-without changing training; the Lightning callback says what to install where Lightning is not."""
+"""The training callbacks: HF Trainer logs the tracker's metrics into ``state.log_history`` and
+Lightning into ``callback_metrics``, without changing training; without Lightning the callback
+says what to install."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -114,18 +114,73 @@ def test_hf_callback_refuses_a_non_tracker():
         HFCurvatureCallback(object())
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("lightning") is not None
-    or importlib.util.find_spec("pytorch_lightning") is not None,
-    reason="Lightning is installed",
-)
-def test_lightning_callback_without_lightning_says_what_to_install():
-    """Without Lightning, asking for the Lightning callback raises ImportError naming the
-    package to install (Lightning is an optional extra, not a dependency)."""
+def test_lightning_callback_without_lightning_says_what_to_install(monkeypatch):
+    """Without Lightning (imports made to fail), asking for the Lightning callback raises
+    ImportError naming the package to install (Lightning is optional, not a dependency)."""
+    import sys
+
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
     import hessian_spectra.callbacks as cbs
 
     with pytest.raises(ImportError, match="pip install lightning"):
         cbs.LightningCurvatureCallback  # noqa: B018
+
+
+def _lightning_fit(tracker, pl):
+    """Train ``Reg`` for 6 optimizer steps with Lightning (CPU, no logger or checkpoints)."""
+    from hessian_spectra.callbacks import LightningCurvatureCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Reg()
+
+        def training_step(self, batch, batch_idx):
+            return self.net(**batch)["loss"]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    module = Module()
+    callbacks = [] if tracker is None else [LightningCurvatureCallback(tracker)]
+    trainer = pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    loader = torch.utils.data.DataLoader(DS(), batch_size=4, shuffle=False)
+    trainer.fit(module, loader)
+    return trainer, module
+
+
+def test_lightning_trainer_logs_curvature_and_training_is_unchanged():
+    """With real Lightning: the callback measures at optimizer steps 2, 4, 6, the metrics reach
+    ``trainer.callback_metrics`` (``pl_module.log_dict``), the last λ_max equals a cold converged
+    ``top_eigenvalues`` on the final weights within tol, 2/lr is SGD's threshold, and the trained
+    weights are bit-identical to a run without the callback."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    def lf(model, batch):  # the tracker sees the LightningModule
+        return model.net(**batch)["loss"], batch["x"].shape[0]
+
+    tr = CurvatureTracker(lf, _probe(), every_n_steps=2, method="exact", tol=1e-4)
+    trainer, module = _lightning_fit(tr, pl)
+    assert [m["step"] for m in tr.history] == [2, 4, 6]
+    assert "curvature/lambda_max" in trainer.callback_metrics
+    op = HessianOperator(module, lf, _probe(), method="exact")
+    ref = top_eigenvalues(op, 1, num_steps=op.num_params).eigenvalues[0]
+    assert abs(tr.history[-1]["lambda_max"] - ref) <= 1e-4 * abs(ref)
+    assert float(trainer.callback_metrics["curvature/stability_threshold"]) == pytest.approx(40.0)
+    _, plain = _lightning_fit(None, pl)
+    for a, b in zip(module.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_lightning_callback_logic_against_a_stand_in(monkeypatch):
