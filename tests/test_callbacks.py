@@ -4,7 +4,6 @@ says what to install."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
