@@ -2,7 +2,7 @@
 
     hessian-spectra density [options] --out DIR    SLQ spectral density (the demo's command)
     hessian-spectra eigs    [options] --out DIR    extreme eigenvalues (Lanczos, full reorth)
-    hessian-spectra trace   [options] --out DIR    Hutchinson trace estimate
+    hessian-spectra trace   [options] --out DIR    trace estimate (XTrace, Hutch++, Hutchinson)
     hessian-spectra blockdiag [options] --out DIR  block-diagonal test per layer (FSHP §6)
     hessian-spectra eps-sweep [options] --out DIR  finite-difference HVP error against eps
     hessian-spectra influence [options] --out DIR  influence scores of the --data batches (CG)
