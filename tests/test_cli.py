@@ -646,14 +646,31 @@ def test_embedded_default_density_end_to_end(tmp_path):
     assert (out / "density.png").exists() and (out / "ritz.png").exists()
 
 
+def _torchrun_cli(args, pythonpath: bool = False):
+    """``torchrun --nproc-per-node 2 -m hessian_spectra ARGS`` (one thread per rank, a short
+    collective timeout); asserts success and returns the completed process. ``pythonpath``:
+    let the ranks import this checkout and ``tests/factories.py``."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60"}
+    if pythonpath:
+        here = Path(__file__)
+        env["PYTHONPATH"] = os.pathsep.join([str(here.parents[1] / "src"), str(here.parent)])
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # the launcher sets them per rank
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["--max-restarts=0", "-m", "hessian_spectra", *[str(a) for a in args]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.distributed
 def test_torchrun_density_equals_one_process(tiny_hf, tmp_path):
     """`torchrun --nproc-per-node 2 -m hessian_spectra density` shards the tiny Llama with FSDP2,
     gives each rank its slice of the batches, writes from rank 0 only (world_size 2 recorded),
     and matches the one-process run of the same command."""
-    import os
-    import subprocess
-
     folder, text = tiny_hf
     common = [
         "density",
@@ -676,24 +693,7 @@ def test_torchrun_density_equals_one_process(tiny_hf, tmp_path):
         "1",
     ]
     assert main([*common, "--out", str(tmp_path / "one")]) == EXIT_OK
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESSIAN_SPECTRA_DIST_TIMEOUT": "60"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "--max-restarts=0",
-        "-m",
-        "hessian_spectra",
-        *common,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _torchrun_cli([*common, "--out", tmp_path / "two"])
     one, two = load_result(tmp_path / "one"), load_result(tmp_path / "two")
     assert two["world_size"] == 2 and two["data"]["num_batches"] == 2
     assert two["data"]["target_tokens"] == one["data"]["target_tokens"]
@@ -705,32 +705,11 @@ def test_torchrun_density_equals_one_process(tiny_hf, tmp_path):
     assert proc.stdout.count("lambda_max") == 1  # the summary table is printed by rank 0 only
 
 
-def _operator_weighs_zero_weight_batches() -> bool:
-    """Whether HessianOperator evaluates partition.ZeroWeight padding with weight 0 (the
-    operator change that goes with issue 13 item 1)."""
-    import hessian_spectra as hs
-    from hessian_spectra.partition import ZeroWeight
-
-    model, loss, batches = factories.mlp()
-    try:
-        padded = hs.HessianOperator(model, loss, [*batches, ZeroWeight(batches[0])]).gradient()[0]
-    except Exception:  # noqa: BLE001 - not supported yet
-        return False
-    return padded == pytest.approx(
-        hs.HessianOperator(model, loss, batches).gradient()[0], rel=1e-14
-    )
-
-
 @pytest.mark.distributed
 def test_torchrun_with_batches_that_do_not_divide_equals_one_process(tmp_path):
     """Issue 13 item 1: 3 factory batches on 2 ranks were cut to 2 (loss 4.544 against 3.871 in
     one process, exit 0). Now rank 1 pads with a zero-weight batch: the 2-rank run has the
     one-process loss and Lanczos coefficients (float64, fd) and records 3 batches."""
-    import os
-    import subprocess
-
-    if not _operator_weighs_zero_weight_batches():
-        pytest.skip("HessianOperator does not evaluate ZeroWeight batches yet (ops branch)")
     common = [
         "density",
         "--quiet",
@@ -744,31 +723,7 @@ def test_torchrun_with_batches_that_do_not_divide_equals_one_process(tmp_path):
         "1",
     ]
     assert main([*common, "--out", str(tmp_path / "one")]) == EXIT_OK
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HESSIAN_SPECTRA_DIST_TIMEOUT": "60",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)]
-        ),
-    }
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "--max-restarts=0",
-        "-m",
-        "hessian_spectra",
-        *common,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun_cli([*common, "--out", tmp_path / "two"], pythonpath=True)
     one, two = load_result(tmp_path / "one"), load_result(tmp_path / "two")
     assert two["world_size"] == 2 and two["data"]["num_batches"] == one["data"]["num_batches"] == 3
     assert two["operator"]["loss"] == pytest.approx(one["operator"]["loss"], rel=1e-12)
