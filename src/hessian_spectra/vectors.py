@@ -15,9 +15,9 @@ Random probes: each parameter's flattened tensor is cut into fixed blocks of
 ``Shard(0)`` rows are one contiguous span of the flattened tensor, also under HSDP, where
 every replica draws the same span), so a probe is the same vector at every world size and
 needs one block (4 MiB of int8 for Rademacher, 16 MiB of float32 for Gaussian) of temporary
-memory beyond the local shard, however large the parameter. (The CPU generator, Mersenne Twister, cannot skip ahead, hence blocks rather than
-an offset into one stream.) For any other sharding layout the whole parameter is drawn and
-the local piece kept.
+memory beyond the local shard, however large the parameter. (The CPU generator, Mersenne
+Twister, cannot skip ahead, hence blocks rather than an offset into one stream.) For any other
+sharding layout the whole parameter is drawn and the local piece kept.
 
 >>> import torch
 >>> u = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # two parameters: shapes (2,), (1, 1)
