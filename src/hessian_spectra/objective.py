@@ -200,9 +200,12 @@ class Objective:
         if _dist.world_size() > 1 and not self.sharded:
             raise ValueError(
                 f"running with world size {_dist.world_size()} but the model's parameters are "
-                "not sharded: shard it with hessian_spectra.distributed.shard_model(model) "
-                "(FSDP2), or run in one process"
+                "not sharded: spread it with hessian_spectra.distributed.parallelize(model, "
+                "'fsdp' | 'hsdp' | 'dp') (FSDP2), or run in one process"
             )
+        # which ranks hold which piece: the group that vectors' dots and norms reduce over
+        self.layout = _dist.layout_of(self.params)
+        _dist.use_layout(self.layout)
         self.num_params = sum(p.numel() for p in self.params)  # DTensor.numel() is global
         dtypes = {p.dtype for p in self.params}
         self.param_dtype = min(dtypes, key=lambda d: torch.finfo(d).bits)
@@ -421,7 +424,12 @@ class Objective:
         return None
 
     def first_use(self) -> None:
-        """The guards run once before the first pass (module docstring)."""
+        """The guards run once before the first pass (module docstring); and, before every
+        pass, this objective's parameter layout made the one vectors reduce by.
+        """
+        _dist.use_layout(self.layout)
+        if not self._checked and self.layout.replicate_size > 1:
+            _dist.check_replicas([_dist.local(p).detach() for p in self.params])
         if not self._checked and self.sharded:
             try:
                 n = len(self.batches)
