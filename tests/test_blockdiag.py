@@ -288,3 +288,19 @@ class _Named(hs.DenseOperator):
 
     def matvec(self, v):
         return list(torch.split(self.H @ torch.cat(v), [p.numel() for p in self.params]))
+
+
+def test_a_layer_without_curvature_is_counted_as_undefined():
+    """A layer whose Hessian rows are zero has (Hv)_b = 0: rel_error and cosine are NaN for it,
+    counted in num_undefined and left out of those means; abs_error (0) stays in."""
+    op = _Named({"layers.0.w": 4, "layers.1.w": 3, "layers.2.w": 2})
+    op.H[7:, :] = 0.0
+    op.H[:, 7:] = 0.0
+    rep = hs.block_diagonal_test(op, num_probes=2)
+    dead = [r for r in rep.blocks if r.block == "layers.2"]
+    assert all(np.isnan(r.rel_error) and np.isnan(r.cosine) and r.abs_error == 0 for r in dead)
+    s = rep.summary()
+    assert s["num_undefined"] == 2 and s["num_blocks"] == 3
+    live = [r for r in rep.blocks if r.block != "layers.2"]
+    assert s["rel_error"]["mean"] == pytest.approx(np.mean([r.rel_error for r in live]))
+    assert s["abs_error"]["mean"] == pytest.approx(np.mean([r.abs_error for r in rep.blocks]))

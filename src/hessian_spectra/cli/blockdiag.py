@@ -89,6 +89,7 @@ class BlockDiag(Command):
             "num_blocks": s["num_blocks"],
             "num_probes": s["num_probes"],
             "num_extra_blocks": s["num_extra_blocks"],
+            "num_undefined": s["num_undefined"],
         }
         for k, _ in _METRICS:
             summary[f"{k}_mean"], summary[f"{k}_std"] = s[k]["mean"], s[k]["std"]
@@ -133,4 +134,12 @@ class BlockDiag(Command):
             (f"{label} (layers)", f"{fmt(s[k + '_mean'], '.4g')} ± {fmt(s[k + '_std'], '.3g')}")
             for k, label in _METRICS
         ]
+        if s.get("num_undefined"):
+            rows.append(
+                (
+                    "undefined",
+                    f"{s['num_undefined']} layer row(s) with (Hv)_b = 0: no rel_error/cosine, "
+                    "left out of their means",
+                )
+            )
         return rows
