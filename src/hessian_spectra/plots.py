@@ -185,10 +185,11 @@ def plot_eigs(result: dict, path, *, title=None):
 
 
 def plot_blockdiag(result: dict, path, *, title=None):
-    """Per layer, the block test's abs_error, rel_error and cosine (mean ± std over probes, as
-    error bars) of a ``blockdiag`` run, in layer order; the extra blocks (embeddings, final
-    norm, head) as hollow markers in a labelled group on the right. The title is FSHP Table 6's
-    summary: mean ± std over layers and probes, and the number of layer blocks.
+    """Per layer, the block test's abs_error, rel_error and cosine (three panels, one above the
+    other; mean ± std over probes as error bars) of a ``blockdiag`` run, in layer order; the
+    extra blocks (embeddings, final norm, head) as hollow markers in a labelled group on the
+    right. The title is FSHP Table 6's summary: mean ± std over layers and probes, and the
+    number of layer blocks.
     """
     plt = _plt()
     b = result.get("blockdiag")
@@ -221,11 +222,11 @@ def plot_blockdiag(result: dict, path, *, title=None):
         return m, np.nan_to_num(s)
 
     panels = [
-        ("abs_error", "||(H_block v − Hv)_b||", "C2"),
-        ("rel_error", "rel_error  ||(Hv)_b − (H v_b)_b|| / ||(Hv)_b||", "C3"),
+        ("abs_error", "abs_error ||(H_block v − Hv)_b||", "C2"),
+        ("rel_error", "rel_error: that / ||(Hv)_b||", "C3"),
         ("cosine", "cosine((Hv)_b, (H v_b)_b)", "C0"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(max(10, 0.45 * (len(rows) + 1) + 3), 4.2))
+    fig, axes = plt.subplots(3, 1, figsize=(max(7, 0.25 * (len(rows) + 1) + 2), 8), sharex=True)
     for a, (key, label, color) in zip(axes, panels):
         m, s = mean_std(layers, key)
         a.errorbar(xl, m, yerr=s, fmt="o-", color=color, ms=4, capsize=2, label="layers")
@@ -243,7 +244,7 @@ def plot_blockdiag(result: dict, path, *, title=None):
         a.set_xticklabels(names + [r["block"] for r in extras], rotation=90, fontsize=7)
         for t in a.get_xticklabels()[: len(layers)]:
             t.set_rotation(0)
-        a.set_xlabel("layer" + (" | extra blocks (not in the statistics)" if extras else ""))
+    axes[2].set_xlabel("layer" + (" | extra blocks (not in the statistics)" if extras else ""))
     axes[2].axhline(1.0, color="0.5", lw=0.8, ls="--")
     axes[2].legend(fontsize=7)
     s = b.get("summary") or {}
