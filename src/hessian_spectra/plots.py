@@ -450,6 +450,9 @@ def plot_influence(result: dict, path, *, k: int | None = None, title=None):
     ah.axvline(0.0, color="0.2", lw=0.8, ls=":")
     ah.set_xlabel("influence score (negative = helpful, positive = harmful)")
     ah.set_ylabel("examples" if rows is not None else "batches")
+    from matplotlib.ticker import MaxNLocator
+
+    ah.yaxis.set_major_locator(MaxNLocator(integer=True))
     ah.grid(alpha=0.3)
     for ax, idx, color, name, sign in (
         (fig.add_subplot(gs[1, 0]), helpful, "C2", "most helpful", -1),
@@ -468,6 +471,7 @@ def plot_influence(result: dict, path, *, k: int | None = None, title=None):
         if not idx:
             ax.text(0.5, 0.5, f"no {word} score", ha="center", va="center", transform=ax.transAxes)
             ax.set_yticks([])
+            ax.set_xticks([])
     unit = "examples" if rows is not None else "batches"
     status = "" if e.get("status", "complete") == "complete" else " — CG NOT CONVERGED: approximate"
     damping = f", damping {e['damping']:.3g}" if e.get("damping") is not None else ""
