@@ -113,14 +113,21 @@ def _functions(node, prefix: str = ""):
             yield from _functions(child, prefix)
 
 
+def _block(lines: list[str], a: int, b: int, indent: str) -> str:
+    """Lines ``a..b`` (1-based) less the leading ``indent``, each ending in a newline."""
+    return "".join(
+        (ln[len(indent) :] if ln.startswith(indent) else ln) + "\n" for ln in lines[a - 1 : b]
+    )
+
+
 def function_pairs(source: str, file: str = "<string>") -> list[CodePair]:
-    """The qualifying functions of one module's source text, in source order (module docstring).
+    r"""The qualifying functions of one module's source text, in source order (module docstring).
 
     Raises ``SyntaxError`` / ``ValueError`` when ``source`` does not parse.
 
-    >>> src = 'def f(x):\\n    \"\"\"Twice x.\"\"\"\\n    y = x\\n    y += x\\n    return y\\n'
+    >>> src = "def f(x):\n    '''Twice x.'''\n    y = x\n    y += x\n    return y\n"
     >>> [(p.prompt, p.completion) for p in function_pairs(src)]
-    [('def f(x):\\n    \"\"\"Twice x.\"\"\"\\n', '    y = x\\n    y += x\\n    return y\\n')]
+    [("def f(x):\n    '''Twice x.'''\n", '    y = x\n    y += x\n    return y\n')]
     """
     source = source.replace("\r\n", "\n").replace("\r", "\n")  # ast's line numbering
     tree = ast.parse(source)
@@ -137,16 +144,9 @@ def function_pairs(source: str, file: str = "<string>") -> list[CodePair]:
         start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
         first = lines[start - 1]
         indent = first[: len(first) - len(first.lstrip())]
-
-        def block(a: int, b: int) -> str:  # lines a..b (1-based), less the def's indentation
-            return "".join(
-                (ln[len(indent) :] if ln.startswith(indent) else ln) + "\n"
-                for ln in lines[a - 1 : b]
-            )
-
-        out.append(
-            CodePair(block(start, doc_end), block(doc_end + 1, fn.end_lineno), file, name, start)
-        )
+        prompt = _block(lines, start, doc_end, indent)
+        completion = _block(lines, doc_end + 1, fn.end_lineno, indent)
+        out.append(CodePair(prompt, completion, file, name, start))
     return out
 
 

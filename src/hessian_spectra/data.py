@@ -368,10 +368,10 @@ def make_batches(
     (``partition.shard_batches``): nothing is dropped; a rank left with fewer batches gets
     ``ZeroWeight`` padding (evaluated, weight 0) so every rank runs the same number of passes
     (FSDP2 collectives must line up). ``docs`` (a list, or an iterable read only as far as
-``num_batches`` needs) overrides ``load_documents(cfg)``. ``info``, a
-    dict, receives what names the data read from a built-in code source: ``python`` (the
-    version whose standard library it is) and ``pairs`` (the number of pairs, from the first,
-    the batches were cut from; ``code_data.source_info``).
+    ``num_batches`` needs) overrides ``load_documents(cfg)``. ``info``, a dict, receives what
+    names the data read from a built-in code source: ``python`` (the version whose standard
+    library it is) and ``pairs`` (the number of pairs, from the first, the batches were cut
+    from; ``code_data.source_info``).
     """
     if tokenizer is None:
         raise DataError("this model has no tokenizer: a factory spec must return its own batches")
