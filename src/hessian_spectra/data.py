@@ -285,6 +285,18 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def _until(docs, done):
+    """The items of ``docs`` until ``done()`` is true, checked before each: an iterator is not
+    read one item too far (for ``builtin:python-code``: one file too far).
+    """
+    it = iter(docs)
+    while not done():
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
 def _pack(tokenizer, docs, seq_len: int, need: int | None = None):
     """Rows of ``seq_len`` token ids (the last maybe shorter, padded later) and their target
     masks, and the number of documents read: all, or once ``need`` full rows exist, no more.
@@ -292,9 +304,8 @@ def _pack(tokenizer, docs, seq_len: int, need: int | None = None):
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     used = 0
-    for d in docs:
-        if need is not None and len(stream) >= need * seq_len:
-            break  # the first `need` rows are full: more text would not change them
+    # once the first `need` rows are full, more text would not change them: read no further
+    for d in _until(docs, lambda: need is not None and len(stream) >= need * seq_len):
         stream.extend(_encode(tokenizer, d))
         if eos is not None:
             stream.append(int(eos))
@@ -320,9 +331,7 @@ def _completion_rows(tokenizer, pairs, seq_len: int, need: int | None = None):
     rows = []
     used = 0
     eos = tokenizer.eos_token_id
-    for prompt, completion in pairs:
-        if need is not None and len(rows) >= need:
-            break
+    for prompt, completion in _until(pairs, lambda: need is not None and len(rows) >= need):
         used += 1
         p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion)
         if eos is not None:
