@@ -117,6 +117,13 @@ class DataConfig:
             raise DataError("give either num_batches or subsample, not both")
         if self.loss_on not in ("all", "completion"):
             raise DataError(f"loss_on must be 'all' or 'completion', got {self.loss_on!r}")
+        # checked here, before a model is loaded for it
+        if isinstance(self.path, str) and self.path.startswith("builtin:"):
+            if self.path not in (PROSE_SOURCE, CODE_SOURCE):
+                raise DataError(
+                    f"unknown built-in data source {self.path!r}: use {PROSE_SOURCE} or "
+                    f"{CODE_SOURCE}"
+                )
 
     def to_dict(self) -> dict:
         """The fields as a JSON-able dict."""
@@ -192,10 +199,6 @@ def load_documents(cfg: DataConfig):
         return default_texts()
     if cfg.path == CODE_SOURCE:
         return list(_code_documents(code_data.code_pairs(), cfg.loss_on))
-    if cfg.path.startswith("builtin:"):
-        raise DataError(
-            f"unknown built-in data source {cfg.path!r}: use {PROSE_SOURCE} or {CODE_SOURCE}"
-        )
     p = Path(cfg.path).expanduser()
     if p.is_dir():
         files = sorted(
