@@ -154,8 +154,10 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
         "--data",
         default=None,
         metavar="PATH",
-        help="text file, folder of .txt/.md, .jsonl file, or Hugging Face dataset name "
-        "(default: English prose from Python's pydoc_data, about 110k tokens)",
+        help="text file, folder of .txt/.md, .jsonl file, Hugging Face dataset name, or a "
+        "built-in source: builtin:prose (the default: English prose from Python's pydoc_data, "
+        "about 110k tokens) or builtin:python-code (this Python's standard-library functions: "
+        "signature and docstring as prompt, body as completion; use with --loss-on completion)",
     )
     d.add_argument(
         "--text-field",
@@ -199,8 +201,8 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
         "--loss-on",
         choices=["all", "completion"],
         default="all",
-        help="'completion': loss on completion tokens only (JSONL with "
-        "--prompt-field/--completion-field)",
+        help="'completion': loss on completion tokens only (--data builtin:python-code, or "
+        "JSONL with --prompt-field/--completion-field); 'all' (default): every token",
     )
     d.add_argument(
         "--prompt-field",
