@@ -184,14 +184,22 @@ class LanczosResult:
     def ghost_indices(self, tol: float | None = None) -> np.ndarray:
         """Indices into ``ritz_values`` of the spurious copies of converged Ritz values (FSHP
         Thm 4.1), by the Cullum–Willoughby test (:mod:`hessian_spectra.ghosts`); ``tol``
-        default ``m · ε · ||T||₁`` (ε: ``unit_roundoff``).
+        default ``m · ε · ||T||₁`` (ε: ``unit_roundoff``). A run with full
+        reorthogonalisation (``config["reorth"] == "full"``) is tested for copies only: a
+        Ritz value of ~zero weight is genuine there.
 
         >>> LanczosResult(alpha=[1.0, 2.0, 3.0], beta=[0.5, 0.0]).ghost_indices().tolist()
         [2]
         """
         from .ghosts import ghost_indices
 
-        return ghost_indices(self.alpha, self.beta, tol=tol, eps=self.unit_roundoff)
+        return ghost_indices(
+            self.alpha,
+            self.beta,
+            tol=tol,
+            eps=self.unit_roundoff,
+            full_reorth=self.config.get("reorth") == "full",
+        )
 
     @property
     def num_ghosts(self) -> int:
