@@ -214,3 +214,16 @@ def test_a_study_that_did_not_run_says_so(written, rp):
     assert rp.step_state(plan["subsample"], out) == "run"
     assert rp.step_state(plan["eps_exact"], out) == "done"
     assert rp.step_state(plan["overhead"], out) == "run"  # sweep.json has no options/vary
+
+
+def test_resume_state(rp, tmp_path):
+    """An interrupted density with the same arguments resumes; other arguments rerun."""
+    st = {s.name: s for s in rp.make_plan(rp.full_sizes(), [], "x")}["ghosts_none"]
+    res = {"argv": ["hessian-spectra", *st.argv(tmp_path)], "command": "density"}
+    for status, want in (("interrupted", "resume"), ("complete", "done"), ("failed", "run")):
+        _write(tmp_path / st.name / "result.json", {**res, "status": status})
+        assert rp.step_state(st, tmp_path) == want
+    _write(
+        tmp_path / st.name / "result.json", {**res, "argv": res["argv"][:-3], "status": "complete"}
+    )
+    assert rp.step_state(st, tmp_path) == "run"
