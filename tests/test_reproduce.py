@@ -200,10 +200,12 @@ def test_blockdiag_last_layer_and_extras(written):
 
 def test_spectrum_and_ghosts(written):
     """A −40 outlier against λ_max 100 is a large negative outlier; Lanczos without reorth on
-    a spread spectrum shows ghosts that full reorth does not."""
+    two outliers over a bulk makes duplicate copies (from k = 15) that full reorth does not."""
     text = written[2]
     assert _row(text, "| large negative outliers").endswith("| yes |")
     assert _row(text, "| without reorthogonalisation, loss").endswith("| yes |")
+    assert _row(text, "| 10 iterations without").endswith("| yes |")  # first copy at k = 15
+    assert _row(text, "| keep k below 20").endswith("| no |")
 
 
 def test_a_study_that_did_not_run_says_so(written, rp):
