@@ -182,16 +182,19 @@ def check_eps(eps, what: str = "eps") -> float:
     return float(eps)
 
 
-def perturbation_scale(v: Vector, theta_norms: list[float]) -> float:
+def perturbation_scale(
+    v: Vector, theta_norms: list[float], norms: list[float] | None = None
+) -> float:
     """``κ(v) = max_i ||v_i|| / ||θ_i||`` over the nonzero tensors (``||v||`` if ``v`` lives
-    only on zero tensors; 0 for a zero ``v``).
+    only on zero tensors; 0 for a zero ``v``); ``norms``: ``tensor_norms(v)`` if already known.
 
     >>> perturbation_scale([torch.ones(4), torch.ones(1)], [4.0, 0.0])
     0.5
     """
-    ratios = [a / b for a, b in zip(tensor_norms(v), theta_norms) if b > 0]
+    norms = tensor_norms(v) if norms is None else norms
+    ratios = [a / b for a, b in zip(norms, theta_norms) if b > 0]
     s = max(ratios, default=0.0)
-    return s if s > 0 else norm(v)
+    return s if s > 0 else math.sqrt(sum(x * x for x in norms))
 
 
 def fd_step(
@@ -382,10 +385,12 @@ def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
     cap = 0.25 / k0  # no tensor moves by more than a quarter of its norm
     grads = 0
 
+    bufs = getattr(op, "fd_buffers", None)  # the operator's snapshot, reused
+
     def prod(s):
         nonlocal grads
         grads += 2
-        return hvp_fd(obj, u, s)
+        return hvp_fd(obj, u, s, buffers=bufs)
 
     def diffnorm(x, y, cx=1.0, cy=1.0):
         return norm([cx * a - cy * b for a, b in zip(x, y)])
@@ -413,8 +418,8 @@ def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
     if check_stencil(stencil) == "four-point":
         S4 = min(4 * best, cap / 2)
         for _ in range(3):
-            g1 = hvp_fd(obj, u, S4, "four-point")
-            g2 = hvp_fd(obj, u, 2 * S4, "four-point")
+            g1 = hvp_fd(obj, u, S4, "four-point", buffers=bufs)
+            g2 = hvp_fd(obj, u, 2 * S4, "four-point", buffers=bufs)
             grads += 8
             a4 = diffnorm(g2, g1) / (15 * S4**4)
             rb = _FOUR_POINT_ROUNDING * b

@@ -33,9 +33,9 @@ import torch
 from . import distributed as _dist
 from .fd_step import stencil_points
 from .objective import Objective, PassRecord, _no_graph_error, normalise
-from .vectors import Vector, norm
+from .vectors import Vector
 
-__all__ = ["JvpUnsupported", "hvp_exact", "hvp_fd", "hvp_jvp"]
+__all__ = ["FDBuffers", "JvpUnsupported", "hvp_exact", "hvp_fd", "hvp_jvp"]
 
 
 class JvpUnsupported(RuntimeError):
@@ -56,6 +56,81 @@ def _sdpa_math():
         return contextlib.nullcontext()
 
 
+# Tensors with more entries than this have their even part sampled (every EVEN_STRIDE-th
+# entry of the flattened global tensor); smaller ones are read whole.
+EVEN_FULL = 1 << 16
+EVEN_STRIDE = 17  # prime: a row length that is a multiple of it is rare (576, 1536, 50257 are not)
+
+
+class FDBuffers:
+    """What an operator keeps across its fd products, allocated on the first one and reused:
+    the parameter snapshot (one copy of the local parameters, the restore source) and the
+    even-part sample (the gradient at θ and the first pass's gradient at the sampled entries,
+    float64, about ``2/EVEN_STRIDE`` of a vector). No parameter-sized tensor is allocated per
+    product except the one returned (the ``.grad`` the two passes accumulate into).
+
+    The sample: every entry of a tensor with at most ``EVEN_FULL`` entries (the norm, bias and
+    small tensors: exact), and of a larger one every ``EVEN_STRIDE``-th entry of its flattened
+    *global* tensor, weighted by ``numel / samples`` (an unbiased estimate of its squared norm;
+    the same entries at every world size). A tensor sharded in a layout other than FSDP2's rows
+    is read whole.
+    """
+
+    def __init__(self):
+        self.snapshot: Vector | None = None
+        self.layout: list[tuple[int, int, float]] | None = None  # (offset, stride, weight)
+        self.g0_sample: Vector | None = None
+        self.plus_sample: Vector | None = None
+
+    def nbytes(self) -> int:
+        """Bytes held (snapshot and samples)."""
+        held = (self.snapshot or []) + (self.g0_sample or []) + (self.plus_sample or [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def prepare(self, obj: Objective) -> None:
+        """Allocate the snapshot and the sample layout (first call only)."""
+        if self.layout is None:
+            lay = []
+            for p in obj.params:
+                n = p.numel()  # global
+                span = _dist.local_flat_range(p)
+                if n <= EVEN_FULL or span is None:
+                    lay.append((0, 1, 1.0))
+                else:
+                    k = EVEN_STRIDE
+                    lay.append(((-span[0]) % k, k, n / ((n + k - 1) // k)))
+            self.layout = lay
+        if self.snapshot is None:
+            self.snapshot = [torch.empty_like(_dist.local(p).detach()) for p in obj.params]
+
+    def sample(self, vec, out: Vector | None = None) -> Vector:
+        """The sampled entries of ``vec`` (local tensors) as float64 (into ``out`` if given)."""
+        res = []
+        for i, (t, (off, k, _)) in enumerate(zip(vec, self.layout)):
+            src = t.detach().reshape(-1)[off::k]
+            if out is not None:
+                out[i].copy_(src)
+                res.append(out[i])
+            else:
+                res.append(src.to(torch.float64, copy=True))
+        return res
+
+    def set_gradient(self, g0: Vector) -> None:
+        """Keep the sample of the normalised gradient at θ (for the even part)."""
+        self.g0_sample = self.sample(g0)
+
+    def even_norm(self, plus: Vector, pair: Vector, f: float) -> float:
+        """``||f·(2·plus − pair) − 2 g0||`` over the sample, each tensor's sum of squares weighted
+        by its ``numel / samples`` (global).
+        """
+        local = torch.zeros((), dtype=torch.float64)
+        for a, b, z, (_, _, wt) in zip(plus, pair, self.g0_sample, self.layout):
+            if a.numel():
+                d = (a * 2.0).sub_(b).mul_(f).sub_(z, alpha=2.0)
+                local += wt * d.dot(d).cpu()
+        return float(_dist.all_reduce_sum(local.reshape(1))[0]) ** 0.5
+
+
 def hvp_fd(
     obj: Objective,
     v: Vector,
@@ -63,24 +138,37 @@ def hvp_fd(
     stencil: str = "central",
     g0: Vector | None = None,
     info: dict | None = None,
+    buffers: FDBuffers | None = None,
 ) -> Vector:
     """``(∇L(θ+εv) − ∇L(θ−εv)) / 2ε`` with the parameters restored by copy (module docstring);
     ``stencil="four-point"``: ``(8∇L(θ+εv) − 8∇L(θ−εv) − ∇L(θ+2εv) + ∇L(θ−2εv)) / 12ε``
     (truncation O(ε⁴), 4 gradient passes). ``eps == 0`` (only for a zero ``v``) gives the zero
     vector.
 
-    With ``g0`` (the normalised gradient at θ) and a dict ``info``, also sets ``info["d2"] =
-    ||∇L(θ+εv) + ∇L(θ−εv) − 2 g0||``, the even part of the pair (``≈ ε² ||∇(D²L[v,v])||``), read
-    between the passes with one temporary vector: the error model's curvature-change scale
-    (:mod:`.fd_step`).
+    ``buffers`` (:class:`FDBuffers`, kept by the operator): the snapshot and samples are reused
+    across products; without it they are allocated for this call. The parameters move to each
+    point in one pass (``θ + offset·ε·v`` written from the snapshot), and back by one copy.
+
+    With the gradient at θ (``g0``, normalised, or one set by :meth:`FDBuffers.set_gradient`)
+    and a dict ``info``, also sets ``info["d2"] = ||∇L(θ+εv) + ∇L(θ−εv) − 2 g0||``, the even
+    part of the pair (``≈ ε² ||∇(D²L[v,v])||``): the error model's curvature-change scale
+    (:mod:`.fd_step`), estimated from the entries :class:`FDBuffers` samples (exact on tensors
+    of up to ``EVEN_FULL`` entries), read between and after the passes without a
+    parameter-sized temporary.
     """
     if eps == 0.0:
         return obj.zeros()
     points, divisor = stencil_points(stencil)
+    ws = buffers if buffers is not None else FDBuffers()
+    ws.prepare(obj)
     locs = [_dist.local(p) for p in obj.params]
     vs = [t.to(p.dtype) for t, p in zip(v, locs)]
+    snapshot = ws.snapshot
+    even = info is not None and (g0 is not None or ws.g0_sample is not None)
+    if even and ws.g0_sample is None:
+        ws.set_gradient(g0)
     with torch.no_grad():
-        snapshot = [p.detach().clone() for p in locs]
+        torch._foreach_copy_(snapshot, locs)
     try:
         with obj.stash_grads(), obj.mode():
             recs = []
@@ -90,31 +178,26 @@ def hvp_fd(
                 # unperturbed.
                 _dist.reshard(obj.model)
                 with torch.no_grad():
-                    if k:
-                        torch._foreach_copy_(locs, snapshot)
-                    torch._foreach_add_(locs, vs, alpha=offset * eps)
+                    if k == 0:
+                        torch._foreach_add_(locs, vs, alpha=offset * eps)
+                    else:  # θ + offset·ε·v from the snapshot, one pass
+                        for p, s, t in zip(locs, snapshot, vs):
+                            torch.add(s, t, alpha=offset * eps, out=p)
                 where = f"θ{offset:+g}εv".replace("1εv", "εv")
                 recs.append((obj.grad_pass(weight, f"HVP {where}"), where))
-                if g0 is not None and info is not None and k == 0:
-                    # w₀ ∇L(θ+εv), unnormalised: a copy (read_grads may alias .grad)
-                    first = [
-                        _dist.local(p.grad).detach().to(obj.vector_dtype, copy=True)
-                        if p.grad is not None
-                        else torch.zeros_like(loc, dtype=obj.vector_dtype)
-                        for p, loc in zip(obj.params, locs)
-                    ]
-                elif g0 is not None and info is not None and k == 1:
+                if even and k == 0:
+                    # w₀ ∇L(θ+εv), unnormalised, at the sampled entries
+                    grads = _grads_or_zeros(obj, locs)
+                    if ws.plus_sample is None:
+                        ws.plus_sample = ws.sample(grads)
+                    else:
+                        ws.sample(grads, out=ws.plus_sample)
+                elif even and k == 1:
                     # the first two points are ±ε with weights ±w₀: .grad = w₀(g₊ − g₋)
                     n1 = obj.normaliser(recs[0][0], f"at {recs[0][1]}")
                     f = obj.grad_scale / (points[0][1] * n1)
-                    for t, p, z in zip(first, obj.params, g0):
-                        g = p.grad
-                        t.mul_(2.0)
-                        if g is not None:
-                            t.sub_(_dist.local(g).detach().to(t.dtype))
-                        t.mul_(f).sub_(z.to(t.dtype), alpha=2.0)
-                    info["d2"] = norm(first)
-                    del first
+                    pair = ws.sample(_grads_or_zeros(obj, locs))
+                    info["d2"] = ws.even_norm(ws.plus_sample, pair, f)
             rp = recs[0][0]
             N = obj.normaliser(rp, f"at {recs[0][1]}")
             for rm, where in recs[1:]:
@@ -131,6 +214,14 @@ def hvp_fd(
         _dist.reshard(obj.model)  # no gathered copy of perturbed parameters survives
         with torch.no_grad():
             torch._foreach_copy_(locs, snapshot)
+
+
+def _grads_or_zeros(obj: Objective, locs) -> list:
+    """The local ``.grad`` of each parameter (a zero tensor where there is none)."""
+    return [
+        _dist.local(p.grad) if p.grad is not None else torch.zeros_like(loc)
+        for p, loc in zip(obj.params, locs)
+    ]
 
 
 def hvp_exact(obj: Objective, v: Vector) -> Vector:
