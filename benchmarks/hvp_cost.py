@@ -41,7 +41,20 @@ import sys
 import time
 from pathlib import Path
 
-MEASUREMENTS = ("grad", "fd", "exact", "jvp", "lanczos-none", "lanczos-full")
+sys.path.insert(0, str(Path(__file__).parent))
+from lanczos_vector_work import _floor  # noqa: E402  (the vector-work floor, one definition)
+
+MEASUREMENTS = (
+    "grad",
+    "fd",
+    "fd-plain",
+    "fd-ref",
+    "exact",
+    "jvp",
+    "lanczos-none",
+    "lanczos-2",
+    "lanczos-full",
+)
 
 
 # --------------------------------------------------------------------------- memory probes
@@ -233,6 +246,9 @@ def _setup(args):
     ]
     model.eval()
     op = hs.HessianOperator(model, loss_fn, batches, method="fd", check_determinism=False)
+    plain = hs.HessianOperator(
+        model, loss_fn, batches, method="fd", check_determinism=False, fd_calibration=False
+    )
     v = hs.random_probe(op, 0)
 
     def sync():
@@ -246,8 +262,13 @@ def _setup(args):
             op.gradient()
         elif what in ("fd", "exact", "jvp"):
             op.matvec(v, method=what)
+        elif what == "fd-plain":  # fd_calibration=False: two passes, no estimate
+            plain.matvec(v)
+        elif what == "fd-ref":
+            _reference_fd(model, loss_fn, batches, op.params, v, plain.eps_for(v))
         else:  # a fixed start vector, so probe generation is not counted as Lanczos work
-            hs.lanczos(op, args.steps, v0=v, reorth=what.split("-")[1])
+            mode = what.split("-")[1]
+            hs.lanczos(op, args.steps, v0=v, reorth=int(mode) if mode.isdigit() else mode)
         sync()
         return op.stats["matvec_seconds"] - before
 
@@ -258,22 +279,81 @@ def _setup(args):
         "param_bytes": int(sum(p.numel() * p.element_size() for p in op.params)),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
     }
-    return device, call, sync, info
+
+    def held(what):
+        """Bytes an operator keeps between products (snapshot, samples; a kept gradient)."""
+        o = plain if what == "fd-plain" else op
+        n = o.fd_buffers.nbytes() if hasattr(o, "fd_buffers") else 0
+        g0 = getattr(o, "_fd_g0", None)  # an older checkout keeps the whole gradient
+        return n + (sum(t.numel() * t.element_size() for t in g0) if g0 is not None else 0)
+
+    def copy_seconds(repeats=5):
+        """One ``torch._foreach_copy_`` of a parameter-sized vector (the copy-bandwidth unit)."""
+        a = [torch.ones_like(t) for t in v]
+        b = [torch.ones_like(t) for t in v]
+        out = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            torch._foreach_copy_(b, a)
+            sync()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    info["copy_seconds"] = copy_seconds()
+    return device, call, sync, info, held
+
+
+def _reference_fd(model, loss_fn, batches, params, v, eps):
+    """The plain reference (hessian-eigenthings style): gradients at θ+εv and θ−εv by
+    ``torch.autograd.grad`` of the weighted mean loss, their difference over 2ε; no snapshot
+    (the parameters are moved back by −εv, not bit-for-bit), no checks, no estimate."""
+    import torch
+
+    def grad():
+        out = None
+        W = 0.0
+        for b in batches:
+            loss, w = loss_fn(model, b)
+            g = torch.autograd.grad(loss * w, params)
+            out = list(g) if out is None else [a.add_(c) for a, c in zip(out, g)]
+            W += float(w)
+        return out, W
+
+    with torch.no_grad():
+        torch._foreach_add_(params, v, alpha=eps)
+    gp, W = grad()
+    with torch.no_grad():
+        torch._foreach_add_(params, v, alpha=-2 * eps)
+    gm, _ = grad()
+    with torch.no_grad():
+        torch._foreach_add_(params, v, alpha=eps)
+    torch._foreach_sub_(gp, gm)
+    torch._foreach_mul_(gp, 1.0 / (2 * eps * W))
+    return gp
 
 
 def worker_memory(args) -> dict:
     """Peak extra memory of the first call of one measurement, in this fresh process."""
-    device, call, _, info = _setup(args)
+    device, call, _, info, held_bytes = _setup(args)
+    call(args.measure)  # warm-up: the fd calibration and the operator's buffers are not counted
     mem = _Mem(device)
     mem.start()
     call(args.measure)
-    return {**info, "measure": args.measure, "peak_bytes": int(mem.peak())}
+    held = held_bytes(args.measure) if args.measure.startswith("fd") else 0
+    return {
+        **info,
+        "measure": args.measure,
+        "peak_bytes": int(mem.peak()) + held,
+        "call_peak_bytes": int(mem.peak()),
+        "held_bytes": held,
+    }
 
 
 def worker_time(args) -> dict:
     """Median wall time of every measurement, interleaved round by round (one warm-up round) so
     that a noisy machine slows them all alike and the ratios stay fair."""
-    _, call, sync, info = _setup(args)
+    _, call, sync, info, _ = _setup(args)
     measures = args.measures
     for m in measures:
         call(m)
@@ -341,7 +421,7 @@ def measure_problem(args, problem: str) -> dict:
     """Timing (one process, interleaved) and peak memory (one fresh process per measurement)."""
     res = _subprocess(args, problem, "time", args.measure)
     res["peak_bytes"] = {}
-    for m in args.measure:
+    for m in [] if args.no_memory else args.measure:
         r = _subprocess(args, problem, "memory", [m])
         res["peak_bytes"][m] = r.get("peak_bytes")
         if "error" in r:
@@ -372,13 +452,23 @@ def table(results: list[dict]) -> str:
             prr = f"{p / pg:>8.2f}" if p is not None and pg else f"{'':>8}"
             extra = (
                 f"{(p - r['param_bytes']) / pg:>24.2f}"
-                if m == "fd" and p is not None and pg
+                if m in ("fd", "fd-plain") and p is not None and pg
                 else ""
             )
             out.append(f"{name:<14}{1e3 * sec:>11.2f}{tr}{pm}{prr}{extra}")
-        for m, o in r.get("lanczos_overhead", {}).items():
+        cs = r.get("copy_seconds")
+        if cs:
             out.append(
-                f"  {m} ({r.get('steps')} steps): wall − HVP time = {100 * o:+.2f}% of its HVP time"
+                f"  copy-bandwidth floor: one parameter-sized _foreach_copy_ = {1e3 * cs:.1f} ms"
+            )
+        for m, o in r.get("lanczos_overhead", {}).items():
+            steps = r.get("steps", 1)
+            mode = m.split("-")[1]
+            vw = o * r["seconds_median"][m] / (1 + o) / steps  # vector seconds per step
+            floor = _floor(int(mode) if mode.isdigit() else mode, steps, 4, 4)
+            copies = f"; {vw / cs:.1f} copies/step (floor {floor:.1f})" if cs else ""
+            out.append(
+                f"  {m} ({steps} steps): wall − HVP time = {100 * o:+.2f}% of its HVP time{copies}"
             )
         for m, e in r.get("errors", {}).items():
             out.append(f"  memory of {m} failed: {e[:150]}")
@@ -404,6 +494,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument(
+        "--seqs", default=None, help="comma-separated LLM sequence lengths, one table each"
+    )
+    ap.add_argument(
+        "--no-memory", action="store_true", help="time only (no per-measurement processes)"
+    )
     ap.add_argument("--num-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="Lanczos steps per run")
@@ -434,10 +530,14 @@ def main(argv=None):
     ):  # load once up front so a first-time GGUF conversion is neither timed nor raced
         _load_llm(args.model, getattr(torch, args.dtype), args.attn, torch)
     results = []
+    seqs = [int(x) for x in args.seqs.split(",")] if args.seqs else [args.seq]
     for prob in problems:
-        t0 = time.perf_counter()
-        results.append(measure_problem(args, prob))
-        print(f"  measured {prob} in {time.perf_counter() - t0:.0f} s", flush=True)
+        for seq in seqs if prob == "llm" else [args.seq]:
+            args.seq = seq
+            t0 = time.perf_counter()
+            results.append(measure_problem(args, prob))
+            print(f"  measured {prob} (seq {seq}) in {time.perf_counter() - t0:.0f} s", flush=True)
+
     meta = {
         "command": " ".join(["python", *sys.argv]),
         "torch": torch.__version__,

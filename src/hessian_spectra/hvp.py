@@ -57,78 +57,83 @@ def _sdpa_math():
 
 
 # Tensors with more entries than this have their even part sampled (every EVEN_STRIDE-th
-# entry of the flattened global tensor); smaller ones are read whole.
-EVEN_FULL = 1 << 16
+# entry of the flattened global tensor); smaller ones (norm weights, biases) are read whole.
+EVEN_FULL = 4096
 EVEN_STRIDE = 17  # prime: a row length that is a multiple of it is rare (576, 1536, 50257 are not)
 
 
 class FDBuffers:
     """What an operator keeps across its fd products, allocated on the first one and reused:
     the parameter snapshot (one copy of the local parameters, the restore source) and the
-    even-part sample (the gradient at θ and the first pass's gradient at the sampled entries,
-    float64, about ``2/EVEN_STRIDE`` of a vector). No parameter-sized tensor is allocated per
-    product except the one returned (the ``.grad`` the two passes accumulate into).
+    even-part samples (the gradient at θ, and the two passes' gradients, at the sampled
+    entries: about ``3/EVEN_STRIDE`` of a vector in all). No parameter-sized tensor is
+    allocated per product but the one returned (the ``.grad`` the passes accumulate into).
 
-    The sample: every entry of a tensor with at most ``EVEN_FULL`` entries (the norm, bias and
-    small tensors: exact), and of a larger one every ``EVEN_STRIDE``-th entry of its flattened
-    *global* tensor, weighted by ``numel / samples`` (an unbiased estimate of its squared norm;
-    the same entries at every world size). A tensor sharded in a layout other than FSDP2's rows
-    is read whole.
+    The sample: every entry of a tensor with at most ``EVEN_FULL`` entries, and of a larger one
+    every ``EVEN_STRIDE``-th entry of its flattened *global* tensor, weighted by ``numel /
+    samples`` (an unbiased estimate of its squared norm; the same entries at every world size).
+    A tensor sharded in a layout other than FSDP2's rows is read whole.
     """
 
     def __init__(self):
         self.snapshot: Vector | None = None
-        self.layout: list[tuple[int, int, float]] | None = None  # (offset, stride, weight)
-        self.g0_sample: Vector | None = None
-        self.plus_sample: Vector | None = None
+        self.layout: list[tuple[int, int, int]] | None = None  # (offset, stride, start)
+        self.weight: torch.Tensor | None = None  # √(numel / samples) per sampled entry
+        self.g0_sample: torch.Tensor | None = None
+        self.plus_sample: torch.Tensor | None = None
+        self.pair_sample: torch.Tensor | None = None
+        self.has_gradient = False
 
     def nbytes(self) -> int:
-        """Bytes held (snapshot and samples)."""
-        held = (self.snapshot or []) + (self.g0_sample or []) + (self.plus_sample or [])
-        return sum(t.numel() * t.element_size() for t in held)
+        """Bytes held (snapshot, samples and their weights)."""
+        held = list(self.snapshot or [])
+        held += [t for t in (self.weight, self.g0_sample, self.plus_sample, self.pair_sample)]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def prepare(self, obj: Objective) -> None:
-        """Allocate the snapshot and the sample layout (first call only)."""
-        if self.layout is None:
-            lay = []
-            for p in obj.params:
-                n = p.numel()  # global
-                span = _dist.local_flat_range(p)
-                if n <= EVEN_FULL or span is None:
-                    lay.append((0, 1, 1.0))
-                else:
-                    k = EVEN_STRIDE
-                    lay.append(((-span[0]) % k, k, n / ((n + k - 1) // k)))
-            self.layout = lay
-        if self.snapshot is None:
-            self.snapshot = [torch.empty_like(_dist.local(p).detach()) for p in obj.params]
+        """Allocate the snapshot, the samples and their layout (first call only)."""
+        if self.layout is not None:
+            return
+        lay, wts, start = [], [], 0
+        for p in obj.params:
+            n, loc = p.numel(), _dist.local(p)  # n: global
+            span = _dist.local_flat_range(p)
+            off, k = (
+                (0, 1)
+                if n <= EVEN_FULL or span is None
+                else ((-span[0]) % EVEN_STRIDE, EVEN_STRIDE)
+            )
+            m = len(range(off, loc.numel(), k))
+            lay.append((off, k, start))
+            wts.append(torch.full((m,), (n / ((n + k - 1) // k)) ** 0.5, dtype=torch.float64))
+            start += m
+        dev = obj.params[0].device if obj.params else "cpu"
+        self.weight = torch.cat(wts).to(dev)
+        self.g0_sample, self.plus_sample, self.pair_sample = (
+            torch.zeros(start, dtype=obj.vector_dtype, device=dev) for _ in range(3)
+        )
+        self.snapshot = [torch.empty_like(_dist.local(p).detach()) for p in obj.params]
+        self.layout = lay
 
-    def sample(self, vec, out: Vector | None = None) -> Vector:
-        """The sampled entries of ``vec`` (local tensors) as float64 (into ``out`` if given)."""
-        res = []
-        for i, (t, (off, k, _)) in enumerate(zip(vec, self.layout)):
+    def sample(self, vec, out: torch.Tensor) -> None:
+        """Gather the sampled entries of ``vec`` (local tensors) into ``out``."""
+        for t, (off, k, start) in zip(vec, self.layout):
             src = t.detach().reshape(-1)[off::k]
-            if out is not None:
-                out[i].copy_(src)
-                res.append(out[i])
-            else:
-                res.append(src.to(torch.float64, copy=True))
-        return res
+            out[start : start + src.numel()].copy_(src)
 
     def set_gradient(self, g0: Vector) -> None:
         """Keep the sample of the normalised gradient at θ (for the even part)."""
-        self.g0_sample = self.sample(g0)
+        self.sample(g0, self.g0_sample)
+        self.has_gradient = True
 
-    def even_norm(self, plus: Vector, pair: Vector, f: float) -> float:
-        """``||f·(2·plus − pair) − 2 g0||`` over the sample, each tensor's sum of squares weighted
-        by its ``numel / samples`` (global).
+    def even_norm(self, f: float) -> float:
+        """``||f·(2·plus − pair) − 2 g0||`` over the sample, each entry weighted by its tensor's
+        ``numel / samples`` (squared norm; global).
         """
-        local = torch.zeros((), dtype=torch.float64)
-        for a, b, z, (_, _, wt) in zip(plus, pair, self.g0_sample, self.layout):
-            if a.numel():
-                d = (a * 2.0).sub_(b).mul_(f).sub_(z, alpha=2.0)
-                local += wt * d.dot(d).cpu()
-        return float(_dist.all_reduce_sum(local.reshape(1))[0]) ** 0.5
+        d = self.plus_sample.to(torch.float64).mul_(2.0).sub_(self.pair_sample)
+        d.mul_(f).sub_(self.g0_sample, alpha=2.0).mul_(self.weight)
+        local = d.dot(d).reshape(1).cpu()
+        return float(_dist.all_reduce_sum(local)[0]) ** 0.5
 
 
 def hvp_fd(
@@ -164,8 +169,8 @@ def hvp_fd(
     locs = [_dist.local(p) for p in obj.params]
     vs = [t.to(p.dtype) for t, p in zip(v, locs)]
     snapshot = ws.snapshot
-    even = info is not None and (g0 is not None or ws.g0_sample is not None)
-    if even and ws.g0_sample is None:
+    even = info is not None and (g0 is not None or ws.has_gradient)
+    if even and g0 is not None:
         ws.set_gradient(g0)
     with torch.no_grad():
         torch._foreach_copy_(snapshot, locs)
@@ -187,17 +192,13 @@ def hvp_fd(
                 recs.append((obj.grad_pass(weight, f"HVP {where}"), where))
                 if even and k == 0:
                     # w₀ ∇L(θ+εv), unnormalised, at the sampled entries
-                    grads = _grads_or_zeros(obj, locs)
-                    if ws.plus_sample is None:
-                        ws.plus_sample = ws.sample(grads)
-                    else:
-                        ws.sample(grads, out=ws.plus_sample)
+                    ws.sample(_grads_or_zeros(obj, locs), ws.plus_sample)
                 elif even and k == 1:
                     # the first two points are ±ε with weights ±w₀: .grad = w₀(g₊ − g₋)
                     n1 = obj.normaliser(recs[0][0], f"at {recs[0][1]}")
                     f = obj.grad_scale / (points[0][1] * n1)
-                    pair = ws.sample(_grads_or_zeros(obj, locs))
-                    info["d2"] = ws.even_norm(ws.plus_sample, pair, f)
+                    ws.sample(_grads_or_zeros(obj, locs), ws.pair_sample)
+                    info["d2"] = ws.even_norm(f)
             rp = recs[0][0]
             N = obj.normaliser(rp, f"at {recs[0][1]}")
             for rm, where in recs[1:]:
