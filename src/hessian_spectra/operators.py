@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from . import distributed as _dist
 from . import fd_step as _fd
 from ._opbase import ObjectiveOperator
 from .fd_step import (
@@ -42,7 +43,7 @@ from .fd_step import (
 )
 from .hvp import FDBuffers, JvpUnsupported, hvp_exact, hvp_fd, hvp_jvp
 from .objective import Objective
-from .vectors import Vector, check_vector, norm, tensor_norms
+from .vectors import Vector, check_vector
 
 __all__ = [
     "METHODS",
@@ -67,6 +68,22 @@ def _sharded_method_error(method: str) -> NotImplementedError:
         "double backward or forward AD through its hooks (PyTorch issue 172543). Use "
         "method='fd' (shard-local finite differences), or run unsharded."
     )
+
+
+def _norms(v: Vector) -> list[float]:
+    """Global norm of each tensor of ``v`` by ``torch._foreach_norm`` (one kernel call, one
+    all-reduce): the fd step and estimate need ~1e-7 relative, not float64 sums. NaN/inf
+    entries make their tensor's norm non-finite.
+    """
+    if not v:
+        return []
+    sq = torch.stack(torch._foreach_norm(v)).to(torch.float64).square()
+    return _dist.all_reduce_sum(sq).sqrt().tolist()
+
+
+def _norm(v: Vector) -> float:
+    """Global norm of ``v`` (:func:`_norms`)."""
+    return math.sqrt(sum(x * x for x in _norms(v)))
 
 
 class HessianOperator(ObjectiveOperator):
@@ -259,15 +276,14 @@ class HessianOperator(ObjectiveOperator):
         obj = self.objective
         checked = eps is None and self.max_fd_error is not None
         th = obj.theta_norms()
-        vnorms = tensor_norms(v)  # one pass over v: ||v|| and κ(v)
+        vnorms = _norms(v)  # one pass over v: ||v|| and κ(v)
         vn = math.sqrt(sum(x * x for x in vnorms))
         kappa = _fd.perturbation_scale(v, th, norms=vnorms)
         if not self.fd_calibration or eps is not None or self.eps is not None:
             e = eps if eps is not None else self.eps_for(v)
             if not self.fd_calibration or e == 0:
                 hv = hvp_fd(obj, v, e, self.stencil, buffers=self.fd_buffers)
-                hn = norm(hv)
-                return hv, math.isfinite(hn)
+                return hv, math.isfinite(_norm(hv))
         fm = self.calibrate_fd()
         auto = eps is None and self.eps is None
         if auto:
@@ -282,7 +298,7 @@ class HessianOperator(ObjectiveOperator):
         info: dict = {}
         bufs = self.fd_buffers
         hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
-        hn = norm(hv)
+        hn = _norm(hv)
         if auto and math.isfinite(hn):
             # the error model's best step along v from the product's even part: redo it there
             # when the estimate at e is over ~2.2× the best one (module docstring of .fd_step)
@@ -295,7 +311,7 @@ class HessianOperator(ObjectiveOperator):
                 if not lo * best <= e <= hi * best:
                     e, info = best, {}
                     hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
-                    hn = norm(hv)
+                    hn = _norm(hv)
                     self.stats["fd_retries"] += 1
         est = fm.estimate(vn, e, hn, info.get("d2"))
         self.last_fd_error_estimate = est
