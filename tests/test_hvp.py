@@ -387,16 +387,13 @@ def test_even_part_against_its_definition(sampled, monkeypatch):
         assert rel > 0  # the sample is not the whole vector
 
 
-def test_step_carried_over_lands_near_the_best():
-    """After a product along v (redone at the estimated best step if its a-priori step was far
-    off), a second product along v starts at that best step and is not redone; it equals the
-    exact HVP within the fd error (float64)."""
-    m, loss_fn, batches = make_problem("transformer")
+def test_fd_product_repeatable():
+    """The same v gives the same product, bit for bit, whatever came before it (the step is a
+    function of v): a Lanczos run resumed from a checkpoint reproduces the uninterrupted one."""
+    m, loss_fn, batches = make_problem("transformer", dtype=torch.float32)
     op = hs.HessianOperator(m, loss_fn, batches)
-    v = hs.random_probe(op, 0)
-    op.matvec(v)
-    first = op.stats["fd_retries"]
-    hv = op.matvec(v)
-    assert op.stats["fd_retries"] == first
-    ex = hs.HessianOperator(m, loss_fn, batches, method="exact").matvec(v)
-    assert hs.norm(hs.sub(hv, ex)) < 1e-6 * hs.norm(ex)
+    v, w = hs.random_probe(op, 0), hs.random_probe(op, 1, kind="gaussian")
+    first = op.matvec(v)
+    op.matvec(w)
+    again = op.matvec(v)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -49,8 +49,9 @@ every entry of a tensor of up to 4096, every 17th of a larger one, weighted by n
 samples), so neither ``∇L(θ)`` nor ``∇L(θ+su)`` is kept whole: about 3/17 of a vector in
 all, no parameter-sized temporary (the whole pair would need two vectors beside the
 snapshot); the sample's norm is within 2% of the whole one on a float64 MLP
-(``tests/test_hvp.py``), far inside (2)'s spread below. With ``D = ||∇(D²L[u,u])||`` and one length scale ℓ on which the
-loss changes along ``u`` (``||Hu|| ~ ||∇L||/ℓ``, ``D ~ ||Hu||/ℓ``, ``||∇D³L|| ~ ||Hu||/ℓ²``):
+(``tests/test_hvp.py``), far inside (2)'s spread below. With ``D = ||∇(D²L[u,u])||`` and one
+length scale ℓ on which the loss changes along ``u`` (``||Hu|| ~ ||∇L||/ℓ``, ``D ~ ||Hu||/ℓ``,
+``||∇D³L|| ~ ||Hu||/ℓ²``):
 
     a_u ≈ D² / (6 ||Hu||)                                                                (2)
 
@@ -60,11 +61,12 @@ gradient. The step ``c / κ(v)`` is chosen before the product, so it can be wron
 not see the curvature change (the top eigenvector of a tiny transformer: 66× the best error
 with κ alone). When (2) puts the step outside ``[0.3, 2.5]·s*_u`` (estimated error > ~2.2× the
 best), the product is redone once at ``s*_u = (b / 2a_u)^{1/3}`` (2 more passes; counted in
-``op.stats["fd_retries"]``). The next product's a-priori step is ``c / κ(v)`` times the
-last product's ratio ``s*/(c/κ)`` (Lanczos vectors after the first sit on similar tensors, so
-their best steps follow): on a tiny float32 transformer 3 of 12 Lanczos products were redone
-instead of 10. Without ``∇L(θ)`` (:func:`FDModel.estimate` with ``d2=None``)
-the scale model ``a_u = a₀ (||Hu|| / ||Hu₀||)²`` is used.
+``op.stats["fd_retries"]``). (Carrying the last product's ratio ``s*/(c/κ)`` over to the
+next a-priori step cut the redone Lanczos products of a tiny float32 transformer from 10 to 3
+of 12, but made a product depend on the ones before it: a resumed Lanczos run no longer
+reproduced the uninterrupted one, so the step stays a function of ``v``.) Without ``∇L(θ)``
+(:func:`FDModel.estimate` with ``d2=None``) the scale model ``a_u = a₀ (||Hu|| / ||Hu₀||)²``
+is used.
 
 **The four-point stencil** ``(8(g(s) − g(−s)) − (g(2s) − g(−2s))) / 12s`` (``stencil=
 "four-point"``, 4 gradients a product) has error ``a4_u s⁴ + 1.34 b / s`` (the ``s²`` term

@@ -124,8 +124,7 @@ class HessianOperator(ObjectiveOperator):
             a vector; :class:`~hessian_spectra.hvp.FDBuffers`), in exchange for the step, an
             error estimate per product (``op.last_fd_error_estimate``) and a second product
             at the estimated best step where the first one's step was > 2.5× off
-            (``op.stats["fd_retries"]``; the next product's a-priori step is scaled by the
-            last best/a-priori ratio, so Lanczos vectors land near their best step).
+            (``op.stats["fd_retries"]``).
             ``False``: the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``,
             exactly two gradient passes per product and no estimates. Either way fd products
             keep one copy of the parameters (the restore snapshot) between products.
@@ -213,7 +212,6 @@ class HessianOperator(ObjectiveOperator):
             "fd_retries": 0,
         }
         self.fd_buffers = FDBuffers()  # snapshot and even-part samples, reused by fd products
-        self._fd_ratio = 1.0  # best / a-priori step of the last product (step carry-over)
 
     # the objective's facts (params, num_params, vector_dtype, ...): ObjectiveOperator
     loss_fn = property(lambda self: self.objective.loss_fn, doc="The loss function.")
@@ -286,11 +284,8 @@ class HessianOperator(ObjectiveOperator):
                 return hv, math.isfinite(_norm(hv))
         fm = self.calibrate_fd()
         auto = eps is None and self.eps is None
-        if auto:
-            # the step from κ(v), scaled by the last product's best/a-priori ratio: consecutive
-            # Lanczos vectors sit on similar tensors, and their best steps follow
-            prior = fm.scale / kappa if kappa > 0 else 0.0
-            e = prior * self._fd_ratio
+        if auto:  # the step from κ(v) (a function of v alone: products are repeatable)
+            e = fm.scale / kappa if kappa > 0 else 0.0
         else:
             e = eps if eps is not None else self.eps
         if e == 0:
@@ -306,13 +301,11 @@ class HessianOperator(ObjectiveOperator):
             # no tensor moves by more than a quarter of its norm (as in calibrate)
             best = min(best, 0.25 / kappa)
             lo, hi = (0.4, 1.8) if self.stencil == "four-point" else (0.3, 2.5)
-            if math.isfinite(best) and best > 0:
-                self._fd_ratio = min(max(best / prior, 1e-3), 1e3)
-                if not lo * best <= e <= hi * best:
-                    e, info = best, {}
-                    hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
-                    hn = _norm(hv)
-                    self.stats["fd_retries"] += 1
+            if math.isfinite(best) and not lo * best <= e <= hi * best:
+                e, info = best, {}
+                hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
+                hn = _norm(hv)
+                self.stats["fd_retries"] += 1
         est = fm.estimate(vn, e, hn, info.get("d2"))
         self.last_fd_error_estimate = est
         self.fd_estimates.append(est)
