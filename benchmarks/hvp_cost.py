@@ -5,26 +5,39 @@ embedded SmolLM2-135M by default, or any Hugging Face id / folder / .gguf via ``
 measures, on the same data and in the same run:
 
 - ``grad``: one dataset-averaged gradient, ``op.gradient()``;
-- ``fd`` / ``exact`` / ``jvp``: one HVP, ``op.matvec(v, method=...)``;
-- ``lanczos``: ``--steps`` Lanczos steps (fd HVPs, full reorthogonalisation); reported per step
-  and as the overhead over the HVPs it ran (``(wall − matvec seconds) / matvec seconds``).
+- ``fd`` / ``exact`` / ``jvp``: one HVP, ``op.matvec(v, method=...)`` (``fd``: the default
+  product, calibrated step, error estimate and, where the step was far off, a redo);
+- ``fd-plain``: ``HessianOperator(..., fd_calibration=False)``, two passes and no estimate;
+- ``fd-ref``: the plain reference written inline (hessian-eigenthings style: gradients at
+  θ±εv by ``torch.autograd.grad``, no snapshot, no checks, no estimate);
+- ``lanczos-none`` / ``lanczos-2`` / ``lanczos-full``: ``--steps`` Lanczos steps (fd HVPs)
+  per reorth mode; reported per step, as the overhead over the HVPs it ran (``(wall − matvec
+  seconds) / matvec seconds``) and as that vector work in *copies per step*: units of one
+  ``torch._foreach_copy_`` of a parameter-sized vector (the copy-bandwidth floor, measured in
+  the same process), next to the floor the recurrence must move
+  (``lanczos_vector_work._floor``).
 
-Time is the median over ``--repeats`` calls after one warm-up call. Peak memory is measured on
-the first call in a **fresh subprocess per measurement** (so one measurement cannot hide in
-another's high-water mark): on CUDA ``torch.cuda.max_memory_allocated`` minus the memory
-allocated before the call; on CPU the process's peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs`` right before the call, with glibc's mmap threshold pinned at 64 KiB so
-freed tensors leave the RSS) minus the resident set before the call. Both count everything the
-call allocates: activations, gradients, the FD parameter snapshot and the returned vector.
+Time is the median over ``--repeats`` calls after one warm-up call (which also calibrates the
+fd step), the measurements interleaved round by round. Peak memory is measured on a second
+call in a **fresh subprocess per measurement** (so one measurement cannot hide in another's
+high-water mark; the first call, the fd calibration included, is not counted): on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the call; on CPU the
+process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` right before the
+call, with glibc's mmap threshold pinned at 64 KiB so freed tensors leave the RSS) minus the
+resident set before the call; **plus** what the operator keeps between products (the fd
+snapshot and even-part samples, ``op.fd_buffers.nbytes()``; an older checkout's kept
+gradient). So it counts activations, gradients, the snapshot and the returned vector.
 
 ``fd peak − snapshot`` subtracts the one parameter copy FD keeps to restore the parameters
 bit-for-bit (the "vectors kept" of the target).
 
-Targets: fd ≤ 2.05× gradient time and ≤ 1.10× its peak memory (plus the snapshot); exact ≤
-2.5× gradient time; a Lanczos step adds ≤ 1% to its HVP.
+Targets: fd ≤ 2.05× gradient time at ≥ 512 tokens and ≤ 1.10× its peak memory (net of the
+snapshot); exact ≤ 2.5× gradient time; on the tiny models fd not slower than fd-ref.
 
     python benchmarks/hvp_cost.py                       # tiny models + embedded SmolLM2-135M
     python benchmarks/hvp_cost.py --model none          # tiny models only
+    python benchmarks/hvp_cost.py --no-tiny --threads 1 --batch 2 --seqs 256,1024 \
+        --measure lanczos-none lanczos-2 lanczos-full --no-memory  # Lanczos overhead
     python benchmarks/hvp_cost.py --model HuggingFaceTB/SmolLM2-360M --batch 1 --seq 128
 """
 

@@ -5,7 +5,9 @@
   place (shard-local under FSDP2) and restored by copy from one snapshot, so they are
   bit-for-bit what they were, also when ``loss_fn`` raises or the run is interrupted.
   Both passes accumulate into the same ``.grad`` buffers (the second with the sign flipped),
-  so peak memory is that of one gradient plus the snapshot. The step rule: :mod:`.fd_step`.
+  so peak memory is that of one gradient plus the snapshot, which the operator keeps
+  (:class:`FDBuffers`) with the small even-part samples: no parameter-sized allocation per
+  product but the result. The step rule: :mod:`.fd_step`.
 - :func:`hvp_exact`: Pearlmutter's double backward (HessFormer): ``∇(∇l_b · v)`` per batch.
 - :func:`hvp_jvp`: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``
   (the curvlinops core). Where PyTorch has no forward-mode derivative for an op's backward it
