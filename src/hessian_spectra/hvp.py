@@ -61,6 +61,7 @@ def _sdpa_math():
 # Tensors with more entries than this have their even part sampled (every EVEN_STRIDE-th
 # entry of the flattened global tensor); smaller ones (norm weights, biases) are read whole.
 EVEN_FULL = 4096
+FUSED_MOVE = 1 << 16  # tensors of at least this many entries move in one fused pass
 EVEN_STRIDE = 17  # prime: a row length that is a multiple of it is rare (576, 1536, 50257 are not)
 
 
@@ -116,12 +117,35 @@ class FDBuffers:
         )
         self.snapshot = [torch.empty_like(_dist.local(p).detach()) for p in obj.params]
         self.layout = lay
+        # the parameters moved to θ + offset·ε·v from the snapshot in one pass per tensor
+        # (torch.add(..., out=)) where a tensor is large, by two foreach calls where the
+        # Python call per tensor would cost more than the second pass
+        self.fused = [_dist.local(p).numel() >= FUSED_MOVE for p in obj.params]
+        self._views = {
+            id(buf): [
+                buf[start : start + len(range(off, _dist.local(p).numel(), k))]
+                for p, (off, k, start) in zip(obj.params, lay)
+            ]
+            for buf in (self.g0_sample, self.plus_sample, self.pair_sample)
+        }
+
+    def move(self, locs: list, vs: list, alpha: float) -> None:
+        """Set the local parameters ``locs`` to ``snapshot + alpha·vs`` (no_grad)."""
+        small = [i for i, f in enumerate(self.fused) if not f]
+        if small:
+            dst = [locs[i] for i in small]
+            torch._foreach_copy_(dst, [self.snapshot[i] for i in small])
+            torch._foreach_add_(dst, [vs[i] for i in small], alpha=alpha)
+        for p, s, t, f in zip(locs, self.snapshot, vs, self.fused):
+            if f:
+                torch.add(s, t, alpha=alpha, out=p)
 
     def sample(self, vec, out: torch.Tensor) -> None:
-        """Gather the sampled entries of ``vec`` (local tensors) into ``out``."""
-        for t, (off, k, start) in zip(vec, self.layout):
-            src = t.detach().reshape(-1)[off::k]
-            out[start : start + src.numel()].copy_(src)
+        """Gather the sampled entries of ``vec`` (local tensors) into ``out`` (one of the three
+        sample buffers).
+        """
+        src = [t.detach().reshape(-1)[off::k] for t, (off, k, _) in zip(vec, self.layout)]
+        torch._foreach_copy_(self._views[id(out)], src)
 
     def set_gradient(self, g0: Vector) -> None:
         """Keep the sample of the normalised gradient at θ (for the even part)."""
@@ -187,9 +211,8 @@ def hvp_fd(
                 with torch.no_grad():
                     if k == 0:
                         torch._foreach_add_(locs, vs, alpha=offset * eps)
-                    else:  # θ + offset·ε·v from the snapshot, one pass
-                        for p, s, t in zip(locs, snapshot, vs):
-                            torch.add(s, t, alpha=offset * eps, out=p)
+                    else:  # θ + offset·ε·v from the snapshot
+                        ws.move(locs, vs, offset * eps)
                 where = f"θ{offset:+g}εv".replace("1εv", "εv")
                 recs.append((obj.grad_pass(weight, f"HVP {where}"), where))
                 if even and k == 0:
@@ -198,11 +221,12 @@ def hvp_fd(
                 elif even and k == 1:
                     # the first two points are ±ε with weights ±w₀: .grad = w₀(g₊ − g₋)
                     n1 = obj.normaliser(recs[0][0], f"at {recs[0][1]}")
+                    recs[0] = (*recs[0], n1)
                     f = obj.grad_scale / (points[0][1] * n1)
                     ws.sample(_grads_or_zeros(obj, locs), ws.pair_sample)
                     info["d2"] = ws.even_norm(f)
             rp = recs[0][0]
-            N = obj.normaliser(rp, f"at {recs[0][1]}")
+            N = recs[0][2] if len(recs[0]) > 2 else obj.normaliser(rp, f"at {recs[0][1]}")
             for rm, where in recs[1:]:
                 Nm = obj.normaliser(rm, f"at {where}")
                 if abs(rm.total_weight - rp.total_weight) > 1e-9 * rp.total_weight or N != Nm:

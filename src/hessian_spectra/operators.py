@@ -278,7 +278,9 @@ class HessianOperator(ObjectiveOperator):
         vn = math.sqrt(sum(x * x for x in vnorms))
         kappa = _fd.perturbation_scale(v, th, norms=vnorms)
         if not self.fd_calibration or eps is not None or self.eps is not None:
-            e = eps if eps is not None else self.eps_for(v)
+            e = eps if eps is not None else self.eps
+            if e is None:  # uncalibrated: fd_step's default rule, from the norms above
+                e = _fd.default_eps_scale(self.compute_dtype) / kappa if kappa > 0 else 0.0
             if not self.fd_calibration or e == 0:
                 hv = hvp_fd(obj, v, e, self.stencil, buffers=self.fd_buffers)
                 return hv, math.isfinite(_norm(hv))
