@@ -270,7 +270,7 @@ def _setup(args):
 
     def call(what):
         """Run one measurement; return the seconds the matvecs inside took (Lanczos only)."""
-        before = op.stats["matvec_seconds"]
+        before = op.stats["matvec_seconds"] + plain.stats["matvec_seconds"]
         if what == "grad":
             op.gradient()
         elif what in ("fd", "exact", "jvp"):
@@ -281,9 +281,10 @@ def _setup(args):
             _reference_fd(model, loss_fn, batches, op.params, v, plain.eps_for(v))
         else:  # a fixed start vector, so probe generation is not counted as Lanczos work
             mode = what.split("-")[1]
-            hs.lanczos(op, args.steps, v0=v, reorth=int(mode) if mode.isdigit() else mode)
+            lop = plain if args.lanczos_plain else op
+            hs.lanczos(lop, args.steps, v0=v, reorth=int(mode) if mode.isdigit() else mode)
         sync()
-        return op.stats["matvec_seconds"] - before
+        return op.stats["matvec_seconds"] + plain.stats["matvec_seconds"] - before
 
     info = {
         "problem": args.problem,
@@ -416,6 +417,8 @@ def _subprocess(args, problem: str, mode: str, measures) -> dict:
         val = getattr(args, k)
         if val is not None:
             cmd += [f"--{k.replace('_', '-')}", str(val)]
+    if args.lanczos_plain:
+        cmd.append("--lanczos-plain")
     env = dict(
         os.environ,
         MALLOC_MMAP_THRESHOLD_="65536",
@@ -472,7 +475,7 @@ def table(results: list[dict]) -> str:
         cs = r.get("copy_seconds")
         if cs:
             out.append(
-                f"  copy-bandwidth floor: one parameter-sized _foreach_copy_ = {1e3 * cs:.1f} ms"
+                f"  copy-bandwidth floor: one parameter-sized _foreach_copy_ = {1e3 * cs:.3f} ms"
             )
         for m, o in r.get("lanczos_overhead", {}).items():
             steps = r.get("steps", 1)
@@ -512,6 +515,12 @@ def main(argv=None):
     )
     ap.add_argument(
         "--no-memory", action="store_true", help="time only (no per-measurement processes)"
+    )
+    ap.add_argument(
+        "--lanczos-plain",
+        action="store_true",
+        help="Lanczos on the fd_calibration=False operator (no calibration to warm up; the "
+        "overhead is then over two-pass products, a little larger)",
     )
     ap.add_argument("--num-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
