@@ -45,11 +45,11 @@ random probes is the best of a sweep; along Lanczos vectors κ leans the other w
 ``∇L(θ)`` (one gradient pass, once) and reads, after each of the two passes of a product, the
 even part of its gradient pair ``∇L(θ+su) + ∇L(θ−su) − 2∇L(θ) = s² ∇(D²L[u,u]) + O(s⁴)``.
 Its norm is read from a fixed sample of the entries (:class:`~hessian_spectra.hvp.FDBuffers`:
-every entry of a tensor of up to 4096, every 17th of a larger one, weighted by numel /
-samples), so neither ``∇L(θ)`` nor ``∇L(θ+su)`` is kept whole: about 3/17 of a vector in
+every entry of a tensor of up to 4096, every 31st of a larger one, weighted by numel /
+samples), so neither ``∇L(θ)`` nor ``∇L(θ+su)`` is kept whole: about 2/31 of a vector in
 all, no parameter-sized temporary (the whole pair would need two vectors beside the
-snapshot); the sample's norm is within 2% of the whole one on a float64 MLP
-(``tests/test_hvp.py``), far inside (2)'s spread below. With ``D = ||∇(D²L[u,u])||`` and one
+snapshot); the sample's norm is within 6% of the whole one on a float64 MLP whose two
+weights give 100 sampled entries (``tests/test_hvp.py``), far inside (2)'s spread below. With ``D = ||∇(D²L[u,u])||`` and one
 length scale ℓ on which the loss changes along ``u`` (``||Hu|| ~ ||∇L||/ℓ``, ``D ~ ||Hu||/ℓ``,
 ``||∇D³L|| ~ ||Hu||/ℓ²``):
 

@@ -61,73 +61,60 @@ def _sdpa_math():
 # Tensors with more entries than this have their even part sampled (every EVEN_STRIDE-th
 # entry of the flattened global tensor); smaller ones (norm weights, biases) are read whole.
 EVEN_FULL = 4096
+EVEN_STRIDE = 31  # prime: a row length that is a multiple of it is rare
 FUSED_MOVE = 1 << 16  # tensors of at least this many entries move in one fused pass
-EVEN_STRIDE = 17  # prime: a row length that is a multiple of it is rare (576, 1536, 50257 are not)
 
 
 class FDBuffers:
     """What an operator keeps across its fd products, allocated on the first one and reused:
-    the parameter snapshot (one copy of the local parameters, the restore source) and the
-    even-part samples (the gradient at θ, and the two passes' gradients, at the sampled
-    entries: about ``3/EVEN_STRIDE`` of a vector in all). No parameter-sized tensor is
-    allocated per product but the one returned (the ``.grad`` the passes accumulate into).
+    the parameter snapshot (one copy of the local parameters, the restore source) and two
+    even-part samples (the gradient at θ and the first pass's gradient, at the sampled entries:
+    about ``2/EVEN_STRIDE`` of a vector). No parameter-sized tensor is allocated per product
+    but the one returned (the ``.grad`` the passes accumulate into).
 
     The sample: every entry of a tensor with at most ``EVEN_FULL`` entries, and of a larger one
-    every ``EVEN_STRIDE``-th entry of its flattened *global* tensor, weighted by ``numel /
-    samples`` (an unbiased estimate of its squared norm; the same entries at every world size).
-    A tensor sharded in a layout other than FSDP2's rows is read whole.
+    every ``EVEN_STRIDE``-th entry of its flattened *global* tensor, its squared norm weighted
+    by ``numel / samples`` (an unbiased estimate of the tensor's; the same entries at every
+    world size). A tensor sharded in a layout other than FSDP2's rows is read whole.
     """
 
     def __init__(self):
         self.snapshot: Vector | None = None
-        self.layout: list[tuple[int, int, int]] | None = None  # (offset, stride, start)
-        self.weight: torch.Tensor | None = None  # √(numel / samples) per sampled entry
+        self.layout: list[tuple[int, int, int, int]] | None = None  # offset, stride, start, m
+        self.weights: list[float] = []  # numel / samples per tensor (global)
         self.g0_sample: torch.Tensor | None = None
         self.plus_sample: torch.Tensor | None = None
-        self.pair_sample: torch.Tensor | None = None
         self.has_gradient = False
 
     def nbytes(self) -> int:
-        """Bytes held (snapshot, samples and their weights)."""
-        held = list(self.snapshot or [])
-        held += [t for t in (self.weight, self.g0_sample, self.plus_sample, self.pair_sample)]
+        """Bytes held (the snapshot and the two samples)."""
+        held = list(self.snapshot or []) + [self.g0_sample, self.plus_sample]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def prepare(self, obj: Objective) -> None:
-        """Allocate the snapshot, the samples and their layout (first call only)."""
+        """Allocate the snapshot and the samples and lay them out (first call only)."""
         if self.layout is not None:
             return
-        lay, wts, start = [], [], 0
+        lay, start = [], 0
         for p in obj.params:
             n, loc = p.numel(), _dist.local(p)  # n: global
             span = _dist.local_flat_range(p)
-            off, k = (
-                (0, 1)
-                if n <= EVEN_FULL or span is None
-                else ((-span[0]) % EVEN_STRIDE, EVEN_STRIDE)
-            )
+            sampled = n > EVEN_FULL and span is not None
+            off, k = ((-span[0]) % EVEN_STRIDE, EVEN_STRIDE) if sampled else (0, 1)
             m = len(range(off, loc.numel(), k))
-            lay.append((off, k, start))
-            wts.append(torch.full((m,), (n / ((n + k - 1) // k)) ** 0.5, dtype=torch.float64))
+            lay.append((off, k, start, m))
+            self.weights.append(n / ((n + k - 1) // k))
             start += m
         dev = obj.params[0].device if obj.params else "cpu"
-        self.weight = torch.cat(wts).to(dev)
-        self.g0_sample, self.plus_sample, self.pair_sample = (
-            torch.zeros(start, dtype=obj.vector_dtype, device=dev) for _ in range(3)
+        self.g0_sample, self.plus_sample = (
+            torch.zeros(start, dtype=obj.vector_dtype, device=dev) for _ in range(2)
         )
         self.snapshot = [torch.empty_like(_dist.local(p).detach()) for p in obj.params]
         self.layout = lay
-        # the parameters moved to θ + offset·ε·v from the snapshot in one pass per tensor
+        # the parameters move to θ + offset·ε·v from the snapshot in one pass per tensor
         # (torch.add(..., out=)) where a tensor is large, by two foreach calls where the
         # Python call per tensor would cost more than the second pass
         self.fused = [_dist.local(p).numel() >= FUSED_MOVE for p in obj.params]
-        self._views = {
-            id(buf): [
-                buf[start : start + len(range(off, _dist.local(p).numel(), k))]
-                for p, (off, k, start) in zip(obj.params, lay)
-            ]
-            for buf in (self.g0_sample, self.plus_sample, self.pair_sample)
-        }
 
     def move(self, locs: list, vs: list, alpha: float) -> None:
         """Set the local parameters ``locs`` to ``snapshot + alpha·vs`` (no_grad)."""
@@ -140,26 +127,33 @@ class FDBuffers:
             if f:
                 torch.add(s, t, alpha=alpha, out=p)
 
+    def _views(self, flat: torch.Tensor) -> list:
+        return [flat[start : start + m] for _, _, start, m in self.layout]
+
+    def _picks(self, vec) -> list:
+        return [t.detach().reshape(-1)[off::k] for t, (off, k, _, _) in zip(vec, self.layout)]
+
     def sample(self, vec, out: torch.Tensor) -> None:
-        """Gather the sampled entries of ``vec`` (local tensors) into ``out`` (one of the three
-        sample buffers).
-        """
-        src = [t.detach().reshape(-1)[off::k] for t, (off, k, _) in zip(vec, self.layout)]
-        torch._foreach_copy_(self._views[id(out)], src)
+        """Gather the sampled entries of ``vec`` (local tensors) into ``out`` (a sample)."""
+        torch._foreach_copy_(self._views(out), self._picks(vec))
 
     def set_gradient(self, g0: Vector) -> None:
         """Keep the sample of the normalised gradient at θ (for the even part)."""
         self.sample(g0, self.g0_sample)
         self.has_gradient = True
 
-    def even_norm(self, f: float) -> float:
-        """``||f·(2·plus − pair) − 2 g0||`` over the sample, each entry weighted by its tensor's
-        ``numel / samples`` (squared norm; global).
+    def even_norm(self, pair: Vector, f: float) -> float:
+        """``||f·(2·plus − pair) − 2 g0||`` over the sample, with ``pair`` the local ``.grad``
+        after the second pass (read at the sampled entries), float64, each tensor's squared
+        norm weighted by its ``numel / samples`` (global).
         """
-        d = self.plus_sample.to(torch.float64).mul_(2.0).sub_(self.pair_sample)
-        d.mul_(f).sub_(self.g0_sample, alpha=2.0).mul_(self.weight)
-        local = d.dot(d).reshape(1).cpu()
-        return float(_dist.all_reduce_sum(local)[0]) ** 0.5
+        d = self.plus_sample.to(torch.float64).mul_(2.0)  # (samples,), freed on return
+        dv = self._views(d)
+        torch._foreach_sub_(dv, [x.to(torch.float64) for x in self._picks(pair)])
+        d.mul_(f).sub_(self.g0_sample, alpha=2.0)
+        sq = torch.stack(torch._foreach_norm(dv)).square()
+        w = torch.tensor(self.weights, dtype=torch.float64, device=sq.device)
+        return float(_dist.all_reduce_sum(sq.mul_(w).sum().reshape(1).cpu())[0]) ** 0.5
 
 
 def hvp_fd(
@@ -223,8 +217,7 @@ def hvp_fd(
                     n1 = obj.normaliser(recs[0][0], f"at {recs[0][1]}")
                     recs[0] = (*recs[0], n1)
                     f = obj.grad_scale / (points[0][1] * n1)
-                    ws.sample(_grads_or_zeros(obj, locs), ws.pair_sample)
-                    info["d2"] = ws.even_norm(f)
+                    info["d2"] = ws.even_norm(_grads_or_zeros(obj, locs), f)
             rp = recs[0][0]
             N = recs[0][2] if len(recs[0]) > 2 else obj.normaliser(rp, f"at {recs[0][1]}")
             for rm, where in recs[1:]:

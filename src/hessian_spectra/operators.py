@@ -120,7 +120,7 @@ class HessianOperator(ObjectiveOperator):
         stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
         fd_calibration: measure the error model on first use (default): about 11 gradient
-            passes once, ``∇L(θ)`` kept at the entries the even part samples (about 1/17 of
+            passes once, ``∇L(θ)`` kept at the entries the even part samples (about 1/31 of
             a vector; :class:`~hessian_spectra.hvp.FDBuffers`), in exchange for the step, an
             error estimate per product (``op.last_fd_error_estimate``) and a second product
             at the estimated best step where the first one's step was > 2.5× off
