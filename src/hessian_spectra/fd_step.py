@@ -49,9 +49,9 @@ every entry of a tensor of up to 4096, every 31st of a larger one, weighted by n
 samples), so neither ``∇L(θ)`` nor ``∇L(θ+su)`` is kept whole: about 2/31 of a vector in
 all, no parameter-sized temporary (the whole pair would need two vectors beside the
 snapshot); the sample's norm is within 6% of the whole one on a float64 MLP whose two
-weights give 100 sampled entries (``tests/test_hvp.py``), far inside (2)'s spread below. With ``D = ||∇(D²L[u,u])||`` and one
-length scale ℓ on which the loss changes along ``u`` (``||Hu|| ~ ||∇L||/ℓ``, ``D ~ ||Hu||/ℓ``,
-``||∇D³L|| ~ ||Hu||/ℓ²``):
+weights give 100 sampled entries (``tests/test_hvp.py``), far inside (2)'s spread below.
+With ``D = ||∇(D²L[u,u])||`` and one length scale ℓ on which the loss changes along ``u``
+(``||Hu|| ~ ||∇L||/ℓ``, ``D ~ ||Hu||/ℓ``, ``||∇D³L|| ~ ||Hu||/ℓ²``):
 
     a_u ≈ D² / (6 ||Hu||)                                                                (2)
 
