@@ -369,7 +369,7 @@ def worker_time(args) -> dict:
     that a noisy machine slows them all alike and the ratios stay fair."""
     _, call, sync, info, _ = _setup(args)
     measures = args.measures
-    for m in measures:
+    for m in measures if args.warmup else []:
         call(m)
     times = {m: [] for m in measures}
     mv = {m: [] for m in measures}
@@ -413,6 +413,7 @@ def _subprocess(args, problem: str, mode: str, measures) -> dict:
         "repeats",
         "steps",
         "threads",
+        "warmup",
     ):
         val = getattr(args, k)
         if val is not None:
@@ -521,6 +522,14 @@ def main(argv=None):
         action="store_true",
         help="Lanczos on the fd_calibration=False operator (no calibration to warm up; the "
         "overhead is then over two-pass products, a little larger)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1 (default): one untimed round first; 0: time the first calls (a Lanczos run "
+        "as a user pays for it, its basis first touched, the fd calibration included)",
     )
     ap.add_argument("--num-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
