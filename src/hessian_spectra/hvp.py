@@ -149,7 +149,7 @@ class FDBuffers:
         """
         d = self.plus_sample.to(torch.float64).mul_(2.0)  # (samples,), freed on return
         dv = self._views(d)
-        torch._foreach_sub_(dv, [x.to(torch.float64) for x in self._picks(pair)])
+        torch._foreach_sub_(dv, [x.to(d.device, torch.float64) for x in self._picks(pair)])
         d.mul_(f).sub_(self.g0_sample, alpha=2.0)
         sq = torch.stack(torch._foreach_norm(dv)).square()
         w = torch.tensor(self.weights, dtype=torch.float64, device=sq.device)
