@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import hessian_spectra as hs
-from hessian_spectra.basis import GROUP, KrylovBasis, Layout, block_dots, block_subtract
+from hessian_spectra import basis as basis_mod
+from hessian_spectra.basis import KrylovBasis, Layout, block_dots, block_subtract
 
 
 class DiagOp:
@@ -60,13 +61,14 @@ def test_block_dots_and_subtract_match_float64():
 
 
 def test_groups_are_runs_of_consecutive_slots():
-    """The sweep order: vectors grouped by runs of consecutive slots, ≤ GROUP each; a ring
-    (capacity 4) that wrapped is swept in slot order."""
+    """The sweep order: vectors grouped by runs of consecutive slots; a ring (capacity 4) that
+    wrapped is swept in slot order."""
     lay = Layout([torch.zeros(3)])
     B = KrylovBasis(lay, torch.float32, capacity=20)
     for t in range(19):
         B.put(t, torch.full((3,), float(t)))
-    assert B.groups(range(19)) == [list(range(8)), list(range(8, 16)), [16, 17, 18]]
+    assert B.groups(range(19)) == [list(range(19))]
+    assert B.groups([0, 1, 5, 6, 7]) == [[0, 1], [5, 6, 7]]
     R = KrylovBasis(lay, torch.float32, capacity=4)
     for t in range(6):
         R.put(t, torch.full((3,), float(t)))
@@ -76,19 +78,25 @@ def test_groups_are_runs_of_consecutive_slots():
     assert [float(R.vector(t)[0]) for t in (2, 3, 4, 5)] == [2.0, 3.0, 4.0, 5.0]
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1 << 18])
 @pytest.mark.parametrize("reorth", ["full", 2, 1])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
-def test_basis_dir_and_host_give_the_in_memory_numbers(tmp_path, reorth, dtype):
+def test_basis_dir_and_host_give_the_in_memory_numbers(
+    tmp_path, monkeypatch, reorth, dtype, chunk_bytes
+):
     """alpha and beta with basis_dir (files) and with basis_device='cpu' are bit-identical to
-    the in-memory run, for full reorth and windows, in every basis dtype; the files are gone
+    the in-memory run, for full reorth and windows, in every basis dtype, also with chunks of
+    2^16 columns that cut the first parameter and span the others; the files are gone
     afterwards (and so is the directory the run made)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(basis_mod, "CHUNK_BYTES", chunk_bytes)
     work = torch.float64 if dtype == "float64" else torch.float32
     op = DiagOp(work)
     kw = {"reorth": reorth, "basis_dtype": dtype, "seed": 3}
-    mem = hs.lanczos(op, 2 * GROUP + 3, **kw)
+    mem = hs.lanczos(op, 19, **kw)
     d = tmp_path / "basis"
-    files = hs.lanczos(op, 2 * GROUP + 3, basis_dir=d, **kw)
-    host = hs.lanczos(op, 2 * GROUP + 3, basis_device="cpu", **kw)
+    files = hs.lanczos(op, 19, basis_dir=d, **kw)
+    host = hs.lanczos(op, 19, basis_device="cpu", **kw)
     for r in (files, host):
         assert r.alpha.tolist() == mem.alpha.tolist()
         assert r.beta.tolist() == mem.beta.tolist()

@@ -378,13 +378,16 @@ def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta:
 
 def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> None:
     """``w -= Q Qᵀ w`` against the kept vectors ``ts``, twice: CGS2, twice is enough (Giraud
-    et al. 2005); per pass one sweep of the basis for the dots (one all-reduce of all of them)
-    and one for the update (:class:`hessian_spectra.basis.KrylovBasis`).
+    et al. 2005), with one all-reduce of all the dots per pass, in three sweeps of the basis
+    (:meth:`hessian_spectra.basis.KrylovBasis.sweep`): the first pass's dots, then its update
+    with the second pass's dots chunk by chunk, then the second update.
     """
     groups = basis.groups(ts)
-    for _ in range(2 if groups else 0):
-        c = _dist.all_reduce_sum(basis.dots(groups, w))
-        basis.subtract(groups, c, w)
+    if not groups:
+        return
+    c = _dist.all_reduce_sum(basis.sweep(groups, w))
+    c = _dist.all_reduce_sum(basis.sweep(groups, w, subtract=c))
+    basis.sweep(groups, w, subtract=c, dots=False)
 
 
 def _basis_name(ckpt) -> str | None:
