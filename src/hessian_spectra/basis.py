@@ -357,15 +357,24 @@ class KrylovBasis:
         w: Vector,
         subtract: torch.Tensor | None = None,
         dots: bool = True,
+        norm: bool = False,
     ) -> torch.Tensor | None:
         """One pass over the kept vectors of ``groups``, chunk by chunk (module docstring):
         first, with ``subtract`` (coefficients ``c`` in the order of ``groups``), in place
         ``w -= Σ c_t q_t``; then, with ``dots``, this rank's float64 sums ``q_t · w`` of the
-        updated ``w``, in the order of ``groups`` (the caller all-reduces them).
+        updated ``w``, in the order of ``groups`` (the caller all-reduces them); with ``norm``
+        one more entry at the end: this rank's ``w · w`` of the updated ``w`` (float32 per
+        block of ``_DOT_BLOCK`` entries, summed in float64).
         """
         k = sum(map(len, groups))
-        out = torch.zeros(k, dtype=torch.float64, device=self.device) if dots else None
+        out = torch.zeros(k + int(norm), dtype=torch.float64, device=self.device)
+        out = out if dots or norm else None
         if k == 0 or (subtract is None and not dots):
+            if norm:
+                out[k] = sum(
+                    (_sumsq(wi.reshape(-1)) for wi in w),
+                    torch.zeros((), dtype=torch.float64, device=self.device),
+                )
             return out
         flat = [wi.view(-1) for wi in w]
         wdt = flat[0].dtype
@@ -392,6 +401,9 @@ class KrylovBasis:
                         for i, c0, c1, l0, l1 in pieces:
                             acc += block_dots(Q[:, c0:c1], flat[i][l0:l1])
                         r += Q.shape[0]
+                if norm:
+                    for i, _, _, l0, l1 in pieces:
+                        out[k] += _sumsq(flat[i][l0:l1])
         finally:
             for f in files.values():
                 f.close()
@@ -425,6 +437,15 @@ class KrylovBasis:
                 self.dir.rmdir()
             except OSError:  # other ranks' (or the user's) files are still there
                 pass
+
+
+def _sumsq(x: torch.Tensor) -> torch.Tensor:
+    """``x · x`` of a flat tensor as a float64 scalar: float32 per block of ``_DOT_BLOCK``
+    entries (float64 for float64 ``x``), blocks summed in float64.
+    """
+    if x.dtype == torch.float64:
+        return torch.dot(x, x)
+    return block_dots(x.view(1, -1), x)[0]
 
 
 def _read_into(f, offset: int, out: torch.Tensor, path) -> None:

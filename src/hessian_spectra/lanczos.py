@@ -380,18 +380,28 @@ def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta:
                 blk.add_(pf[s : s + _UPDATE_BLOCK], alpha=-beta)
 
 
-def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> None:
-    """``w -= Q Qᵀ w`` against the kept vectors ``ts``, twice: CGS2, twice is enough (Giraud
-    et al. 2005), with one all-reduce of all the dots per pass, in three sweeps of the basis
-    (:meth:`hessian_spectra.basis.KrylovBasis.sweep`): the first pass's dots, then its update
-    with the second pass's dots chunk by chunk, then the second update.
+def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> float | None:
+    """``w -= Q Qᵀ w`` against the kept vectors ``ts`` by classical Gram–Schmidt, a second
+    time only when the first pass removed much of ``w`` (``‖w'‖ < ‖w‖/√2``, the Kahan–Parlett
+    criterion of "twice is enough", Parlett 1998 §6.9; Giraud et al. 2005): with ``w`` nearly
+    orthogonal to the basis already, as it is after the three-term update, one pass leaves
+    ``|q·w'|`` at the rounding level of the dot products and a second would not lower it.
+    One all-reduce per pass; sweeps of the basis
+    (:meth:`hessian_spectra.basis.KrylovBasis.sweep`): the dots (and ``‖w‖``), then the update
+    with the dots of the updated ``w`` (and ``‖w'‖``) chunk by chunk, then, if needed, the second
+    update. Returns ``‖w‖`` after it (None without kept vectors).
     """
     groups = basis.groups(ts)
     if not groups:
-        return
-    c = _dist.all_reduce_sum(basis.sweep(groups, w))
-    c = _dist.all_reduce_sum(basis.sweep(groups, w, subtract=c))
-    basis.sweep(groups, w, subtract=c, dots=False)
+        return None
+    r = _dist.all_reduce_sum(basis.sweep(groups, w, norm=True))
+    before = math.sqrt(max(float(r[-1]), 0.0))
+    r = _dist.all_reduce_sum(basis.sweep(groups, w, subtract=r[:-1], norm=True))
+    after = math.sqrt(max(float(r[-1]), 0.0))
+    if after >= before / math.sqrt(2.0):
+        return after
+    basis.sweep(groups, w, subtract=r[:-1], dots=False)
+    return None
 
 
 def _basis_name(ckpt) -> str | None:
@@ -668,10 +678,11 @@ def _run(
                 q_prev = cast(layout.views(basis.vector(j - 1)), work)
             _three_term(w, q, alpha, q_prev, st.beta[-1] if q_prev is not None else 0.0)
             q_prev = None
-            if basis is not None:  # w = H q_j − alpha_j q_j − beta_j q_{j−1}, then CGS2
+            beta = None
+            if basis is not None:  # w = H q_j − alpha_j q_j − beta_j q_{j−1}, then CGS(2)
                 lo = 0 if window is None else j + 1 - window
-                _reorthogonalise(w, basis, [t for t in basis.kept if t >= lo])
-            beta = norm(w)  # beta_{j+1}
+                beta = _reorthogonalise(w, basis, [t for t in basis.kept if t >= lo])
+            beta = norm(w) if beta is None else beta  # beta_{j+1}
             vector_s += (tm - tv) + (time.perf_counter() - tw)
             if not (math.isfinite(alpha) and math.isfinite(beta)):
                 raise FloatingPointError(
