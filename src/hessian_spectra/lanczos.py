@@ -3,8 +3,9 @@
     beta_{j+1} q_{j+1} = H q_j − alpha_j q_j − beta_j q_{j−1},   alpha_j = q_j · H q_j
 
 Reorthogonalisation (``reorth``):
-- ``"full"``: every new vector is orthogonalised twice (classical Gram–Schmidt, one batched
-  all-reduce per pass) against all stored vectors; memory ``m`` vectors.
+- ``"full"``: every new vector is orthogonalised against all stored vectors by classical
+  Gram–Schmidt (one batched all-reduce per pass), a second time when the first pass removed
+  more than ``1 − 1/√2`` of its norm (Kahan–Parlett, "twice is enough"); memory ``m`` vectors.
 - ``r`` (int ≥ 1): a sliding window: only against the last ``r`` vectors; memory
   ``max(r, 2)``.
 - ``"none"`` (or 0): the plain three-term recurrence; memory 2 vectors.
@@ -23,9 +24,10 @@ Vectors are stored in ``basis_dtype`` (bf16 halves memory), each as one flat buf
 float64 and others float32 per block of 2^16 entries summed in float64 (error ≲ 2^-16 ·
 Σ|u_i v_i|, :func:`hessian_spectra.vectors.dot`); the matvec runs in the operator's dtype.
 Per step the vector work is one dot, one fused update ``w −= alpha q + beta q_prev``, one norm
-and one scale (≈ 4.5 copies of a vector), plus with ``k`` kept vectors CGS2 in three sweeps of
-the basis (each reads the ``k`` rows; the middle one also updates ``w``):
-``benchmarks/lanczos_vector_work.py`` measures it.
+and one scale (≈ 4.5 copies of a vector), plus with ``k`` kept vectors two sweeps of the basis
+(each reads the ``k`` rows: the dots, then the update with the norm of the result; a third for
+a second Gram–Schmidt pass when one is needed): ``benchmarks/lanczos_vector_work.py``
+measures it.
 
 A step whose ``beta`` falls below ``breakdown_tol · scale`` (scale: the largest
 ``|alpha| + beta`` seen, an estimate of ||H||) means an invariant subspace was found: Lanczos
