@@ -11,11 +11,11 @@ memory-bandwidth contention still is), repeats
 interleaved, one thread, median over repeats. The floor is what the recurrence must move:
 
     none: 4.5 copies (one dot, one fused update of w with q and q_prev, one norm, one scale);
-    window r / full with k kept vectors: + k + 1 (reading a vector is half a copy; one pass of
-    Gram–Schmidt, the second being skipped by the Kahan–Parlett test as it is on these
-    operators: the dots and ‖w‖ read the k vectors and w, the update reads them again and
-    reads/writes w, with the dots and the norm of the updated w in cache, so no separate norm),
-    averaged over the steps; a bf16 basis moves half the bytes per stored vector (plus the cast
+    window r / full with k kept vectors: 2 (the dot for alpha, the scale) + k + 1.5 (reading a
+    vector is half a copy; the three-term update is done from the basis' rows in the first
+    sweep, which also takes the dots and ‖w‖, and one pass of Gram–Schmidt in the second, the
+    next pass being skipped by the Kahan–Parlett test as it is on these operators: two reads
+    of the k vectors, w read once and read/written once), averaged over the steps; a bf16 basis moves half the bytes per stored vector (plus the cast
     of q for the matvec). A float64 basis is measured with a float64 operator, in copies of a
     float64 vector. ``--basis-dir DIR`` adds rows with the basis in files under DIR.
 
@@ -77,8 +77,9 @@ def _floor(reorth, steps: int, basis_bytes: int, work_bytes: int) -> float:
     none = 2.5 + 2 * s + ((s + 1) / 2 if s != 1 else 0.0)  # + the cast of q for the matvec
     if reorth == "none":
         return none
-    ks = [min(j + 1, steps if reorth == "full" else int(reorth)) for j in range(1, steps)]
-    return none + statistics.mean(k * s + 1 for k in ks)
+    cast = (s + 1) / 2 if s != 1 else 0.0  # q in the basis dtype to the operator's, for the matvec
+    ks = [min(j + 1, steps if reorth == "full" else max(int(reorth), 2)) for j in range(1, steps)]
+    return 2 + cast + statistics.mean(k * s + 1.5 for k in ks)
 
 
 def _key(reorth, dtype: str, where) -> str:

@@ -12,9 +12,8 @@ Reorthogonalisation (``reorth``):
 Add one work vector ``w`` (and the matvec's own), and two more in the operator's dtype when
 ``basis_dtype`` differs from it. With the kept vectors streamed (``basis_dir``, or
 ``basis_device`` other than the operator's) Lanczos holds only ``q_j`` during the product
-(``q_{j-1}`` is read back from the basis after it) and, in the vector work, ``w``, ``q_j``,
-``q_{j-1}`` and one chunk of the basis (:mod:`hessian_spectra.basis`), whatever ``m``;
-plus one vector in the operator's dtype when ``basis_dtype`` differs from it.
+and, in the vector work, ``w`` and one chunk of the basis (:mod:`hessian_spectra.basis`),
+whatever ``m``; plus one vector in the operator's dtype when ``basis_dtype`` differs from it.
   Without reorthogonalisation, Ritz values that have converged reappear as "ghosts"
   (Paige 1971; FSHP Thm 4.1): fine for densities with few steps, wrong for multiplicities.
 
@@ -24,10 +23,11 @@ Vectors are stored in ``basis_dtype`` (bf16 halves memory), each as one flat buf
 float64 and others float32 per block of 2^16 entries summed in float64 (error ≲ 2^-16 ·
 Σ|u_i v_i|, :func:`hessian_spectra.vectors.dot`); the matvec runs in the operator's dtype.
 Per step the vector work is one dot, one fused update ``w −= alpha q + beta q_prev``, one norm
-and one scale (≈ 4.5 copies of a vector), plus with ``k`` kept vectors two sweeps of the basis
-(each reads the ``k`` rows: the dots, then the update with the norm of the result; a third for
-a second Gram–Schmidt pass when one is needed): ``benchmarks/lanczos_vector_work.py``
-measures it.
+and one scale (≈ 4.5 copies of a vector); with ``k`` kept vectors the dot and the scale, then
+two sweeps of the basis, each reading the ``k`` rows: the three-term update (``q_j`` and
+``q_{j-1}`` are rows) with the dots and the norm of its result, then the Gram–Schmidt update
+with the dots and the norm of its result (a third sweep for a second pass when one is
+needed): ``benchmarks/lanczos_vector_work.py`` measures it.
 
 A step whose ``beta`` falls below ``breakdown_tol · scale`` (scale: the largest
 ``|alpha| + beta`` seen, an estimate of ||H||) means an invariant subspace was found: Lanczos
@@ -382,27 +382,36 @@ def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta:
                 blk.add_(pf[s : s + _UPDATE_BLOCK], alpha=-beta)
 
 
-def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> float | None:
-    """``w -= Q Qᵀ w`` against the kept vectors ``ts`` by classical Gram–Schmidt, a second
-    time only when the first pass removed much of ``w`` (``‖w'‖ < ‖w‖/√2``, the Kahan–Parlett
-    criterion of "twice is enough", Parlett 1998 §6.9; Giraud et al. 2005): with ``w`` nearly
-    orthogonal to the basis already, as it is after the three-term update, one pass leaves
-    ``|q·w'|`` at the rounding level of the dot products and a second would not lower it.
-    One all-reduce per pass; sweeps of the basis
-    (:meth:`hessian_spectra.basis.KrylovBasis.sweep`): the dots (and ``‖w‖``), then the update
-    with the dots of the updated ``w`` (and ``‖w'‖``) chunk by chunk, then, if needed, the second
-    update. Returns ``‖w‖`` after it (None without kept vectors).
+def _update_and_reorthogonalise(
+    w: Vector, basis: KrylovBasis, j: int, alpha: float, beta: float, lo: int
+) -> float | None:
+    """The three-term update ``w -= alpha q_j + beta q_{j-1}`` and then ``w -= Q Qᵀ w``
+    against the kept vectors ``t ≥ lo`` by classical Gram–Schmidt, a second time only when the
+    first pass removed much of ``w`` (``‖w'‖ < ‖w‖/√2``, the Kahan–Parlett criterion of "twice
+    is enough", Parlett 1998 §6.9; Giraud et al. 2005): with ``w`` nearly orthogonal to the
+    basis already, as it is after the three-term update, one pass leaves ``|q·w'|`` at the
+    rounding level of the dot products and a second would not lower it.
+
+    ``q_j`` and ``q_{j-1}`` are rows of the basis, so the update needs no vector of its own:
+    sweeps of the basis (:meth:`hessian_spectra.basis.KrylovBasis.sweep`), one all-reduce
+    after each: the three-term update with the dots (and ``‖w‖``) of its result chunk by
+    chunk, then the Gram–Schmidt update with the dots (and ``‖w'‖``) of its result, then, if
+    needed, the second update. Returns ``‖w‖`` after it, or None when it must be computed.
     """
-    groups = basis.groups(ts)
-    if not groups:
-        return None
-    r = _dist.all_reduce_sum(basis.sweep(groups, w, norm=True))
+    ts = {t for t in basis.kept if t >= lo} | {j} | ({j - 1} if j > 0 else set())
+    groups = basis.groups(sorted(ts))
+    order = [t for g in groups for t in g]
+    c = torch.tensor(
+        [alpha if t == j else beta if t == j - 1 else 0.0 for t in order], dtype=torch.float64
+    )
+    window = torch.tensor([t >= lo for t in order])
+    r = _dist.all_reduce_sum(basis.sweep(groups, w, subtract=c, norm=True))
     before = math.sqrt(max(float(r[-1]), 0.0))
-    r = _dist.all_reduce_sum(basis.sweep(groups, w, subtract=r[:-1], norm=True))
+    r = _dist.all_reduce_sum(basis.sweep(groups, w, subtract=r[:-1] * window, norm=True))
     after = math.sqrt(max(float(r[-1]), 0.0))
     if after >= before / math.sqrt(2.0):
         return after
-    basis.sweep(groups, w, subtract=r[:-1], dots=False)
+    basis.sweep(groups, w, subtract=r[:-1] * window, dots=False)
     return None
 
 
@@ -662,7 +671,7 @@ def _run(
                 if qwork is not None:
                     qwork[0].copy_(bufs.pop(j))  # q_j in the basis dtype is in the basis now
                 q = layout.views(qwork[0] if qwork is not None else bufs[j])
-                q_prev = None  # read back after the product
+                q_prev = None  # a row of the basis
             else:
                 q = layout.views(bufs[j])  # q_j
                 q_prev = layout.views(bufs[j - 1]) if j > 0 else None  # q_{j-1}
@@ -676,14 +685,17 @@ def _run(
             tw = time.perf_counter()
             matvec_s += tw - tm
             alpha = dot(w, q)
-            if streamed and j > 0:
-                q_prev = cast(layout.views(basis.vector(j - 1)), work)
-            _three_term(w, q, alpha, q_prev, st.beta[-1] if q_prev is not None else 0.0)
-            q_prev = None
             beta = None
-            if basis is not None:  # w = H q_j − alpha_j q_j − beta_j q_{j−1}, then CGS(2)
+            if basis is None:  # w = H q_j − alpha_j q_j − beta_j q_{j−1}
+                _three_term(w, q, alpha, q_prev, st.beta[-1] if q_prev is not None else 0.0)
+            else:  # the same from the basis' rows, then Gram–Schmidt
+                q = q_prev = None
+                if streamed:  # q_j is in the basis: its buffer can go
+                    bufs.pop(j, None)
                 lo = 0 if window is None else j + 1 - window
-                beta = _reorthogonalise(w, basis, [t for t in basis.kept if t >= lo])
+                beta = _update_and_reorthogonalise(
+                    w, basis, j, alpha, st.beta[-1] if j > 0 else 0.0, lo
+                )
             beta = norm(w) if beta is None else beta  # beta_{j+1}
             vector_s += (tm - tv) + (time.perf_counter() - tw)
             if not (math.isfinite(alpha) and math.isfinite(beta)):
@@ -703,9 +715,6 @@ def _run(
                 break
             st.beta.append(beta)
             tv = time.perf_counter()
-            if streamed:  # q_j is in the basis: its buffer goes before q_{j+1}'s comes
-                q = None
-                bufs.pop(j, None)
             place(j + 1, None)  # q_{j+1} = w / beta, over q_{j+1-capacity} (or q_{j-1})
             nxt = bufs[j + 1]
             for view, wi in zip(layout.views(nxt), w):
