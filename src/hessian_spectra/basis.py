@@ -21,8 +21,9 @@ accuracy of :func:`hessian_spectra.vectors._dot64`): the second pass of CGS2's u
 next pass's dots share one read of the basis, while the chunk is in cache. Rows in another
 dtype than the arithmetic (a bf16 basis) are converted once per chunk into a reused buffer.
 The three places use the same chunks, pieces and kernels, so their numbers are identical. A
-streamed basis holds one chunk of its rows in memory (about ``CHUNK_BYTES``, at least 2^16
-entries per row) whatever the number of steps; in a resident one ``lanczos`` writes ``q_j``
+file-backed basis holds two chunks of its rows in memory (the one worked on and the next one,
+read meanwhile by a reader thread; about ``CHUNK_BYTES`` each, at least 2^16 entries per row)
+whatever the number of steps; in a resident one ``lanczos`` writes ``q_j``
 straight into its row (:meth:`KrylovBasis.claim`).
 
 >>> import torch
@@ -40,6 +41,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -198,7 +200,8 @@ class KrylovBasis:
         self.dir = Path(basis_dir) if basis_dir is not None else None
         self.name = name or f"lanczos-{uuid.uuid4().hex[:12]}"
         self._made_dir = False
-        self._buf = None  # staging buffer of a chunk read from files (grown on demand)
+        self._bufs = [None, None]  # staging buffers of chunks read from files (grown on demand)
+        self._reader = None  # the thread that reads the next chunk from files
         self._scratch: dict = {}  # (dtype, slot) -> a chunk converted to that dtype
         if self.dir is not None:
             if not self.dir.exists():
@@ -302,38 +305,69 @@ class KrylovBasis:
         self.io_seconds += time.perf_counter() - t0
         return out
 
-    def _staging(self, numel: int) -> torch.Tensor:
+    def _staging(self, numel: int, slot: int) -> torch.Tensor:
         """A flat host buffer of ``numel`` entries in the basis dtype for rows read from files
-        (pinned with a GPU work device), reused from chunk to chunk.
+        (pinned with a GPU work device), reused from chunk to chunk; two ``slot`` s, so that
+        the next chunk is read while this one is worked on.
         """
-        if self._buf is None or self._buf.numel() < numel:
-            self._buf = None
-            self._buf = torch.empty(numel, dtype=self.dtype, pin_memory=self.device.type == "cuda")
-        return self._buf[:numel]
+        buf = self._bufs[slot]
+        if buf is None or buf.numel() < numel:
+            self._bufs[slot] = None
+            pin = self.device.type == "cuda"
+            buf = self._bufs[slot] = torch.empty(numel, dtype=self.dtype, pin_memory=pin)
+        return buf[:numel]
 
-    def _chunk(self, groups, a: int, b: int, files) -> list[torch.Tensor]:
-        """Columns ``a:b`` of the rows of each group, ``(len(g), b − a)`` on the work device."""
-        if self._rows is not None:
-            blocks = [self._rows[self.kept[g[0]] : self.kept[g[0]] + len(g), a:b] for g in groups]
-            if self._rows.device == self.device:
-                return blocks
-            t0 = time.perf_counter()
-            out = [blk.to(self.device) for blk in blocks]
-            self.io_seconds += time.perf_counter() - t0
-            return out
-        t0 = time.perf_counter()
+    def _read(self, groups, a: int, b: int, files, slot: int) -> list[torch.Tensor]:
+        """Columns ``a:b`` of the rows of each group read from their files into staging buffer
+        ``slot``: ``(len(g), b − a)`` host tensors (run in the reader thread).
+        """
         width = b - a
-        buf = self._staging(sum(map(len, groups)) * width)
+        buf = self._staging(sum(map(len, groups)) * width, slot)
         es = buf.element_size()
         out, r = [], 0
         for g in groups:
             blk = buf[r * width : (r + len(g)) * width].view(len(g), width)
             for i, t in enumerate(g):
                 _read_into(files[t], a * es, blk[i], self.path(t))
-            out.append(blk if self.device.type == "cpu" else blk.to(self.device))
+            out.append(blk)
             r += len(g)
-        self.io_seconds += time.perf_counter() - t0
         return out
+
+    def _chunks(self, groups, width: int, files):
+        """``(pieces, rows)`` for each chunk of ``width`` columns: the pieces of
+        :meth:`Layout.chunks` and the columns of the rows of each group, ``(len(g), b − a)`` on
+        the work device. Rows in files are read one chunk ahead by a reader thread (file reads
+        release the GIL), into two staging buffers used in turn.
+        """
+        chunks = self.layout.chunks(width)
+        if self._rows is not None:
+            for a, b, pieces in chunks:
+                s = [self.kept[g[0]] for g in groups]
+                blocks = [self._rows[i : i + len(g), a:b] for i, g in zip(s, groups)]
+                if self._rows.device != self.device:
+                    t0 = time.perf_counter()
+                    blocks = [blk.to(self.device) for blk in blocks]
+                    self.io_seconds += time.perf_counter() - t0
+                yield pieces, blocks
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="basis-read")
+        nxt = self._reader.submit(self._read, groups, *chunks[0][:2], files, 0)
+        try:
+            for i, (_, _, pieces) in enumerate(chunks):
+                t0 = time.perf_counter()
+                blocks = nxt.result()
+                nxt = None
+                if i + 1 < len(chunks):
+                    a, b = chunks[i + 1][:2]
+                    nxt = self._reader.submit(self._read, groups, a, b, files, (i + 1) % 2)
+                if self.device.type != "cpu":
+                    blocks = [blk.to(self.device) for blk in blocks]
+                self.io_seconds += time.perf_counter() - t0
+                yield pieces, blocks
+        finally:
+            if nxt is not None:  # stopped early: let the read in flight finish with its files
+                nxt.exception()
 
     def _convert(self, blocks: list[torch.Tensor], dtype: torch.dtype, slot: int):
         """``blocks`` in ``dtype``: themselves, or converted into a reused buffer."""
@@ -380,12 +414,12 @@ class KrylovBasis:
         wdt = flat[0].dtype
         cd = _compute_dtype(self.dtype, wdt)
         c = subtract.to(device=self.device, dtype=wdt) if subtract is not None else None
-        files = {}
+        files, chunks = {}, None
         try:
             if self._rows is None:
                 files = {t: open(self.path(t), "rb", buffering=0) for g in groups for t in g}
-            for a, b, pieces in self.layout.chunks(chunk_columns(k)):
-                rows = self._chunk(groups, a, b, files)
+            chunks = self._chunks(groups, chunk_columns(k), files)
+            for pieces, rows in chunks:
                 rw = None
                 if c is not None:
                     rw, r = self._convert(rows, wdt, 0), 0
@@ -405,6 +439,8 @@ class KrylovBasis:
                     for i, _, _, l0, l1 in pieces:
                         out[k] += _sumsq(flat[i][l0:l1])
         finally:
+            if chunks is not None:
+                chunks.close()  # waits for a read in flight before its files close
             for f in files.values():
                 f.close()
         return out
@@ -423,8 +459,12 @@ class KrylovBasis:
         """Drop the rows; remove this run's files (and the directory if it made it and it is
         empty) unless ``keep_files``.
         """
-        self._rows = self._buf = None
+        self._rows = None
+        self._bufs = [None, None]
         self._scratch.clear()
+        if self._reader is not None:
+            self._reader.shutdown()
+            self._reader = None
         if self.dir is None or keep_files:
             return
         for t in list(self.kept):
