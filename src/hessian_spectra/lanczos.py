@@ -452,8 +452,9 @@ def lanczos(
         basis_dir: keep the vectors kept for reorthogonalisation in files under this directory
             (one per vector per rank, read a chunk of columns at a time; removed when the run
             ends, also on an error, unless a ``checkpoint`` needs them): the resident memory
-            no longer grows with the number of steps (about two vectors and one chunk of the
-            basis beside the operator's own). The numbers are the same as in memory.
+            no longer grows with the number of steps (one vector, ``q_j`` during the product
+            and ``w`` after it, and two chunks of the basis, beside the operator's own memory).
+            The numbers are the same as in memory.
         basis_device: keep them in memory on this device instead of the operator's (e.g.
             ``"cpu"`` for host memory with a model on a GPU); ignored with ``basis_dir``.
         breakdown_tol: relative threshold on beta; default ``100 · ε_mach`` of the vector dtype.
