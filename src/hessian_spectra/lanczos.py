@@ -611,20 +611,18 @@ def _run(
     vector_s = st.vector_seconds
     # q_j and q_{j-1} as flat buffers in the basis dtype: rows of a resident basis (no copy
     # to keep them); without a basis two buffers used in turn; with a streamed one (files, host
-    # memory) only q_j, a buffer of its own: q_{j-1} is read back from the basis after the
-    # product, so that the product runs beside one vector of Lanczos's
+    # memory) one buffer: q_j, in the basis once the step starts, is not needed after the dot
+    # for alpha (the update takes q_j and q_{j-1} from the basis), and q_{j+1} takes its place
     resident = basis is not None and not basis.streamed
     streamed = basis is not None and basis.streamed
-    flat = [layout.empty(store), layout.empty(store)] if basis is None else []
+    flat = [] if resident else [layout.empty(store) for _ in range(1 if streamed else 2)]
     bufs: dict[int, torch.Tensor] = {}
 
     def place(t: int, vec: Vector | None) -> None:
         if resident:
             buf = basis.claim(t)
-        elif streamed:
-            buf = layout.empty(store)
         else:
-            buf = flat[t % 2]
+            buf = flat[t % len(flat)]
         if vec is not None:
             for view, x in zip(layout.views(buf), vec):
                 view.copy_(x)
