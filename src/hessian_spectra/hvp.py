@@ -158,7 +158,7 @@ class FDBuffers:
         d.mul_(f).sub_(self.g0_sample, alpha=2.0)
         sq = torch.stack(torch._foreach_norm(dv)).square()
         w = torch.tensor(self.weights, dtype=torch.float64, device=sq.device)
-        return float(_dist.all_reduce_sum(sq.mul_(w).sum().reshape(1).cpu())[0]) ** 0.5
+        return float(_dist.sum_over_shards(sq.mul_(w).sum().reshape(1).cpu())[0]) ** 0.5
 
 
 def hvp_fd(

@@ -78,7 +78,7 @@ def _norms(v: Vector) -> list[float]:
     if not v:
         return []
     sq = torch.stack(torch._foreach_norm(v)).to(torch.float64).square()
-    return _dist.all_reduce_sum(sq).sqrt().tolist()
+    return _dist.sum_over_shards(sq).sqrt().tolist()
 
 
 def _norm(v: Vector) -> float:
