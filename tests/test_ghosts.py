@@ -183,5 +183,10 @@ def test_full_reorth_keeps_ritz_values_of_negligible_weight():
     top = int(np.argmax(res.ritz_values))
     assert abs(res.ritz_values[top] - 50.0) < 1e-6  # found, with a weight of ~1e-22
     assert res.ritz_weights[top] < 1e-18
-    assert top in ghost_indices(res.alpha, res.beta).tolist()  # CW alone: "spurious"
     assert res.num_ghosts == 0  # under full reorthogonalisation: genuine
+    # the T̂ match that CW alone applies: 3.0 is decoupled (weight 0) and an eigenvalue of T̂
+    a, b = [1.0, 2.0, 3.0], [0.5, 0.0]
+    assert ghost_indices(a, b).tolist() == [2]
+    assert ghost_indices(a, b, full_reorth=True).tolist() == []
+    assert LanczosResult(alpha=a, beta=b, config={"reorth": "full"}).num_ghosts == 0
+    assert LanczosResult(alpha=a, beta=b, config={"reorth": "none"}).num_ghosts == 1
