@@ -2,18 +2,20 @@
 
     python benchmarks/scaling.py                       # world sizes 1 and 2, prints a table
     python benchmarks/scaling.py --world-sizes 1 2 4 --hidden 512 --layers 8 --out scaling.json
+    python benchmarks/scaling.py --world-sizes 2 --parallel dp     # a whole replica per rank
 
 Every world size is a ``torchrun --standalone`` launch of this file (``--worker``) on the same
 GLOBAL data (``--rows`` sequences per batch, split by rows over the ranks), with
 OMP_NUM_THREADS=1 per rank. The model is a Llama built from a config (float32, random
-weights, seed 0) and sharded with ``hessian_spectra.distributed.shard_model`` (FSDP2 per
-decoder layer, then the root). Measured per rank, after one warm-up call of each:
+weights, seed 0) and spread with ``hessian_spectra.distributed.parallelize(model, --parallel,
+replicate=--replicate)`` (FSDP2 per decoder layer, then the root; default fsdp). Measured per rank, after one warm-up call of each:
 
 - seconds of ``op.gradient()`` and of ``op.matvec(v)`` (median of ``--repeats``);
 - bytes handed to ``torch.distributed`` collectives during one call, by kind: every
   collective function is wrapped (outermost call counted once); an all-gather counts its
   gathered output, a reduce-scatter its full input, an all-reduce its tensor. A ring moves
-  about (N-1)/N of that per rank. The claim checked: an FD HVP moves exactly what two
+  about (N-1)/N of that per rank. An all-reduce of at most 1 KiB counts as a scalar
+  all-reduce (dots, weights), a larger one (``dp``/``hsdp`` gradients) as model traffic. The claim checked: an FD HVP moves exactly what two
   gradient passes move, plus a few float64 scalars (global dot products / weights);
 - peak resident memory of the rank (``ru_maxrss``) above what it used before building the
   model, and the bytes of its local parameter shards.
@@ -78,6 +80,8 @@ class CollectiveCounter:
             if depth == 0:
                 n = self._payload(name, args, kwargs)
                 kind = self._kind(name)
+                if kind == "all_reduce" and n > 1024:
+                    kind = "all_reduce_model"  # a gradient (dp / hsdp), not a scalar
                 self.bytes[kind] = self.bytes.get(kind, 0) + n
                 self.calls[kind] = self.calls.get(kind, 0) + 1
             self.local.depth = depth + 1
@@ -154,7 +158,9 @@ def worker(args) -> int:
             tie_word_embeddings=False,
             attn_implementation="sdpa",
         )
-        model = D.shard_model(LlamaForCausalLM(cfg).float().eval())
+        model = D.parallelize(
+            LlamaForCausalLM(cfg).float().eval(), args.parallel, replicate=args.replicate
+        )
         g = torch.Generator().manual_seed(1)
         ws, r = D.world_size(), D.rank()
         if args.rows % ws:
@@ -249,6 +255,9 @@ def launcher(args) -> int:
         args.reorth,
         "--basis-dtype",
         args.basis_dtype,
+        "--parallel",
+        args.parallel,
+        *(["--replicate", str(args.replicate)] if args.replicate else []),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for ws in args.world_sizes:
@@ -324,7 +333,7 @@ def launcher(args) -> int:
     num_params = results[args.world_sizes[0]][0]["num_params"]
     print(
         f"\nLlama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {num_params / 1e6:.2f} M params (fp32); "
-        f"{args.batches} batches x {args.rows} rows x {args.seq} tokens, global; torch {torch.__version__}, "
+        f"{args.batches} batches x {args.rows} rows x {args.seq} tokens, global; --parallel {args.parallel}; torch {torch.__version__}, "
         f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS=1 per rank\n"
     )
     hdr = (
@@ -412,8 +421,11 @@ def _plan_table(args, results, num_params) -> list[dict]:
     lines = [hdr]
     for ws, ranks in results.items():
         rk = max(ranks, key=lambda r: r["peak_rss_above_start_bytes"])
+        parallel = args.parallel if ws > 1 else "fsdp"
         kw = dict(
             world_size=ws,
+            parallel=parallel,
+            replicate=(args.replicate or 1) if parallel == "hsdp" else 1,
             num_steps=args.lanczos_steps,
             reorth=reorth,
             basis_dtype=args.basis_dtype,
@@ -465,6 +477,8 @@ def main(argv=None) -> int:
         "--rows", type=int, default=4, help="sequences per global batch (split over ranks)"
     )
     ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--parallel", choices=["fsdp", "dp", "hsdp"], default="fsdp")
+    ap.add_argument("--replicate", type=int, default=None, help="replicas for --parallel hsdp")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument(

@@ -11,6 +11,11 @@
   (the curvlinops core). Where PyTorch has no forward-mode derivative for an op's backward it
   raises :class:`JvpUnsupported`; ``HessianOperator`` then falls back to :func:`hvp_exact`.
 
+Activation checkpointing (``torch.utils.checkpoint``, Hugging Face
+``gradient_checkpointing_enable()``) changes no number: fd and exact (non-reentrant checkpoint)
+give the products without it; jvp cannot run through it and falls back to exact; exact through
+a reentrant checkpoint (``use_reentrant=True``) raises ``NotImplementedError`` naming the fix.
+
 Each returns ``H v`` (local shards, ``obj.vector_dtype``) normalised as the objective says
 (``/ Σ w_b`` for ``reduction="mean"``).
 
@@ -244,6 +249,20 @@ def _explain_second_order(method: str):
                 "torch.func forward-over-reverse cannot run a model that updates a tensor in "
                 "place while it computes the loss (batch-norm running statistics in train mode, "
                 f"a cache): {first}"
+            ) from e
+        if method == "jvp" and ("saved tensor hooks" in msg or "setup_context" in msg):
+            raise JvpUnsupported(
+                "torch.func forward-over-reverse cannot run through activation checkpointing "
+                "(torch.utils.checkpoint, Hugging Face gradient_checkpointing_enable()) or another "
+                f"custom autograd.Function: {first}"
+            ) from e
+        if method == "exact" and "use_reentrant=True" in msg:
+            raise NotImplementedError(
+                "method='exact' cannot differentiate twice through activation checkpointing "
+                "with use_reentrant=True (torch.utils.checkpoint, or Hugging Face "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                "True})). Checkpoint with use_reentrant=False (Hugging Face's default), or use "
+                f"method='fd'. PyTorch: {first}"
             ) from e
         if method == "jvp" and ("forward AD" in msg or "forward-mode" in msg):
             raise JvpUnsupported(

@@ -383,7 +383,7 @@ def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> None:
     """
     groups = basis.groups(ts)
     for _ in range(2 if groups else 0):
-        c = _dist.all_reduce_sum(basis.dots(groups, w))
+        c = _dist.sum_over_shards(basis.dots(groups, w))
         basis.subtract(groups, c, w)
 
 

@@ -25,7 +25,9 @@ It owns what an operator must get right around the loss, so that the HVP backend
   batch like a full one);
 - the guards: the same data on every pass, a deterministic loss (``check_determinism``), the
   same number of batches on every rank; finite losses and results, with the first bad batch
-  named;
+  named; a model sharded only in part (parameters outside every ``fully_shard`` module, whose
+  gradients FSDP2 never reduces) and a reentrant activation checkpoint that hides parameters
+  from backward (inputs that need no gradient) are refused;
 - :meth:`Objective.gradient` ``-> (loss, grad)``.
 
 >>> from hessian_spectra.testing import make_problem
@@ -41,6 +43,7 @@ import contextlib
 import copy
 import difflib
 import math
+import warnings
 
 import torch
 
@@ -192,12 +195,17 @@ class Objective:
         self._sizes_checked = False
         self.param_names, self.params = _select_params(model, params)
         self.sharded = any(_dist.is_sharded(p) for p in self.params)
+        if self.sharded and _dist.world_size() > 1:
+            _refuse_partly_sharded(self.param_names, self.params)
         if _dist.world_size() > 1 and not self.sharded:
             raise ValueError(
                 f"running with world size {_dist.world_size()} but the model's parameters are "
-                "not sharded: shard it with hessian_spectra.distributed.shard_model(model) "
-                "(FSDP2), or run in one process"
+                "not sharded: spread it with hessian_spectra.distributed.parallelize(model, "
+                "'fsdp' | 'hsdp' | 'dp') (FSDP2), or run in one process"
             )
+        # which ranks hold which piece: the group that vectors' dots and norms reduce over
+        self.layout = _dist.layout_of(self.params)
+        _dist.use_layout(self.layout)
         self.num_params = sum(p.numel() for p in self.params)  # DTensor.numel() is global
         dtypes = {p.dtype for p in self.params}
         self.param_dtype = min(dtypes, key=lambda d: torch.finfo(d).bits)
@@ -206,6 +214,7 @@ class Objective:
         # multiplying back gives the sum over ranks, normalised by the global weight.
         self.grad_scale = _dist.gradient_scale(model) if self.sharded else 1.0
         self._theta_norms = None
+        self._cut_checked = False  # the first gradient pass looks for a reentrant-checkpoint cut
 
     def with_batches(self, batches) -> Objective:
         """The same objective (model, loss, parameters, mode, reduction) on other ``batches``;
@@ -295,14 +304,25 @@ class Objective:
         return normalise(self.loss_fn(self.model, batch), i, zero)
 
     def grad_pass(self, sign: float, desc: str) -> PassRecord:
-        """Accumulate ``sign · Σ_b w_b ∇l_b`` into the parameters' ``.grad``."""
+        """Accumulate ``sign · Σ_b w_b ∇l_b`` into the parameters' ``.grad``.
+
+        The first pass also refuses a reentrant activation checkpoint that cut the graph
+        (:func:`_watch_checkpoint_cut`): parameters it hid would get no gradient, silently.
+        """
         rec = PassRecord()
-        for i, batch, zero in self.iter_batches(desc):
-            loss, w, given = self.forward(batch, i, zero)
-            if not loss.requires_grad:
-                raise _no_graph_error(i)
-            (loss * (w.to(loss.dtype) * sign)).backward()
-            rec.add(i, batch, loss, w, given)
+        watch = contextlib.nullcontext([]) if self._cut_checked else _watch_checkpoint_cut()
+        with watch as cut:
+            for i, batch, zero in self.iter_batches(desc):
+                loss, w, given = self.forward(batch, i, zero)
+                if not loss.requires_grad:
+                    raise _no_graph_error(i)
+                (loss * (w.to(loss.dtype) * sign)).backward()
+                rec.add(i, batch, loss, w, given)
+        if cut:
+            hidden = [n for n, p in zip(self.param_names, self.params) if p.grad is None]
+            if hidden:
+                raise _checkpoint_cut_error(hidden)
+        self._cut_checked = True
         return rec
 
     def read_grads(self) -> Vector:
@@ -404,7 +424,12 @@ class Objective:
         return None
 
     def first_use(self) -> None:
-        """The guards run once before the first pass (module docstring)."""
+        """The guards run once before the first pass (module docstring); and, before every
+        pass, this objective's parameter layout made the one vectors reduce by.
+        """
+        _dist.use_layout(self.layout)
+        if not self._checked and self.layout.replicate_size > 1:
+            _dist.check_replicas([_dist.local(p).detach() for p in self.params])
         if not self._checked and self.sharded:
             try:
                 n = len(self.batches)
@@ -511,6 +536,58 @@ def _check_batches(batches):
             "larger than the text."
         ) from None
     return batches
+
+
+def _refuse_partly_sharded(names: list[str], params: list[torch.Tensor]) -> None:
+    """Refuse parameters outside every FSDP2 module when others are sharded (world size > 1):
+    FSDP2 does not reduce their gradients, so each rank would see only its own data's.
+    """
+    plain = [n for n, p in zip(names, params) if not _dist.is_sharded(p)]
+    if plain:
+        more = ", ..." if len(plain) > 3 else ""
+        raise ValueError(
+            f"the model is only partly sharded: {len(plain)} of the {len(params)} parameters "
+            f"({', '.join(plain[:3])}{more}) belong to no fully_shard module, so FSDP2 does not "
+            "reduce their gradients across ranks and their Hessian rows would hold one rank's "
+            "data. Call fully_shard(model) on the root after your own blocks (it takes every "
+            "parameter left), or shard with hessian_spectra.distributed.shard_model(model)."
+        )
+
+
+# torch.utils.checkpoint(use_reentrant=True) warns this and returns an output without a graph
+_CHECKPOINT_CUT = "None of the inputs have requires_grad=True"
+
+
+@contextlib.contextmanager
+def _watch_checkpoint_cut():
+    """Yield a list that holds ``True`` after the block if a reentrant checkpoint ran with no
+    input that requires grad (its parameters then get no gradient; PyTorch only warns). Every
+    other warning is passed on as it came.
+    """
+    cut: list[bool] = []
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", message=_CHECKPOINT_CUT)
+            yield cut
+    finally:
+        for w in caught:
+            if _CHECKPOINT_CUT in str(w.message):
+                cut[:] = [True]
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def _checkpoint_cut_error(hidden: list[str]) -> ValueError:
+    more = ", ..." if len(hidden) > 3 else ""
+    return ValueError(
+        "activation checkpointing with use_reentrant=True ran a checkpointed block none of whose "
+        f"inputs requires grad, so its parameters ({', '.join(hidden[:3])}{more}; {len(hidden)} "
+        "tensors) get no gradient and their Hessian rows would be zero (PyTorch only warns: "
+        f"'{_CHECKPOINT_CUT}'). Checkpoint with use_reentrant=False, or make the block's inputs "
+        "require grad (Hugging Face: model.enable_input_require_grads()); if these parameters "
+        "are unused by the loss, leave them out of params."
+    )
 
 
 def _select_params(model, params):

@@ -4,17 +4,20 @@ A *vector* is a ``list[torch.Tensor]`` with one tensor per entry of ``op.params`
 same shape as that parameter's **local** data (``p.to_local()`` under FSDP2, ``p`` itself
 otherwise). Every reduction here (``dot``, ``norm``) is accumulated in float64 and is
 *global*: under ``torch.distributed`` with more than one rank, the local float64 sums are
-all-reduced as one small tensor, so callers never need to know whether they run sharded.
+all-reduced as one small tensor over the ranks that hold different pieces of the parameters
+(all ranks under FSDP, the shard group under HSDP, none under plain data parallelism:
+:func:`hessian_spectra.distributed.sum_over_shards`), so every entry counts once and callers
+never need to know whether they run sharded.
 
 Random probes: each parameter's flattened tensor is cut into fixed blocks of
 ``_PROBE_BLOCK`` (2^22) entries and block ``k`` is drawn from a ``torch.Generator`` seeded from
 ``(seed, parameter name, k)``. A rank draws only the blocks that overlap its own shard (FSDP2's
-``Shard(0)`` rows are one contiguous span of the flattened tensor), so a probe is the same
-vector at every world size and needs one block (4 MiB of int8 for Rademacher, 16 MiB of
-float32 for Gaussian) of temporary memory beyond the local shard, however large the
-parameter. (The CPU generator, Mersenne Twister, cannot skip ahead, hence blocks rather than
-an offset into one stream.) For any other sharding layout the whole parameter is drawn and
-the local piece kept.
+``Shard(0)`` rows are one contiguous span of the flattened tensor, also under HSDP, where
+every replica draws the same span), so a probe is the same vector at every world size and
+needs one block (4 MiB of int8 for Rademacher, 16 MiB of float32 for Gaussian) of temporary
+memory beyond the local shard, however large the parameter. (The CPU generator, Mersenne
+Twister, cannot skip ahead, hence blocks rather than an offset into one stream.) For any other
+sharding layout the whole parameter is drawn and the local piece kept.
 
 >>> import torch
 >>> u = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # two parameters: shapes (2,), (1, 1)
@@ -151,7 +154,7 @@ def dots(basis: Sequence[Vector], w: Vector) -> torch.Tensor:
     if not basis:
         return torch.zeros(0, dtype=torch.float64)
     out = _local_sums([(q, w) for q in basis])
-    return _dist.all_reduce_sum(out)
+    return _dist.sum_over_shards(out)
 
 
 def dot(u: Vector, v: Vector) -> float:
@@ -173,7 +176,7 @@ def tensor_norms(v: Vector) -> list[float]:
     """
     if not v:
         return []
-    sq = _dist.all_reduce_sum(_local_sums([([t], [t]) for t in v]))
+    sq = _dist.sum_over_shards(_local_sums([([t], [t]) for t in v]))
     return [float(x) ** 0.5 for x in sq.tolist()]
 
 

@@ -109,6 +109,17 @@ def test_public_names_kept():
         "broadcast_object",
         "DEFAULT_TIMEOUT_S",
         "TIMEOUT_ENV",
+        # the parallel setups (fsdp / hsdp / dp) and the layout vectors reduce by
+        "PARALLEL",
+        "parallelize",
+        "make_mesh",
+        "replicate_size",
+        "Layout",
+        "layout_of",
+        "use_layout",
+        "current_layout",
+        "sum_over_shards",
+        "check_replicas",
     }
     assert set(D.__all__) == names
     assert all(hasattr(D, n) for n in names)

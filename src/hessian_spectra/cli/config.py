@@ -16,9 +16,10 @@ from .._checks import DTYPES, check_positive_int
 from ..data import DataConfig
 from .options import DEFAULTS
 
-__all__ = ["CURVATURES", "RunConfig", "from_namespace"]
+__all__ = ["CURVATURES", "PARALLEL_SETUPS", "RunConfig", "from_namespace", "resolve_parallel"]
 
 _METHODS = ("fd", "exact", "jvp")
+PARALLEL_SETUPS = ("none", "fsdp", "hsdp", "dp")
 CURVATURES = ("hessian", "ggn", "ef")
 # run settings that are not part of the analysed problem, hence not in result.json's config
 _NOT_SAVED = ("options", "threads", "quiet", "debug")
@@ -84,6 +85,12 @@ class RunConfig:
     (empirical Fisher)."""
     params: tuple | None = None
     """Names of the parameters to analyse (None: all)."""
+    parallel: str = "none"
+    """How the model is spread over the ranks under torchrun: ``fsdp``, ``hsdp`` or ``dp``
+    (``none``: one process, nothing to spread)."""
+    replicate: int | None = None
+    """Copies of the model (1 for fsdp, the world size for dp, R for hsdp; None in one
+    process)."""
     seed: int = 0
     """Probe s uses seed + s."""
     out: str = "runs/out"
@@ -124,6 +131,8 @@ class RunConfig:
             raise ValueError("give either num_batches or subsample, not both")
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        if self.parallel not in PARALLEL_SETUPS:
+            raise ValueError(f"parallel must be one of {PARALLEL_SETUPS}, got {self.parallel!r}")
         if self.loss_on not in ("all", "completion"):
             raise ValueError(f"loss_on must be 'all' or 'completion', got {self.loss_on!r}")
         if self.params is not None and not isinstance(self.params, tuple):
@@ -163,10 +172,35 @@ class RunConfig:
         return d
 
 
+def resolve_parallel(parallel: str | None, replicate: int | None, world_size: int):
+    """``(parallel, replicate)`` as run: ``("none", None)`` in one process, else the setup
+    (default ``fsdp``) and its number of copies; a ``ValueError`` naming the flag for a setting
+    that cannot work (also in one process, where ``--replicate 2`` cannot be honoured).
+
+    >>> resolve_parallel(None, None, 4), resolve_parallel("hsdp", 2, 4)
+    (('fsdp', 1), ('hsdp', 2))
+    >>> resolve_parallel("dp", None, 1)
+    ('none', None)
+    """
+    from ..distributed import replicate_size
+
+    if replicate is not None and parallel != "hsdp":
+        raise ValueError(
+            f"--replicate {replicate} applies to --parallel hsdp (got --parallel "
+            f"{parallel or 'fsdp (the default)'})"
+        )
+    setup = parallel or "fsdp"
+    R = replicate_size(setup, replicate, world=world_size)  # its words become flags (errors)
+    return ("none", None) if world_size == 1 else (setup, R)
+
+
 def from_namespace(ns, command, world_size: int) -> RunConfig:
     """A ``RunConfig`` from parsed arguments; ``command`` resolves its options and method."""
     shared = {f.name for f in dataclasses.fields(RunConfig)} - {"command", "options", "method"}
     kw = {k: getattr(ns, k) for k in shared if hasattr(ns, k)}
+    kw["parallel"], kw["replicate"] = resolve_parallel(
+        getattr(ns, "parallel", None), getattr(ns, "replicate", None), world_size
+    )
     method = ns.method if ns.method != "auto" else ("fd" if world_size > 1 else "exact")
     options = command.options_from(ns, world_size)
     method, eps = command.resolve_method(method, kw.get("eps"))

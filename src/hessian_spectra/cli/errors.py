@@ -82,6 +82,8 @@ _FLAG_NAMES = (
     "threads",
     "max_fd_error",
     "stencil",
+    "parallel",
+    "replicate",
 )
 _ALIASES = {
     "num_steps": "steps",

@@ -295,6 +295,25 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
         "may use, minus those busy with other processes when it starts, at "
         "least 1; OMP_NUM_THREADS, when set, is respected)",
     )
+    r.add_argument(
+        "--parallel",
+        choices=["fsdp", "dp", "hsdp"],
+        default=None,
+        help="under torchrun, how the model is spread over the ranks (the data is always "
+        "split over all of them): fsdp (default) = FSDP2, each rank holds 1/N of the "
+        "parameters, gradients and Lanczos vectors; dp = a whole copy per rank, gradients "
+        "all-reduced: faster when the model, its gradient and the Lanczos vectors fit on "
+        "one device (FSHP App. B); hsdp = shard over N/R ranks, R copies (--replicate R). "
+        "Nothing to spread in one process",
+    )
+    r.add_argument(
+        "--replicate",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="--parallel hsdp: the number of copies of the model (e.g. the number of "
+        "nodes); the world size must be divisible by R",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--debug", action="store_true", help="full tracebacks and library logging")
 

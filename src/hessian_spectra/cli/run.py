@@ -153,6 +153,7 @@ class _Run:
         cfg = from_namespace(self.ns, cmd, self.world_size)
         cmd.check(cfg, self.world_size)
         check_curvature(cfg, self.world_size)
+        check_parallel_method(cfg, self.world_size)
         threads = choose_threads(cfg.threads, ranks_on_node=_ranks_on_node(self.world_size))
         config = cfg.to_dict()
 
@@ -205,8 +206,15 @@ class _Run:
             )
         model = problem.model
         if self.world_size > 1:
-            sharded = distributed.shard_model(model)
-            model = sharded if sharded is not None else model
+            model = distributed.parallelize(model, cfg.parallel, replicate=cfg.replicate)
+            log.info(
+                "parallel: %s over %d ranks (%d cop%s of the model, each split over %d)",
+                cfg.parallel,
+                self.world_size,
+                cfg.replicate,
+                "y" if cfg.replicate == 1 else "ies",
+                self.world_size // cfg.replicate,
+            )
 
         self.op = op = build_operator(cfg, model, problem)
         result = self.result = RunResult(
@@ -396,8 +404,21 @@ def check_curvature(cfg, world_size: int) -> None:
         raise CliError("--curvature ggn takes --method exact or fd (jvp is a Hessian method)")
     if cfg.curvature == "ef" and world_size > 1:
         raise CliError(
-            "--curvature ef runs in one process (per-example gradients are not "
-            "available under FSDP2): run without torchrun, or use --curvature ggn"
+            f"--curvature ef runs in one process (per-example gradients are not "
+            f"available under FSDP2, --parallel {cfg.parallel} included): run without "
+            "torchrun, or use --curvature ggn"
+        )
+
+
+def check_parallel_method(cfg, world_size: int) -> None:
+    """Refuse --method exact/jvp under torchrun (every --parallel setup runs FSDP2 hooks),
+    before anything is loaded.
+    """
+    if world_size > 1 and cfg.curvature != "ef" and cfg.method != "fd":
+        raise CliError(
+            f"--method {cfg.method} is not available under torchrun (--parallel "
+            f"{cfg.parallel}): FSDP2 has no double backward or forward AD through its hooks; "
+            "use --method fd (the default under torchrun), or run in one process"
         )
 
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 import torch
 
 try:  # public since torch 2.5
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - torch < 2.5: the same classes at their private path
-    from torch.distributed._tensor import DTensor, Shard, distribute_tensor  # type: ignore
+    from torch.distributed._tensor import (  # type: ignore
+        DTensor,
+        Replicate,
+        Shard,
+        distribute_tensor,
+    )
 
 __all__ = [
     "DTensor",
+    "Replicate",
     "Shard",
     "distribute_tensor",
     "fsdp_api",

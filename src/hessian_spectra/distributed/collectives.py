@@ -30,14 +30,20 @@ def _backend_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:
     buf = t.detach().to(_backend_device(), copy=True)
-    dist.all_reduce(buf, op=op)
+    dist.all_reduce(buf, op=op, group=group)
     return buf.to(t.device)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over all ranks (returns ``t`` itself in one process)."""
+    """Sum of ``t`` over all ranks (returns ``t`` itself in one process).
+
+    For sums over the *data* (losses, weights), which is split over all ranks. A local sum
+    over a parameter-space vector is reduced with
+    :func:`~hessian_spectra.distributed.sum_over_shards` instead (under HSDP or ``dp``, ranks
+    hold copies of the same entries).
+    """
     return _all_reduce(t, dist.ReduceOp.SUM) if world_size() > 1 else t
 
 

@@ -235,7 +235,11 @@ def shard_model(
         blocks: see :func:`find_blocks` (default: transformer blocks found automatically).
         reshard_after_forward: free each block's gathered parameters after its forward (memory:
             one gathered block at a time) at the price of a second all-gather in backward.
-        mesh: a 1-D ``DeviceMesh`` (default: all ranks).
+        mesh: a ``DeviceMesh`` of all ranks: 1-D (FSDP, the default: all ranks) or 2-D
+            ``(replicate, shard)`` (HSDP: rows split over the shard dimension, copied over the
+            replicate one; a shard size of 1 is plain data parallelism). Build one with
+            :func:`~hessian_spectra.distributed.make_mesh`, or call
+            :func:`~hessian_spectra.distributed.parallelize`.
         mp_policy: an FSDP2 ``MixedPrecisionPolicy`` (default: none; FD HVPs want fp32).
         broadcast_from_rank0: when the weights differ between ranks, copy rank 0's parameters
             and buffers to every rank (and log a warning on logger
@@ -247,6 +251,11 @@ def shard_model(
     if isinstance(model, FSDPModule):
         raise ValueError(  # noqa: TRY004 - a wrong value of the right type
             "the model is already sharded with fully_shard; pass it to HessianOperator as is"
+        )
+    if mesh is not None and (mesh.ndim > 2 or mesh.size() != world_size()):
+        raise ValueError(
+            f"shard_model: mesh of shape {tuple(mesh.shape)} for {world_size()} ranks; pass a "
+            "1-D mesh (FSDP) or a 2-D (replicate, shard) mesh (HSDP) of all ranks"
         )
     _same_weights_on_all_ranks(model, broadcast_from_rank0)
     if mesh is None:

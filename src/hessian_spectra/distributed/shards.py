@@ -1,10 +1,13 @@
 """DTensor shard geometry: which part of a parameter this rank holds.
 
 Under FSDP2 a parameter is a ``DTensor`` placed ``Shard(0)`` on a 1-D mesh: each rank holds a
-contiguous block of rows. A vector in this package holds each parameter's *local* shard; these
-helpers find that shard (:func:`local`), where it lies in the flattened global tensor
-(:func:`local_flat_range`) and cut the matching piece out of a full tensor (:func:`local_piece`).
-For a plain tensor each is the identity.
+contiguous block of rows. Under HSDP (a 2-D mesh, placements ``(Replicate(), Shard(0))``) the
+rows are split over the shard dimension and every replica holds the same block; with a shard
+dimension of size 1 (plain data parallelism) every rank holds the whole parameter. A vector in
+this package holds each parameter's *local* shard; these helpers find that shard
+(:func:`local`), where it lies in the flattened global tensor (:func:`local_flat_range`) and cut
+the matching piece out of a full tensor (:func:`local_piece`). For a plain tensor each is the
+identity.
 
 >>> import torch
 >>> p = torch.zeros(3, 4)
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._private import DTensor, Shard, distribute_tensor, local_shape_and_offset
+from ._private import DTensor, Replicate, Shard, distribute_tensor, local_shape_and_offset
 
 __all__ = ["is_sharded", "local", "local_flat_range", "local_piece"]
 
@@ -38,14 +41,18 @@ def local(p: torch.Tensor) -> torch.Tensor:
 def local_flat_range(p: torch.Tensor) -> tuple[int, int] | None:
     """``(start, stop)``: the span of ``p``'s row-major flattened *global* tensor held locally.
 
-    ``(0, numel)`` for a plain tensor. For a DTensor sharded by rows (``Shard(0)`` on a 1-D
-    mesh, FSDP2's default) the local rows are one contiguous span of the flattened tensor. None
-    for any other layout, or when DTensor's private placement helper is unavailable (the caller
-    then falls back to :func:`local_piece`).
+    ``(0, numel)`` for a plain tensor. For a DTensor sharded by rows on one mesh dimension and
+    replicated on the others (``Shard(0)`` on a 1-D mesh, FSDP2's default; ``(Replicate(),
+    Shard(0))`` under HSDP; only ``Replicate()``: every rank holds it whole) the local rows
+    are one contiguous span of the flattened tensor. None for any other layout, or when
+    DTensor's private placement helper is unavailable (the caller then falls back to
+    :func:`local_piece`).
     """
     if not isinstance(p, DTensor):
         return 0, p.numel()
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+    placements = tuple(p.placements)
+    shards = [q for q in placements if q == Shard(0)]
+    if len(shards) > 1 or any(q != Shard(0) and q != Replicate() for q in placements):
         return None
     found = local_shape_and_offset(p)
     if found is None:
