@@ -325,14 +325,55 @@ def test_blockdiag_equals_the_api(tmp_path, capsys):
         )
         for k in ("rel_error", "cosine", "abs_error"):
             assert x[k] == pytest.approx(y[k], rel=1e-10), k
+    assert [(b["kind"], b["layer"]) for b in r["blockdiag"]["blocks"][:2]] == [
+        ("layer", 0),
+        ("layer", 1),
+    ]  # no transformer layers: the module blocks are the layers, and the result says so
+    assert r["blockdiag"]["config"]["layers_found"] is False
     s, rs = r["summary"], rep.summary()
     assert s["num_blocks"] == rs["num_blocks"] == 2
+    assert s["num_probes"] == 2 and s["num_extra_blocks"] == 0
     for k in ("rel_error", "cosine", "abs_error"):
         assert s[f"{k}_mean"] == pytest.approx(rs[k]["mean"], rel=1e-10)
         assert s[f"{k}_std"] == pytest.approx(rs[k]["std"], rel=1e-8, abs=1e-14)
     assert r["timings"]["num_hvps"] == 2 * 3
     (out / "blockdiag.png").unlink()  # `plot` re-draws it from result.json
     assert run(["plot", out]) == EXIT_OK and (out / "blockdiag.png").exists()
+
+
+def test_blockdiag_on_a_transformer_reports_layers_and_extras(tiny_hf, tmp_path, capsys):
+    """FSHP §6 on a 2-layer Llama folder: num_blocks is 2 (the layers), the embeddings and final
+    norm are extra rows (kind "extra", layer None) outside the statistics; the summary pools the
+    layer rows of both probes; the table and summary say which rows are extra."""
+    folder, text = tiny_hf
+    out = tmp_path / "bd"
+    args = ["blockdiag", "--model", folder, "--data", text, "--seq-len", 16, "--batch-size", 2]
+    args += ["--num-batches", 1, "--method", "exact", "--probes", 2, "--out", out]
+    assert run(args) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "2 layer(s) (+2 extra, not in the statistics)" in printed
+    assert "model.norm" in printed and "extra" in printed
+    assert (out / "blockdiag.png").read_bytes()[:4] == b"\x89PNG"
+    r = load_result(out)
+    bd, s = r["blockdiag"], r["summary"]
+    rows = bd["blocks"]
+    assert [(b["block"], b["kind"], b["layer"]) for b in rows[:4]] == [
+        ("model.layers.0", "layer", 0),
+        ("model.layers.1", "layer", 1),
+        ("model.embed_tokens", "extra", None),
+        ("model.norm", "extra", None),
+    ]
+    assert len(rows) == 2 * 4 and bd["config"]["layers_found"] is True
+    assert (s["num_blocks"], s["num_probes"], s["num_extra_blocks"]) == (2, 2, 2)
+    assert r["timings"]["num_hvps"] == 2 * (4 + 1)
+    layer_rows = [b for b in rows if b["kind"] == "layer"]
+    for k in ("abs_error", "rel_error", "cosine"):
+        x = np.array([b[k] for b in layer_rows])
+        assert s[f"{k}_mean"] == pytest.approx(x.mean(), rel=1e-12)
+        assert s[f"{k}_std"] == pytest.approx(x.std(), rel=1e-12)
+        assert s[f"{k}_mean"] == pytest.approx(bd["summary"][k]["mean"], rel=1e-12)
+    assert set(bd["summary"]["extra"]) == {"model.embed_tokens", "model.norm"}
+    assert [p["block"] for p in bd["per_block"]] == [b["block"] for b in rows[:4]]
 
 
 def test_eps_sweep_equals_the_api(tmp_path):

@@ -3,6 +3,7 @@ the user's umask, and the overlay of several runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -74,3 +75,21 @@ def test_overlay_and_errors(runs, tmp_path):
     assert p.stat().st_size > 0
     with pytest.raises(ValueError, match="no spectral density"):
         plot_density(runs["trace"], tmp_path / "x.png")
+
+
+def test_blockdiag_figure_from_a_result_saved_before_layer_rows(runs, tmp_path):
+    """A blockdiag result.json saved before rows had kind/layer and before per_block (all its
+    blocks then counted alike) still draws, as layers; a run without the test is refused."""
+    from hessian_spectra.plots import plot_blockdiag
+
+    old = json.loads(json.dumps(runs["blockdiag"]))
+    bd = old["blockdiag"]
+    del bd["per_block"]
+    for row in bd["blocks"]:
+        del row["kind"], row["layer"]
+    for k in ("num_probes", "num_extra_blocks", "num_undefined", "extra"):
+        del bd["summary"][k]
+    p = plot_blockdiag(old, tmp_path / "old.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no block-diagonal test"):
+        plot_blockdiag(runs["trace"], tmp_path / "x.png")

@@ -4,7 +4,13 @@ Faithful (the true Hessian: exact double-backward / forward-over-reverse HVPs, o
 central finite differences), fast (an HVP costs about two gradients) and scalable (FSDP2).
 """
 
-from .blockdiag import BlockDiagReport, BlockRow, block_diagonal_test, default_blocks
+from .blockdiag import (
+    BlockDiagReport,
+    BlockRow,
+    block_diagonal_test,
+    default_blocks,
+    layer_blocks,
+)
 from .density import SpectralDensity, slq
 from .estimators import TRACE_METHODS, EigResult, TraceEstimate, top_eigenvalues, trace
 from .fd_step import FDAccuracyError, FDError, FDEstimate, default_eps_scale, fit_error_model
@@ -81,6 +87,7 @@ __all__ = [
     "BlockDiagReport",
     "BlockRow",
     "default_blocks",
+    "layer_blocks",
     "cg_solve",
     "CGInfo",
     "influence",

@@ -5,7 +5,8 @@
 - ``plot_ritz``: quadrature weights against Ritz values (nodes), a stem plot per probe on a
   log weight axis (as FSHP Fig. 8).
 - ``plot_eigs``: the extreme Ritz values of an ``eigs`` run with their residual bounds.
-- ``plot_blockdiag``: per-block rel_error and cosine of a ``blockdiag`` run (mean over probes).
+- ``plot_blockdiag``: per layer, abs_error, rel_error and cosine of a ``blockdiag`` run (mean ±
+  std over probes; extra blocks apart), titled with FSHP Table 6's summary.
 - ``plot_eps_sweep``: FD relative error against the step eps, log-log, of an ``eps-sweep`` run.
 - ``plot_sweep``: the cells of a ``sweep`` as a grid of density overlays (FSHP Figs 3–6).
 """
@@ -184,39 +185,85 @@ def plot_eigs(result: dict, path, *, title=None):
 
 
 def plot_blockdiag(result: dict, path, *, title=None):
-    """Per-block rel_error (left) and cosine (right) of a ``blockdiag`` run, mean over probes."""
+    """Per layer, the block test's abs_error, rel_error and cosine (three panels, one above the
+    other; mean ± std over probes as error bars) of a ``blockdiag`` run, in layer order; the
+    extra blocks (embeddings, final norm, head) as hollow markers in a labelled group on the
+    right. The title is FSHP Table 6's summary: mean ± std over layers and probes, and the
+    number of layer blocks.
+    """
     plt = _plt()
     b = result.get("blockdiag")
     if not b:
         raise ValueError("this result has no block-diagonal test (only `blockdiag` runs do)")
-    names = list(dict.fromkeys(r["block"] for r in b["blocks"]))
 
-    def per_block(key):
-        return np.array(
-            [
-                np.nanmean(
-                    [np.nan if r[key] is None else r[key] for r in b["blocks"] if r["block"] == n]
-                )
-                for n in names
-            ],
-            dtype=float,
-        )
+    def rows_per_block(rows: list[dict]) -> list[dict]:
+        # mean ± std over probes per block, for a result saved before `per_block` (all layers)
+        out = []
+        for i, name in enumerate(dict.fromkeys(r["block"] for r in rows)):
+            mine = [r for r in rows if r["block"] == name]
+            d = {"block": name, "kind": "layer", "layer": i}
+            for k in ("abs_error", "rel_error", "cosine"):
+                x = np.array([np.nan if r[k] is None else r[k] for r in mine], dtype=float)
+                x = x[np.isfinite(x)]
+                m, sd = (float(x.mean()), float(x.std())) if x.size else (None, None)
+                d[k] = {"mean": m, "std": sd}
+            out.append(d)
+        return out
 
-    x = np.arange(len(names))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 0.35 * len(names) + 4), 4.2))
-    a1.bar(x, per_block("rel_error"), color="C3")
-    a1.set_ylabel("rel_error  ||(Hv)_b − (H v_b)_b|| / ||(Hv)_b||")
-    a2.bar(x, per_block("cosine"), color="C0")
-    a2.set_ylabel("cosine((Hv)_b, (H v_b)_b)")
-    a2.set_ylim(min(0.0, float(np.nanmin(per_block("cosine"))) - 0.05) if len(names) else 0.0, 1.05)
-    for a in (a1, a2):
-        a.set_xticks(x)
-        a.set_xticklabels(names, rotation=90, fontsize=7)
-        a.grid(alpha=0.3, axis="y")
-    n = b.get("config", {}).get("num_probes", 1)
+    rows = b.get("per_block") or rows_per_block(b["blocks"])  # older runs: rows only
+    layers = [r for r in rows if r.get("kind", "layer") == "layer"]
+    extras = [r for r in rows if r.get("kind", "layer") == "extra"]
+    xl = np.arange(len(layers), dtype=float)
+    xe = len(layers) + 1 + np.arange(len(extras), dtype=float)
+
+    def mean_std(rs, key):
+        m = np.array([np.nan if r[key]["mean"] is None else r[key]["mean"] for r in rs], float)
+        s = np.array([np.nan if r[key]["std"] is None else r[key]["std"] for r in rs], float)
+        return m, np.nan_to_num(s)
+
+    panels = [
+        ("abs_error", "abs_error ||(H_block v − Hv)_b||", "C2"),
+        ("rel_error", "rel_error: that / ||(Hv)_b||", "C3"),
+        ("cosine", "cosine((Hv)_b, (H v_b)_b)", "C0"),
+    ]
+    fig, axes = plt.subplots(3, 1, figsize=(max(7, 0.25 * (len(rows) + 1) + 2), 8), sharex=True)
+    for a, (key, label, color) in zip(axes, panels):
+        m, s = mean_std(layers, key)
+        a.errorbar(xl, m, yerr=s, fmt="o-", color=color, ms=4, capsize=2, label="layers")
+        if extras:
+            m, s = mean_std(extras, key)
+            a.errorbar(
+                xe, m, yerr=s, fmt="o", mfc="none", color=color, ms=5, capsize=2, label="extra"
+            )
+            a.axvline(len(layers), color="0.7", lw=0.8, ls=":")
+        a.set_ylabel(label, fontsize=8)
+        a.grid(alpha=0.3)
+        ticks = list(xl) + list(xe)
+        names = [str(r.get("layer", i)) for i, r in enumerate(layers)]
+        a.set_xticks(ticks)
+        a.set_xticklabels(names + [r["block"] for r in extras], rotation=90, fontsize=7)
+        for t in a.get_xticklabels()[: len(layers)]:
+            t.set_rotation(0)
+    axes[2].set_xlabel("layer" + (" | extra blocks (not in the statistics)" if extras else ""))
+    axes[2].axhline(1.0, color="0.5", lw=0.8, ls="--")
+    axes[2].legend(fontsize=7)
+    s = b.get("summary") or {}
+
+    def pm(key):
+        x = s.get(key) or {}
+        if x.get("mean") is None:
+            return "n/a"
+        return f"{x['mean']:.3g} ± {x['std']:.2g}" if x.get("std") is not None else "n/a"
+
+    n = s.get("num_probes") or b.get("config", {}).get("num_probes", 1)
     fig.suptitle(
-        title or f"Block-diagonal test ({len(names)} blocks, {n} probe(s); {label_for(result)})",
-        fontsize=10,
+        title
+        or (
+            f"Block-diagonal test, {len(layers)} layer blocks × {n} probe(s): "
+            f"||H_block v − Hv|| {pm('abs_error')}, rel. error {pm('rel_error')}, "
+            f"cosine {pm('cosine')}\n{label_for(result)}"
+        ),
+        fontsize=9,
     )
     fig.tight_layout()
     _save(fig, path)
