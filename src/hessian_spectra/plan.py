@@ -260,6 +260,6 @@ def recommend_parallel(num_params: int, *, world_size: int, device_bytes: int, *
         return "fsdp"
     raise ValueError(
         f"no layout fits {device_bytes / 2**30:.1f} GiB per device: FSDP over {world_size} "
-        f"ranks needs {p.total_bytes / 2**30:.1f} GiB; use a bfloat16 or file basis, fewer "
-        "steps or more ranks"
+        f"ranks needs {p.total_bytes / 2**30:.1f} GiB; keep the basis in files (basis_dir), "
+        "in bfloat16, or use fewer steps or more ranks"
     )
