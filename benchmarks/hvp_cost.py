@@ -5,26 +5,39 @@ embedded SmolLM2-135M by default, or any Hugging Face id / folder / .gguf via ``
 measures, on the same data and in the same run:
 
 - ``grad``: one dataset-averaged gradient, ``op.gradient()``;
-- ``fd`` / ``exact`` / ``jvp``: one HVP, ``op.matvec(v, method=...)``;
-- ``lanczos``: ``--steps`` Lanczos steps (fd HVPs, full reorthogonalisation); reported per step
-  and as the overhead over the HVPs it ran (``(wall − matvec seconds) / matvec seconds``).
+- ``fd`` / ``exact`` / ``jvp``: one HVP, ``op.matvec(v, method=...)`` (``fd``: the default
+  product, calibrated step, error estimate and, where the step was far off, a redo);
+- ``fd-plain``: ``HessianOperator(..., fd_calibration=False)``, two passes and no estimate;
+- ``fd-ref``: the plain reference written inline (hessian-eigenthings style: gradients at
+  θ±εv by ``torch.autograd.grad``, no snapshot, no checks, no estimate);
+- ``lanczos-none`` / ``lanczos-2`` / ``lanczos-full``: ``--steps`` Lanczos steps (fd HVPs)
+  per reorth mode; reported per step, as the overhead over the HVPs it ran (``(wall − matvec
+  seconds) / matvec seconds``) and as that vector work in *copies per step*: units of one
+  ``torch._foreach_copy_`` of a parameter-sized vector (the copy-bandwidth floor, measured in
+  the same process), next to the floor the recurrence must move
+  (``lanczos_vector_work._floor``).
 
-Time is the median over ``--repeats`` calls after one warm-up call. Peak memory is measured on
-the first call in a **fresh subprocess per measurement** (so one measurement cannot hide in
-another's high-water mark): on CUDA ``torch.cuda.max_memory_allocated`` minus the memory
-allocated before the call; on CPU the process's peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs`` right before the call, with glibc's mmap threshold pinned at 64 KiB so
-freed tensors leave the RSS) minus the resident set before the call. Both count everything the
-call allocates: activations, gradients, the FD parameter snapshot and the returned vector.
+Time is the median over ``--repeats`` calls after one warm-up call (which also calibrates the
+fd step), the measurements interleaved round by round. Peak memory is measured on a second
+call in a **fresh subprocess per measurement** (so one measurement cannot hide in another's
+high-water mark; the first call, the fd calibration included, is not counted): on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the call; on CPU the
+process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` right before the
+call, with glibc's mmap threshold pinned at 64 KiB so freed tensors leave the RSS) minus the
+resident set before the call; **plus** what the operator keeps between products (the fd
+snapshot and even-part samples, ``op.fd_buffers.nbytes()``; an older checkout's kept
+gradient). So it counts activations, gradients, the snapshot and the returned vector.
 
 ``fd peak − snapshot`` subtracts the one parameter copy FD keeps to restore the parameters
 bit-for-bit (the "vectors kept" of the target).
 
-Targets: fd ≤ 2.05× gradient time and ≤ 1.10× its peak memory (plus the snapshot); exact ≤
-2.5× gradient time; a Lanczos step adds ≤ 1% to its HVP.
+Targets: fd ≤ 2.05× gradient time at ≥ 512 tokens and ≤ 1.10× its peak memory (net of the
+snapshot); exact ≤ 2.5× gradient time; on the tiny models fd not slower than fd-ref.
 
     python benchmarks/hvp_cost.py                       # tiny models + embedded SmolLM2-135M
     python benchmarks/hvp_cost.py --model none          # tiny models only
+    python benchmarks/hvp_cost.py --no-tiny --threads 1 --batch 2 --seqs 256,1024 \
+        --measure lanczos-none lanczos-2 lanczos-full --no-memory  # Lanczos overhead
     python benchmarks/hvp_cost.py --model HuggingFaceTB/SmolLM2-360M --batch 1 --seq 128
 """
 
@@ -41,7 +54,20 @@ import sys
 import time
 from pathlib import Path
 
-MEASUREMENTS = ("grad", "fd", "exact", "jvp", "lanczos-none", "lanczos-full")
+sys.path.insert(0, str(Path(__file__).parent))
+from lanczos_vector_work import _floor  # noqa: E402  (the vector-work floor, one definition)
+
+MEASUREMENTS = (
+    "grad",
+    "fd",
+    "fd-plain",
+    "fd-ref",
+    "exact",
+    "jvp",
+    "lanczos-none",
+    "lanczos-2",
+    "lanczos-full",
+)
 
 
 # --------------------------------------------------------------------------- memory probes
@@ -233,6 +259,9 @@ def _setup(args):
     ]
     model.eval()
     op = hs.HessianOperator(model, loss_fn, batches, method="fd", check_determinism=False)
+    plain = hs.HessianOperator(
+        model, loss_fn, batches, method="fd", check_determinism=False, fd_calibration=False
+    )
     v = hs.random_probe(op, 0)
 
     def sync():
@@ -241,15 +270,21 @@ def _setup(args):
 
     def call(what):
         """Run one measurement; return the seconds the matvecs inside took (Lanczos only)."""
-        before = op.stats["matvec_seconds"]
+        before = op.stats["matvec_seconds"] + plain.stats["matvec_seconds"]
         if what == "grad":
             op.gradient()
         elif what in ("fd", "exact", "jvp"):
             op.matvec(v, method=what)
+        elif what == "fd-plain":  # fd_calibration=False: two passes, no estimate
+            plain.matvec(v)
+        elif what == "fd-ref":
+            _reference_fd(model, loss_fn, batches, op.params, v, plain.eps_for(v))
         else:  # a fixed start vector, so probe generation is not counted as Lanczos work
-            hs.lanczos(op, args.steps, v0=v, reorth=what.split("-")[1])
+            mode = what.split("-")[1]
+            lop = plain if args.lanczos_plain else op
+            hs.lanczos(lop, args.steps, v0=v, reorth=int(mode) if mode.isdigit() else mode)
         sync()
-        return op.stats["matvec_seconds"] - before
+        return op.stats["matvec_seconds"] + plain.stats["matvec_seconds"] - before
 
     info = {
         "problem": args.problem,
@@ -258,38 +293,108 @@ def _setup(args):
         "param_bytes": int(sum(p.numel() * p.element_size() for p in op.params)),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
     }
-    return device, call, sync, info
+
+    def held(what):
+        """Bytes an operator keeps between products (snapshot, samples; a kept gradient)."""
+        o = plain if what == "fd-plain" else op
+        n = o.fd_buffers.nbytes() if hasattr(o, "fd_buffers") else 0
+        g0 = getattr(o, "_fd_g0", None)  # an older checkout keeps the whole gradient
+        return n + (sum(t.numel() * t.element_size() for t in g0) if g0 is not None else 0)
+
+    def copy_seconds(repeats=5):
+        """One ``torch._foreach_copy_`` of a parameter-sized vector (the copy-bandwidth unit)."""
+        a = [torch.ones_like(t) for t in v]
+        b = [torch.ones_like(t) for t in v]
+        out = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            torch._foreach_copy_(b, a)
+            sync()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    info["copy_seconds"] = copy_seconds()
+    return device, call, sync, info, held
+
+
+def _reference_fd(model, loss_fn, batches, params, v, eps):
+    """The plain reference (hessian-eigenthings style): gradients at θ+εv and θ−εv by
+    ``torch.autograd.grad`` of the weighted mean loss, their difference over 2ε; no snapshot
+    (the parameters are moved back by −εv, not bit-for-bit), no checks, no estimate."""
+    import torch
+
+    def grad():
+        out = None
+        W = 0.0
+        for b in batches:
+            loss, w = loss_fn(model, b)
+            g = torch.autograd.grad(loss * w, params)
+            out = list(g) if out is None else [a.add_(c) for a, c in zip(out, g)]
+            W += float(w)
+        return out, W
+
+    with torch.no_grad():
+        torch._foreach_add_(params, v, alpha=eps)
+    gp, W = grad()
+    with torch.no_grad():
+        torch._foreach_add_(params, v, alpha=-2 * eps)
+    gm, _ = grad()
+    with torch.no_grad():
+        torch._foreach_add_(params, v, alpha=eps)
+    torch._foreach_sub_(gp, gm)
+    torch._foreach_mul_(gp, 1.0 / (2 * eps * W))
+    return gp
 
 
 def worker_memory(args) -> dict:
     """Peak extra memory of the first call of one measurement, in this fresh process."""
-    device, call, _, info = _setup(args)
+    device, call, _, info, held_bytes = _setup(args)
+    call(args.measure)  # warm-up: the fd calibration and the operator's buffers are not counted
     mem = _Mem(device)
     mem.start()
     call(args.measure)
-    return {**info, "measure": args.measure, "peak_bytes": int(mem.peak())}
+    held = held_bytes(args.measure) if args.measure.startswith("fd") else 0
+    return {
+        **info,
+        "measure": args.measure,
+        "peak_bytes": int(mem.peak()) + held,
+        "call_peak_bytes": int(mem.peak()),
+        "held_bytes": held,
+    }
 
 
 def worker_time(args) -> dict:
-    """Median wall time of every measurement, interleaved round by round (one warm-up round) so
-    that a noisy machine slows them all alike and the ratios stay fair."""
-    _, call, sync, info = _setup(args)
+    """Median time of every measurement, interleaved round by round (one warm-up round unless
+    ``--warmup 0``) so that a noisy machine slows them all alike and the ratios stay fair.
+    ``--clock cpu`` (default): CPU time of the process (user + system: page faults count,
+    waiting for a shared core does not); ``wall``: wall time. The Lanczos overhead is always
+    wall time over the operator's (wall) matvec seconds."""
+    _, call, sync, info, _ = _setup(args)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     measures = args.measures
-    for m in measures:
+    for m in measures if args.warmup else []:
         call(m)
     times = {m: [] for m in measures}
+    walls = {m: [] for m in measures}
     mv = {m: [] for m in measures}
     for _ in range(args.repeats):
         for m in measures:
             sync()
-            t0 = time.perf_counter()
+            t0, w0 = clock(), time.perf_counter()
             inner = call(m)
-            times[m].append(time.perf_counter() - t0)
+            times[m].append(clock() - t0)
+            walls[m].append(time.perf_counter() - w0)
             mv[m].append(inner)
-    out = {**info, "seconds": times}
+    out = {**info, "clock": args.clock, "seconds": times, "wall_seconds": walls}
     out["seconds_median"] = {m: statistics.median(t) for m, t in times.items()}
     out["lanczos_overhead"] = {
-        m: statistics.median([(t - i) / i for t, i in zip(times[m], mv[m])])
+        m: statistics.median([(t - i) / i for t, i in zip(walls[m], mv[m])])
+        for m in measures
+        if m.startswith("lanczos")
+    }
+    out["lanczos_vector_seconds"] = {
+        m: statistics.median([t - i for t, i in zip(walls[m], mv[m])])
         for m in measures
         if m.startswith("lanczos")
     }
@@ -319,10 +424,14 @@ def _subprocess(args, problem: str, mode: str, measures) -> dict:
         "repeats",
         "steps",
         "threads",
+        "warmup",
+        "clock",
     ):
         val = getattr(args, k)
         if val is not None:
             cmd += [f"--{k.replace('_', '-')}", str(val)]
+    if args.lanczos_plain:
+        cmd.append("--lanczos-plain")
     env = dict(
         os.environ,
         MALLOC_MMAP_THRESHOLD_="65536",
@@ -341,7 +450,7 @@ def measure_problem(args, problem: str) -> dict:
     """Timing (one process, interleaved) and peak memory (one fresh process per measurement)."""
     res = _subprocess(args, problem, "time", args.measure)
     res["peak_bytes"] = {}
-    for m in args.measure:
+    for m in [] if args.no_memory else args.measure:
         r = _subprocess(args, problem, "memory", [m])
         res["peak_bytes"][m] = r.get("peak_bytes")
         if "error" in r:
@@ -372,13 +481,23 @@ def table(results: list[dict]) -> str:
             prr = f"{p / pg:>8.2f}" if p is not None and pg else f"{'':>8}"
             extra = (
                 f"{(p - r['param_bytes']) / pg:>24.2f}"
-                if m == "fd" and p is not None and pg
+                if m in ("fd", "fd-plain") and p is not None and pg
                 else ""
             )
             out.append(f"{name:<14}{1e3 * sec:>11.2f}{tr}{pm}{prr}{extra}")
-        for m, o in r.get("lanczos_overhead", {}).items():
+        cs = r.get("copy_seconds")
+        if cs:
             out.append(
-                f"  {m} ({r.get('steps')} steps): wall − HVP time = {100 * o:+.2f}% of its HVP time"
+                f"  copy-bandwidth floor: one parameter-sized _foreach_copy_ = {1e3 * cs:.3f} ms"
+            )
+        for m, o in r.get("lanczos_overhead", {}).items():
+            steps = r.get("steps", 1)
+            mode = m.split("-")[1]
+            vw = r["lanczos_vector_seconds"][m] / steps  # vector seconds per step (wall)
+            floor = _floor(int(mode) if mode.isdigit() else mode, steps, 4, 4)
+            copies = f"; {vw / cs:.1f} copies/step (floor {floor:.1f})" if cs else ""
+            out.append(
+                f"  {m} ({steps} steps): wall − HVP time = {100 * o:+.2f}% of its HVP time{copies}"
             )
         for m, e in r.get("errors", {}).items():
             out.append(f"  memory of {m} failed: {e[:150]}")
@@ -404,6 +523,32 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument(
+        "--seqs", default=None, help="comma-separated LLM sequence lengths, one table each"
+    )
+    ap.add_argument(
+        "--no-memory", action="store_true", help="time only (no per-measurement processes)"
+    )
+    ap.add_argument(
+        "--lanczos-plain",
+        action="store_true",
+        help="Lanczos on the fd_calibration=False operator (no calibration to warm up; the "
+        "overhead is then over two-pass products, a little larger)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1 (default): one untimed round first; 0: time the first calls (a Lanczos run "
+        "as a user pays for it, its basis first touched, the fd calibration included)",
+    )
+    ap.add_argument(
+        "--clock",
+        default="cpu",
+        choices=("cpu", "wall"),
+        help="cpu (default): process CPU time, robust on a shared machine; wall: wall time",
+    )
     ap.add_argument("--num-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="Lanczos steps per run")
@@ -434,10 +579,14 @@ def main(argv=None):
     ):  # load once up front so a first-time GGUF conversion is neither timed nor raced
         _load_llm(args.model, getattr(torch, args.dtype), args.attn, torch)
     results = []
+    seqs = [int(x) for x in args.seqs.split(",")] if args.seqs else [args.seq]
     for prob in problems:
-        t0 = time.perf_counter()
-        results.append(measure_problem(args, prob))
-        print(f"  measured {prob} in {time.perf_counter() - t0:.0f} s", flush=True)
+        for seq in seqs if prob == "llm" else [args.seq]:
+            args.seq = seq
+            t0 = time.perf_counter()
+            results.append(measure_problem(args, prob))
+            print(f"  measured {prob} (seq {seq}) in {time.perf_counter() - t0:.0f} s", flush=True)
+
     meta = {
         "command": " ".join(["python", *sys.argv]),
         "torch": torch.__version__,

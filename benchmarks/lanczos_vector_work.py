@@ -11,10 +11,13 @@ memory-bandwidth contention still is), repeats
 interleaved, one thread, median over repeats. The floor is what the recurrence must move:
 
     none: 4.5 copies (one dot, one fused update of w with q and q_prev, one norm, one scale);
-    window r / full with k kept vectors: + 2k + 3 (CGS2: per pass the dots read the k vectors
-    and w, the update reads them and reads/writes w), averaged over the steps; a bf16 basis
-    moves half the bytes per stored vector (plus the cast of q for the matvec). A float64 basis
-    is measured with a float64 operator, in copies of a float64 vector.
+    window r / full with k kept vectors: 2 (the dot for alpha, the scale) + k + 1.5 (reading a
+    vector is half a copy; the three-term update is done from the basis' rows in the first
+    sweep, which also takes the dots and ‖w‖, and one pass of Gram–Schmidt in the second, the
+    next pass being skipped by the Kahan–Parlett test as it is on these operators: two reads
+    of the k vectors, w read once and read/written once), averaged over the steps; a bf16 basis moves half the bytes per stored vector (plus the cast
+    of q for the matvec). A float64 basis is measured with a float64 operator, in copies of a
+    float64 vector. ``--basis-dir DIR`` adds rows with the basis in files under DIR.
 
 Part 2 (item 2): peak RSS of full-reorth runs against the number of steps, with the basis in
 memory and in files (``basis_dir``), each point in a fresh process.
@@ -74,8 +77,13 @@ def _floor(reorth, steps: int, basis_bytes: int, work_bytes: int) -> float:
     none = 2.5 + 2 * s + ((s + 1) / 2 if s != 1 else 0.0)  # + the cast of q for the matvec
     if reorth == "none":
         return none
-    ks = [min(j + 1, steps if reorth == "full" else int(reorth)) for j in range(1, steps)]
-    return none + statistics.mean(2 * k * s + 3 for k in ks)
+    cast = (s + 1) / 2 if s != 1 else 0.0  # q in the basis dtype to the operator's, for the matvec
+    ks = [min(j + 1, steps if reorth == "full" else max(int(reorth), 2)) for j in range(1, steps)]
+    return 2 + cast + statistics.mean(k * s + 1.5 for k in ks)
+
+
+def _key(reorth, dtype: str, where) -> str:
+    return f"{reorth}/{dtype}" + ("/files" if where else "")
 
 
 def vector_work(args) -> dict:
@@ -96,47 +104,51 @@ def vector_work(args) -> dict:
     }
     v0s = {wd: hs.random_probe(o, 0) for wd, o in ops.items()}
     modes = [("none", args.steps_short), (2, args.steps_short), ("full", args.steps_full)]
-    runs = {f"{m}/{d}": [] for m, _ in modes for d, _ in dtypes}
-    copies = {f"{m}/{d}": [] for m, _ in modes for d, _ in dtypes}
+    cells = [(m, steps, d, wd, None) for m, steps in modes for d, wd in dtypes]
+    if args.basis_dir:  # the same full-reorth runs with the basis in files
+        cells += [("full", args.steps_full, d, wd, args.basis_dir) for d, wd in dtypes[:2]]
+    runs = {_key(m, d, where): [] for m, _, d, _, where in cells}
+    copies = {k: [] for k in runs}
     for rep in range(args.repeats):
-        for m, steps in modes:
-            for d, wd in dtypes:
-                op, (src, dst), v0 = ops[wd], bufs[wd], v0s[wd]
-                torch._foreach_copy_(dst, src)  # touch dst
-                marks = []  # per step: (CPU time at the callback, matvec seconds, copy seconds)
+        for m, steps, d, wd, where in cells:
+            op, (src, dst), v0 = ops[wd], bufs[wd], v0s[wd]
+            torch._foreach_copy_(dst, src)  # touch dst
+            marks = []  # per step: (CPU time at the callback, matvec seconds, copy seconds)
 
-                def mark(step, alpha, beta, marks=marks, op=op, src=src, dst=dst):
-                    t0 = _clock()
-                    torch._foreach_copy_(dst, src)  # the unit, measured next to every step
-                    t1 = _clock()
-                    marks.append((t0, op.matvec_seconds, t1 - t0, t1))
+            def mark(step, alpha, beta, marks=marks, op=op, src=src, dst=dst):
+                t0 = _clock()
+                torch._foreach_copy_(dst, src)  # the unit, measured next to every step
+                t1 = _clock()
+                marks.append((t0, op.matvec_seconds, t1 - t0, t1))
 
-                r = hs.lanczos(op, steps, reorth=m, basis_dtype=d, v0=v0, callback=mark)
-                for (_, m0, _, end0), (t1, m1, c1, _) in itertools.pairwise(marks):
-                    runs[f"{m}/{d}"].append((t1 - end0) - (m1 - m0))  # steps 1 .. m-1
-                    copies[f"{m}/{d}"].append(c1)
-                print(f"rep {rep} {m}/{d}: {runs[f'{m}/{d}'][-1] * 1e3:.1f} ms/step", flush=True)
-                del r
+            key = _key(m, d, where)
+            kw = {"basis_dir": where} if where else {}
+            r = hs.lanczos(op, steps, reorth=m, basis_dtype=d, v0=v0, callback=mark, **kw)
+            for (_, m0, _, end0), (t1, m1, c1, _) in itertools.pairwise(marks):
+                runs[key].append((t1 - end0) - (m1 - m0))  # steps 1 .. m-1
+                copies[key].append(c1)
+            print(f"rep {rep} {key}: {runs[key][-1] * 1e3:.1f} ms/step", flush=True)
+            del r
     rows = []
-    for m, steps in modes:
-        for d, wd in dtypes:
-            key = f"{m}/{d}"
-            per_step, copy = statistics.median(runs[key]), statistics.median(copies[key])
-            ratio = statistics.median(a / c for a, c in zip(runs[key], copies[key]))
-            bb = torch.empty((), dtype=getattr(torch, d)).element_size()
-            wb = torch.empty((), dtype=wd).element_size()
-            rows.append(
-                {
-                    "reorth": m,
-                    "steps": steps,
-                    "basis_dtype": d,
-                    "work_dtype": str(wd).replace("torch.", ""),
-                    "ms_per_step": per_step * 1e3,
-                    "copy_ms": copy * 1e3,
-                    "copies_per_step": ratio,
-                    "floor_copies": _floor(m, steps, bb, wb),
-                }
-            )
+    for m, steps, d, wd, where in cells:
+        key = _key(m, d, where)
+        per_step, copy = statistics.median(runs[key]), statistics.median(copies[key])
+        ratio = statistics.median(a / c for a, c in zip(runs[key], copies[key]))
+        bb = torch.empty((), dtype=getattr(torch, d)).element_size()
+        wb = torch.empty((), dtype=wd).element_size()
+        rows.append(
+            {
+                "reorth": m,
+                "steps": steps,
+                "basis_dtype": d,
+                "basis": "files" if where else "memory",
+                "work_dtype": str(wd).replace("torch.", ""),
+                "ms_per_step": per_step * 1e3,
+                "copy_ms": copy * 1e3,
+                "copies_per_step": ratio,
+                "floor_copies": _floor(m, steps, bb, wb),
+            }
+        )
     return {"rows": rows}
 
 
@@ -247,6 +259,7 @@ def main(argv=None):
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--accuracy-numel", type=int, default=100_000_000)
     p.add_argument("--skip-work", action="store_true")
+    p.add_argument("--basis-dir", help="also time full reorth with the basis in files here")
     p.add_argument("--out")
     p.add_argument("--rss-point", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -266,12 +279,13 @@ def main(argv=None):
         result["vector_work"] = vector_work(args)
         print(f"\nvector work per step, in copies of a work vector ({args.numel} entries)")
         print(
-            f"{'reorth':>7} {'steps':>5} {'basis':>9} {'work':>8} {'ms/step':>8} "
+            f"{'reorth':>7} {'steps':>5} {'basis':>9} {'where':>6} {'work':>8} {'ms/step':>8} "
             f"{'copy ms':>8} {'copies':>7} {'floor':>6}"
         )
         for r in result["vector_work"]["rows"]:
             print(
-                f"{r['reorth']!s:>7} {r['steps']:>5} {r['basis_dtype']:>9} {r['work_dtype']:>8} "
+                f"{r['reorth']!s:>7} {r['steps']:>5} {r['basis_dtype']:>9} {r['basis']:>6} "
+                f"{r['work_dtype']:>8} "
                 f"{r['ms_per_step']:>8.1f} {r['copy_ms']:>8.1f} {r['copies_per_step']:>7.1f} "
                 f"{r['floor_copies']:>6.1f}"
             )

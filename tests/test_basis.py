@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import hessian_spectra as hs
-from hessian_spectra.basis import GROUP, KrylovBasis, Layout, block_dots, block_subtract
+from hessian_spectra import basis as basis_mod
+from hessian_spectra.basis import KrylovBasis, Layout, block_dots, block_subtract
 
 
 class DiagOp:
@@ -60,13 +61,14 @@ def test_block_dots_and_subtract_match_float64():
 
 
 def test_groups_are_runs_of_consecutive_slots():
-    """The sweep order: vectors grouped by runs of consecutive slots, ≤ GROUP each; a ring
-    (capacity 4) that wrapped is swept in slot order."""
+    """The sweep order: vectors grouped by runs of consecutive slots; a ring (capacity 4) that
+    wrapped is swept in slot order."""
     lay = Layout([torch.zeros(3)])
     B = KrylovBasis(lay, torch.float32, capacity=20)
     for t in range(19):
         B.put(t, torch.full((3,), float(t)))
-    assert B.groups(range(19)) == [list(range(8)), list(range(8, 16)), [16, 17, 18]]
+    assert B.groups(range(19)) == [list(range(19))]
+    assert B.groups([0, 1, 5, 6, 7]) == [[0, 1], [5, 6, 7]]
     R = KrylovBasis(lay, torch.float32, capacity=4)
     for t in range(6):
         R.put(t, torch.full((3,), float(t)))
@@ -76,19 +78,25 @@ def test_groups_are_runs_of_consecutive_slots():
     assert [float(R.vector(t)[0]) for t in (2, 3, 4, 5)] == [2.0, 3.0, 4.0, 5.0]
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1 << 18])
 @pytest.mark.parametrize("reorth", ["full", 2, 1])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
-def test_basis_dir_and_host_give_the_in_memory_numbers(tmp_path, reorth, dtype):
+def test_basis_dir_and_host_give_the_in_memory_numbers(
+    tmp_path, monkeypatch, reorth, dtype, chunk_bytes
+):
     """alpha and beta with basis_dir (files) and with basis_device='cpu' are bit-identical to
-    the in-memory run, for full reorth and windows, in every basis dtype; the files are gone
+    the in-memory run, for full reorth and windows, in every basis dtype, also with chunks of
+    2^16 columns that cut the first parameter and span the others; the files are gone
     afterwards (and so is the directory the run made)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(basis_mod, "CHUNK_BYTES", chunk_bytes)
     work = torch.float64 if dtype == "float64" else torch.float32
     op = DiagOp(work)
     kw = {"reorth": reorth, "basis_dtype": dtype, "seed": 3}
-    mem = hs.lanczos(op, 2 * GROUP + 3, **kw)
+    mem = hs.lanczos(op, 19, **kw)
     d = tmp_path / "basis"
-    files = hs.lanczos(op, 2 * GROUP + 3, basis_dir=d, **kw)
-    host = hs.lanczos(op, 2 * GROUP + 3, basis_device="cpu", **kw)
+    files = hs.lanczos(op, 19, basis_dir=d, **kw)
+    host = hs.lanczos(op, 19, basis_device="cpu", **kw)
     for r in (files, host):
         assert r.alpha.tolist() == mem.alpha.tolist()
         assert r.beta.tolist() == mem.beta.tolist()
@@ -240,3 +248,60 @@ def test_bf16_basis_resume_is_bit_identical(tmp_path, reorth):
     again = hs.lanczos(op, 10, checkpoint=ck, **kw)
     assert again.alpha.tolist() == full.alpha.tolist()
     assert again.beta.tolist() == full.beta.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["memory", "files"])
+def test_sweep_matches_float64(tmp_path, monkeypatch, dtype, where):
+    """One sweep over kept rows in two runs of slots (a ring that wrapped), in chunks of 2^16
+    columns that cut and span parameters: the update is w − Qᵀc and the dots and the norm are
+    those of the updated w, against float64 references: dots within 2^-16 · Σ|q_i w_i| (rows
+    converted exactly, float32 blocks summed in float64), the update within float32 rounding;
+    memory and files give the same bits."""
+    monkeypatch.setattr(basis_mod, "CHUNK_BYTES", 1 << 18)
+    g = torch.Generator().manual_seed(2)
+    sizes = (150_000, 7, 70_000)
+    lay = Layout([torch.zeros(n) for n in sizes])
+    B = KrylovBasis(lay, dtype, capacity=5, basis_dir=tmp_path if where == "files" else None)
+    rows = {t: torch.randn(lay.numel, generator=g).to(dtype) for t in range(7)}
+    for t, r in rows.items():
+        B.put(t, r)  # slots 2, 3, 4, 0, 1 for t = 2..6: 3, 4 | 5, 6 are two runs
+    groups = B.groups([3, 4, 5, 6])
+    assert groups == [[5, 6], [3, 4]]
+    order = [t for grp in groups for t in grp]
+    Q = torch.stack([rows[t] for t in order]).double()
+    w0 = torch.randn(lay.numel, generator=g)
+    c = torch.randn(4, generator=g, dtype=torch.float64) * 1e-3
+    w = [x.clone() for x in lay.views(w0.clone())]
+    out = B.sweep(groups, w, subtract=c, norm=True)
+    w1 = torch.cat([x.reshape(-1) for x in w]).double()
+    expect = w0.double() - Q.T @ c.to(torch.float32).double()
+    assert float((w1 - expect).abs().max()) <= 1e-6 * float(expect.abs().max())
+    ref = Q @ w1
+    assert torch.all((out[:4] - ref).abs() <= 2.0**-16 * (Q.abs() @ w1.abs()))
+    assert abs(float(out[4]) - float(w1 @ w1)) <= 2.0**-16 * float(w1 @ w1)
+    again = KrylovBasis(lay, dtype, capacity=5)
+    for t, r in rows.items():
+        again.put(t, r)
+    w2 = [x.clone() for x in lay.views(w0.clone())]
+    assert torch.equal(again.sweep(groups, w2, subtract=c, norm=True), out)
+    assert all(torch.equal(a, b) for a, b in zip(w, w2))
+    B.close()
+
+
+def test_streamed_basis_holds_two_chunks():
+    """A file-backed basis of 12 vectors of 1M entries holds two chunks of its rows in memory
+    (the one worked on and the next, CHUNK_BYTES of float32 each), not whole vectors."""
+    import tempfile
+
+    lay = Layout([torch.zeros(1_000_000)])
+    with tempfile.TemporaryDirectory() as d:
+        B = KrylovBasis(lay, torch.float32, capacity=12, basis_dir=d)
+        for t in range(12):
+            B.put(t, torch.randn(lay.numel))
+        w = [torch.randn(lay.numel)]
+        B.sweep(B.groups(range(12)), w, subtract=torch.zeros(12, dtype=torch.float64))
+        held = sum(x.numel() * 4 for x in B._bufs if x is not None)
+        held += sum(x.numel() * x.element_size() for x in B._scratch.values())
+        assert held <= 2 * basis_mod.CHUNK_BYTES < 12 * lay.numel * 4 / 2
+        B.close()

@@ -442,46 +442,41 @@ def test_eps_sweep_equals_the_api(tmp_path):
 
 
 def test_influence_equals_the_api_and_the_dense_solve(tmp_path, capsys):
-    """`influence` scores every factory batch against the first one as the query; the scores equal
-    hs.influence on the same model and -g_q^T (H + λI)^{-1} g_z from the dense Hessian."""
+    """`influence` scores every example (row) of the factory batches against the first batch as
+    the query; the scores, their (batch, row) and the top lists equal hs.influence on the same
+    model and -g_q^T (H + λI)^{-1} g_z of each row from the dense Hessian; `--per-batch` gives
+    one score per batch, equal to the API's; result.json, influence.png and log.txt are written
+    and the most helpful and harmful examples are printed."""
     import hessian_spectra as hs
 
     H = _dense_hessian()
     damping = float(-torch.linalg.eigvalsh(H)[0]) + 1.0  # makes H + λI positive definite
+    args = ["influence", *FAST, "--method", "exact", "--damping", damping, "--cg-tol", 1e-10]
     out = tmp_path / "inf"
-    assert (
-        run(
-            [
-                "influence",
-                *FAST,
-                "--method",
-                "exact",
-                "--damping",
-                damping,
-                "--cg-tol",
-                1e-10,
-                "--cg-max-iter",
-                200,
-                "--out",
-                out,
-            ]
-        )
-        == EXIT_OK
-    )
-    for f in ("result.json", "log.txt"):
+    assert run([*args, "--cg-max-iter", 200, "--top-k", 3, "--out", out]) == EXIT_OK
+    for f in ("result.json", "log.txt", "influence.png"):
         assert (out / f).stat().st_size > 0, f
     r = load_result(out)
     assert r["command"] == "influence" and r["status"] == "complete"
     op, batches = _factory_op()
     res = hs.influence(op, [batches[0]], batches, damping=damping, tol=1e-10, max_iter=200)
-    np.testing.assert_allclose(r["influence"]["scores"], res.scores, rtol=1e-8)
+    e = r["influence"]
+    np.testing.assert_allclose(e["scores"], res.scores, rtol=1e-8)
+    assert e["batch_index"] == [b for b in range(3) for _ in range(5)]
+    assert e["row_index"] == list(range(5)) * 3 and e["snippets"] is None
     s = r["summary"]
-    assert s["cg_converged"] and not s["cg_negative_curvature"] and s["num_candidates"] == 3
+    assert s["cg_converged"] and not s["cg_negative_curvature"]
+    assert s["num_candidates"] == 3 and s["num_scores"] == 15 and s["per_example"]
     assert s["query_loss"] == pytest.approx(res.query_loss, rel=1e-12)
-    # influence = -g_q^T (H + λI)^{-1} g_z: negative = helpful. Here every score is negative, so
-    # no batch is harmful (issue 13 item 4: "most harmful" printed a negative score)
-    assert (res.scores < 0).all()
-    assert s["most_helpful"] == int(np.argmin(res.scores)) and s["most_harmful"] is None
+    assert s["damping"] == damping and not s["damping_auto"]
+    assert [t["index"] for t in s["top_helpful"]] == res.most_helpful(3)
+    assert [t["index"] for t in s["top_harmful"]] == res.most_harmful(3)
+    top = s["top_helpful"][0]
+    assert (top["batch"], top["row"]) == (
+        e["batch_index"][top["index"]],
+        e["row_index"][top["index"]],
+    )
+    assert s["most_helpful"] == int(np.argmin(res.scores))
 
     def grad(bs):
         m, loss, _ = factories.mlp()
@@ -489,21 +484,38 @@ def test_influence_equals_the_api_and_the_dense_solve(tmp_path, capsys):
 
     gq = grad([batches[0]])
     x = torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), gq)
-    dense = [-float(x @ grad([b])) for b in batches]
-    np.testing.assert_allclose(r["influence"]["scores"], dense, rtol=1e-6)
+    rows = [(bx[i : i + 1], by[i : i + 1]) for bx, by in batches for i in range(5)]
+    dense = [-float(x @ grad([z])) for z in rows]
+    np.testing.assert_allclose(e["scores"], dense, rtol=1e-6)
     printed = capsys.readouterr().out
-    assert "most helpful" in printed and "most harmful  none (no positive score)" in printed
-    # a factory has no tokenizer for --query-data; damping must be ≥ 0
+    assert "most helpful (negative" in printed and "most harmful (positive" in printed
+    assert "15 (one per example; 3 batch(es))" in printed
+    # --per-batch: one score per batch; all negative here, so no batch is harmful (issue 13
+    # item 4: "most harmful" printed a negative score)
+    assert run([*args, "--per-batch", "--out", tmp_path / "pb"]) == EXIT_OK
+    rb = load_result(tmp_path / "pb")
+    per_batch = hs.influence(
+        op, [batches[0]], batches, per_example=False, damping=damping, tol=1e-10
+    )
+    np.testing.assert_allclose(rb["influence"]["scores"], per_batch.scores, rtol=1e-8)
+    assert rb["influence"]["row_index"] is None and (per_batch.scores < 0).all()
+    assert rb["summary"]["most_harmful"] is None and rb["summary"]["top_harmful"] == []
+    printed = capsys.readouterr().out
+    assert "most harmful  none (no positive score)" in printed and "one per batch" in printed
+    # a factory has no tokenizer for --query-data; damping must be ≥ 0 or auto
     assert (
         run(["influence", *FAST, "--query-data", tmp_path / "q.txt", "--out", tmp_path / "x"])
         == EXIT_USAGE
     )
     assert "--query-data needs a text model" in capsys.readouterr().err.strip().splitlines()[-1]
     assert run(["influence", *FAST, "--damping", "-1", "--out", tmp_path / "y"]) == EXIT_USAGE
+    assert "or 'auto'" in capsys.readouterr().err
 
 
-def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path):
-    """--query-data is read like --data (same options); each --data batch gets a score."""
+def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path, capsys):
+    """--query-data is read like --data (same options); each example of --data gets a score and
+    a snippet of its decoded text (whole words of the data, but for the cut ends), which the
+    printed top lists show; the auto damping is used."""
     folder, text = tiny_hf
     q = tmp_path / "query.txt"
     q.write_text(" ".join(["A lazy dog sleeps under the quick brown fox."] * 20))
@@ -522,11 +534,9 @@ def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path):
                 "--seq-len",
                 16,
                 "--batch-size",
-                1,
+                2,
                 "--num-batches",
                 2,
-                "--damping",
-                1.0,
                 "--cg-max-iter",
                 3,
                 "--out",
@@ -536,9 +546,17 @@ def test_influence_with_query_data_on_a_tiny_hf_folder(tiny_hf, tmp_path):
         == EXIT_NUMERICAL
     )  # 3 CG iterations do not reach --cg-tol: status not_converged
     r = load_result(out)
-    assert r["influence"]["query"] == {"source": str(q), "num_batches": 2}
-    assert len(r["influence"]["scores"]) == 2 and r["summary"]["cg_iterations"] <= 3
+    e = r["influence"]
+    assert e["query"] == {"source": str(q), "num_batches": 2}
+    assert len(e["scores"]) == 4 and e["row_index"] == [0, 1, 0, 1]
+    words = set(text.read_text().split())
+    for snip in e["snippets"]:
+        assert 0 < len(snip) <= 60 and set(snip.split()[1:-1]) <= words, snip
+    assert r["summary"]["cg_iterations"] <= 3
     assert r["status"] == "not_converged" and "not the influence asked for" in r["error"]
+    assert "--cg-max-iter" in r["error"] and (out / "influence.png").stat().st_size > 0
+    best = r["summary"]["top_helpful"] or r["summary"]["top_harmful"]
+    assert best[0]["snippet"] in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -48,16 +48,36 @@ def test_resume_with_fewer_probes_keeps_every_finished_probe(tmp_path, capsys):
 
 
 def test_influence_that_did_not_converge_says_so_and_exits_3(tmp_path, capsys):
-    """Issue 13 item 4: with the default damping CG meets negative curvature on the MLP; the run
-    said status complete, exit 0. Now: status not_converged, exit 3, the printed summary and
-    result.json's error say why and what to do."""
+    """Issue 13 item 4: with damping 0.01 (the old default) CG meets negative curvature on the
+    MLP; the run said status complete, exit 0. Now: status not_converged, exit 3, the printed
+    summary and result.json's error say why and what to do."""
     out = tmp_path / "inf"
-    assert main(["influence", *FAST, "--method", "exact", "--out", out]) == EXIT_NUMERICAL
+    args = ["influence", *FAST, "--method", "exact", "--damping", "0.01", "--out", out]
+    assert main(args) == EXIT_NUMERICAL
     r = load_result(out)
     assert r["status"] == "not_converged" and not r["summary"]["cg_converged"]
     assert r["summary"]["cg_negative_curvature"] and "raise --damping" in r["error"]
     printed = capsys.readouterr().out
     assert "NOT CONVERGED" in printed and "raise --damping" in printed
+
+
+def test_influence_default_damping_converges_where_0_01_failed(tmp_path, capsys):
+    """Issue 9 item 4: the default damping hit negative curvature on this MLP (relative residual
+    5.14). The default is now auto: λ from 20 Lanczos steps, above −λ_min of the dense Hessian,
+    recorded in result.json and printed; CG converges, exit 0."""
+    import factories
+    from conftest import dense_hessian
+
+    out = tmp_path / "inf"
+    assert main(["influence", *FAST, "--method", "exact", "--out", out]) == EXIT_OK
+    r = load_result(out)
+    s, c = r["summary"], r["influence"]["damping_choice"]
+    assert r["status"] == "complete" and s["cg_converged"] and s["damping_auto"]
+    assert r["config"]["damping"] == "auto" and r["config"]["damping_steps"] == 20
+    assert c["value"] == s["damping"] and c["num_steps"] == 20 and c["term"] == "curvature"
+    lam_min = float(torch.linalg.eigvalsh(dense_hessian(*factories.mlp()))[0])
+    assert lam_min < 0 and s["damping"] + lam_min > 0
+    assert "auto from Lanczos" in capsys.readouterr().out
 
 
 def test_most_harmful_is_the_largest_positive_score():

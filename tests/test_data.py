@@ -81,6 +81,30 @@ def test_num_batches_and_subsample():
         make_batches(TOK, DataConfig(seq_len=10, batch_size=2, num_batches=10_000), docs=docs)
 
 
+@pytest.mark.parametrize("loss_on", ["all", "completion"])
+def test_num_batches_reads_only_the_documents_it_needs(loss_on):
+    """With num_batches, an iterator of documents is read only until those batches are full,
+    and the batches equal the first ones built from the whole list."""
+    docs = [f"doc {i:03d}." for i in range(200)]  # 8 characters, 9 tokens with EOS
+    if loss_on == "completion":
+        docs = [(d, f"answer {i}") for i, d in enumerate(docs)]
+    read = []
+
+    def lazily():
+        for d in docs:
+            read.append(d)
+            yield d
+
+    cfg = DataConfig(seq_len=16, batch_size=2, num_batches=3, loss_on=loss_on)
+    part = make_batches(TOK, cfg, docs=lazily())
+    whole = make_batches(TOK, DataConfig(**{**cfg.to_dict(), "num_batches": None}), docs=docs)
+    assert len(whole) > 10 and len(part) == 3
+    for a, b in zip(part, whole[:3]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # 3 x 2 rows: 6 pairs, or 96 tokens: 11 documents of 9 tokens (10 make 90)
+    assert len(read) == (6 if loss_on == "completion" else 11)
+
+
 def test_rank_slices_partition_the_batches_and_drop_nothing():
     """Issue 13 item 1: 7 batches over 2 ranks. Batch i goes to rank i % 2; together the ranks
     hold all 7 one-process batches (none dropped, as the cut to a multiple of the world size

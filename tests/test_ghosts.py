@@ -167,3 +167,26 @@ def test_density_summary_counts_the_ghosts_of_every_probe():
         plain = slq(H, 60, 2, seed=1, reorth="none")
     assert plain.summary()["num_ghosts"] == sum(r.num_ghosts for r in plain.runs) > 0
     assert slq(H, 60, 2, seed=1, reorth="full").summary()["num_ghosts"] == 0
+
+
+def test_full_reorth_keeps_ritz_values_of_negligible_weight():
+    """A genuine eigenvalue whose eigenvector is ~orthogonal to the probe (weight 1e-20) is a
+    simple eigenvalue of T that matches one of T-hat: Cullum–Willoughby calls it spurious, but
+    under full reorthogonalisation it is genuine (found by the ghost count of a SmolLM2 run)."""
+    n = 60
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eigs = np.concatenate([np.linspace(-1.0, 1.0, n - 1), [50.0]])
+    H = torch.tensor((Q * eigs) @ Q.T)
+    v0 = [torch.tensor(Q[:, :-1] @ rng.standard_normal(n - 1) + 1e-10 * Q[:, -1])]
+    res = lanczos(H, 30, v0=v0, reorth="full")
+    top = int(np.argmax(res.ritz_values))
+    assert abs(res.ritz_values[top] - 50.0) < 1e-6  # found, with a weight of ~1e-22
+    assert res.ritz_weights[top] < 1e-18
+    assert res.num_ghosts == 0  # under full reorthogonalisation: genuine
+    # the T̂ match that CW alone applies: 3.0 is decoupled (weight 0) and an eigenvalue of T̂
+    a, b = [1.0, 2.0, 3.0], [0.5, 0.0]
+    assert ghost_indices(a, b).tolist() == [2]
+    assert ghost_indices(a, b, full_reorth=True).tolist() == []
+    assert LanczosResult(alpha=a, beta=b, config={"reorth": "full"}).num_ghosts == 0
+    assert LanczosResult(alpha=a, beta=b, config={"reorth": "none"}).num_ghosts == 1

@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
         ("blockdiag", ["blockdiag.png"]),
         ("eps-sweep", ["eps_sweep.png"]),
         ("trace", []),
-        ("influence", []),
+        ("influence", ["influence.png"]),
     ],
 )
 def test_plot_result_draws_the_standard_figures(runs, tmp_path, command, files):

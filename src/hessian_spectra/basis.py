@@ -6,20 +6,24 @@ vectors are rows of a :class:`KrylovBasis`, in one of three places:
 
 - ``"memory"`` (default): a ``(capacity, n)`` tensor on the operator's device;
 - host memory (``basis_device="cpu"`` with a model on a GPU): the same tensor in CPU memory
-  (not pinned: that would lock num_steps vectors of RAM), streamed to the GPU a group of rows
-  at a time;
+  (not pinned: that would lock num_steps vectors of RAM), streamed to the GPU a chunk at a time;
 - files (``basis_dir=PATH``): one raw file per vector per rank under ``PATH``
   (``lanczos-<id>.q<t>.rank<r>.bin``: the vector's bytes in the basis dtype, nothing else, never
-  unpickled), streamed a group of rows at a time, removed by :meth:`KrylovBasis.close`.
+  unpickled), read a chunk at a time, removed by :meth:`KrylovBasis.close`.
 
-Reorthogonalisation sweeps the kept rows in groups of at most ``GROUP`` (8) rows that are
-consecutive in the store's slot order (slot ``t mod capacity`` for vector ``t``); the three
-places use the same groups and the same kernels, so their numbers are identical. Per group:
-the dot products against ``w`` are one matrix–vector product per block of ``_DOT_BLOCK``
-entries (float32 per block, blocks summed in float64: the accuracy of
-:func:`hessian_spectra.vectors._dot64`) and the update ``w -= Q_gᵀ c_g`` one ``addmv``. A
-streamed basis holds one group (8 vectors) in memory whatever the number of steps (and
-``lanczos`` two more for ``q_j``, ``q_{j-1}``); in a resident one ``lanczos`` writes ``q_j``
+The vector work is done in **sweeps** (:meth:`KrylovBasis.sweep`) over chunks of columns: the
+flat range ``[a, a + C)`` of every kept row at once, with ``C`` a multiple of 2^16 entries
+such that the chunk of ``k`` rows holds about ``CHUNK_BYTES`` (8 MiB) of float32
+(:func:`chunk_columns`), cut at parameter boundaries into pieces. Per chunk a sweep first
+subtracts ``Q_cᵀ c`` from ``w`` (one ``addmv`` per piece), then takes the dot products ``Q_c w``
+of the updated chunk (float32 per block of ``_DOT_BLOCK`` entries, blocks summed in float64: the
+accuracy of :func:`hessian_spectra.vectors._dot64`): the second pass of CGS2's update and the
+next pass's dots share one read of the basis, while the chunk is in cache. Rows in another
+dtype than the arithmetic (a bf16 basis) are converted once per chunk into a reused buffer.
+The three places use the same chunks, pieces and kernels, so their numbers are identical. A
+file-backed basis holds two chunks of its rows in memory (the one worked on and the next one,
+read meanwhile by a reader thread; about ``CHUNK_BYTES`` each, at least 2^16 entries per row)
+whatever the number of steps; in a resident one ``lanczos`` writes ``q_j``
 straight into its row (:meth:`KrylovBasis.claim`).
 
 >>> import torch
@@ -27,7 +31,7 @@ straight into its row (:meth:`KrylovBasis.claim`).
 >>> B = KrylovBasis(lay, torch.float64, capacity=4)
 >>> B.put(0, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
 >>> w = [torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([5.0], dtype=torch.float64)]
->>> B.dots(B.groups(range(1)), w).tolist()
+>>> B.sweep(B.groups(range(1)), w).tolist()
 [3.0]
 """
 
@@ -37,6 +41,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,10 +49,20 @@ import torch
 from . import distributed as _dist
 from .vectors import _DOT_BLOCK, Vector, _as, _compute_dtype, _rows_dot
 
-__all__ = ["GROUP", "KrylovBasis", "Layout"]
+__all__ = ["CHUNK_BYTES", "KrylovBasis", "Layout", "chunk_columns"]
 
-GROUP = 8  # rows of the basis per streamed group (and per matrix-vector product); the
-# conversion scratch of hessian_spectra.vectors._as holds GROUP blocks
+CHUNK_BYTES = 1 << 23  # float32 bytes of one chunk of the kept rows in a sweep (8 MiB)
+
+
+def chunk_columns(k: int) -> int:
+    """The width ``C`` of a sweep's chunks over ``k`` rows: the largest multiple of 2^16
+    entries with ``k · C · 4 ≤ CHUNK_BYTES``, at least 2^16 (a function of ``k`` alone, so
+    that every place of the basis cuts the same chunks).
+
+    >>> chunk_columns(1) // 2**16, chunk_columns(16) // 2**16, chunk_columns(100) // 2**16
+    (32, 2, 1)
+    """
+    return _DOT_BLOCK * max(1, CHUNK_BYTES // (4 * max(int(k), 1) * _DOT_BLOCK))
 
 
 class Layout:
@@ -80,6 +95,29 @@ class Layout:
     def empty(self, dtype: torch.dtype, device=None) -> torch.Tensor:
         """A new flat buffer."""
         return torch.empty(self.numel, dtype=dtype, device=device or self.device)
+
+    def chunks(self, width: int) -> list[tuple[int, int, list[tuple[int, int, int, int, int]]]]:
+        """The flat ranges ``[a, b)`` of ``width`` entries (the last one shorter), each with its
+        pieces ``(i, c0, c1, l0, l1)``: columns ``c0:c1`` of the chunk are entries ``l0:l1``
+        of parameter ``i`` (empty parameters have none).
+
+        >>> import torch
+        >>> Layout([torch.zeros(3), torch.zeros(0), torch.zeros(4)]).chunks(5)
+        [(0, 5, [(0, 0, 3, 0, 3), (2, 3, 5, 0, 2)]), (5, 7, [(2, 0, 2, 2, 4)])]
+        """
+        cache = self.__dict__.setdefault("_chunks", {})
+        if width not in cache:
+            out = []
+            for a in range(0, self.numel, width):
+                b = min(a + width, self.numel)
+                pieces = []
+                for i, (o, n) in enumerate(zip(self.offsets, self.sizes)):
+                    lo, hi = max(a, o), min(b, o + n)
+                    if lo < hi:
+                        pieces.append((i, lo - a, hi - a, lo - o, hi - o))
+                out.append((a, b, pieces))
+            cache[width] = out
+        return cache[width]
 
 
 def block_dots(Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -162,7 +200,9 @@ class KrylovBasis:
         self.dir = Path(basis_dir) if basis_dir is not None else None
         self.name = name or f"lanczos-{uuid.uuid4().hex[:12]}"
         self._made_dir = False
-        pin = self.device.type == "cuda"
+        self._bufs = [None, None]  # staging buffers of chunks read from files (grown on demand)
+        self._reader = None  # the thread that reads the next chunk from files
+        self._scratch: dict = {}  # (dtype, slot) -> a chunk converted to that dtype
         if self.dir is not None:
             if not self.dir.exists():
                 self.dir.mkdir(parents=True)
@@ -170,9 +210,6 @@ class KrylovBasis:
             elif not self.dir.is_dir():
                 raise ValueError(f"basis_dir={str(self.dir)!r} exists and is not a directory")
             self._rows = None
-            self._buf = torch.empty(
-                min(GROUP, self.capacity), layout.numel, dtype=dtype, pin_memory=pin
-            )
         else:
             try:
                 where = torch.device(basis_device) if basis_device is not None else self.device
@@ -182,7 +219,6 @@ class KrylovBasis:
                     f"{basis_device!r}"
                 ) from None
             self._rows = torch.empty(self.capacity, layout.numel, dtype=dtype, device=where)
-            self._buf = None
 
     @property
     def streamed(self) -> bool:
@@ -241,82 +277,194 @@ class KrylovBasis:
         self.kept[t] = t % self.capacity
 
     def groups(self, ts: Iterable[int]) -> list[list[int]]:
-        """The vectors ``ts`` in sweep order: runs of consecutive slots, ≤ ``GROUP`` each."""
+        """The vectors ``ts`` in sweep order: runs of consecutive slots (one matrix each)."""
         by_slot = sorted((self.kept[t], t) for t in ts)
         out: list[list[int]] = []
         prev = None
         for slot, t in by_slot:
-            if out and prev is not None and slot == prev + 1 and len(out[-1]) < GROUP:
+            if out and prev is not None and slot == prev + 1:
                 out[-1].append(t)
             else:
                 out.append([t])
             prev = slot
         return out
 
-    def rows(self, group: Sequence[int]) -> torch.Tensor:
-        """The vectors of one group as a ``(len(group), n)`` tensor on the work device."""
-        if self._rows is not None:
-            s = self.kept[group[0]]
-            block = self._rows[s : s + len(group)]
-            if block.device == self.device:
-                return block
-            t0 = time.perf_counter()
-            out = block.to(self.device, non_blocking=True)
-            self.io_seconds += time.perf_counter() - t0
-            return out
+    def vector(self, t: int) -> torch.Tensor:
+        """Vector ``t`` as a flat tensor on the work device (a copy when streamed)."""
         t0 = time.perf_counter()
-        buf = self._buf[: len(group)]
-        raw = buf.view(torch.uint8).numpy()  # (k, bytes per vector); bf16 has no numpy dtype
-        for i, t in enumerate(group):
-            target = raw[i]
-            with open(self.path(t), "rb") as f:
-                got = f.readinto(memoryview(target))
-            if got != target.nbytes:
-                raise OSError(f"{self.path(t)}: read {got} bytes, {target.nbytes} expected")
-        out = buf.to(self.device, non_blocking=True) if self.device.type != "cpu" else buf
+        if self._rows is not None:
+            row = self._rows[self.kept[t]]
+            if row.device == self.device:
+                return row
+            out = row.to(self.device)
+        else:
+            out = torch.empty(self.layout.numel, dtype=self.dtype)
+            with open(self.path(t), "rb", buffering=0) as f:
+                _read_into(f, 0, out, self.path(t))
+            out = out.to(self.device)
         self.io_seconds += time.perf_counter() - t0
         return out
 
-    def vector(self, t: int) -> torch.Tensor:
-        """Vector ``t`` as a flat tensor on the work device (a copy when streamed)."""
-        r = self.rows([t])[0]
-        return r.clone() if self._rows is None else r
+    def _staging(self, numel: int, slot: int) -> torch.Tensor:
+        """A flat host buffer of ``numel`` entries in the basis dtype for rows read from files
+        (pinned with a GPU work device), reused from chunk to chunk; two ``slot`` s, so that
+        the next chunk is read while this one is worked on.
+        """
+        buf = self._bufs[slot]
+        if buf is None or buf.numel() < numel:
+            self._bufs[slot] = None
+            pin = self.device.type == "cuda"
+            buf = self._bufs[slot] = torch.empty(numel, dtype=self.dtype, pin_memory=pin)
+        return buf[:numel]
+
+    def _read(self, groups, a: int, b: int, files, slot: int) -> list[torch.Tensor]:
+        """Columns ``a:b`` of the rows of each group read from their files into staging buffer
+        ``slot``: ``(len(g), b − a)`` host tensors (run in the reader thread).
+        """
+        width = b - a
+        buf = self._staging(sum(map(len, groups)) * width, slot)
+        es = buf.element_size()
+        out, r = [], 0
+        for g in groups:
+            blk = buf[r * width : (r + len(g)) * width].view(len(g), width)
+            for i, t in enumerate(g):
+                _read_into(files[t], a * es, blk[i], self.path(t))
+            out.append(blk)
+            r += len(g)
+        return out
+
+    def _chunks(self, groups, width: int, files):
+        """``(pieces, rows)`` for each chunk of ``width`` columns: the pieces of
+        :meth:`Layout.chunks` and the columns of the rows of each group, ``(len(g), b − a)`` on
+        the work device. Rows in files are read one chunk ahead by a reader thread (file reads
+        release the GIL), into two staging buffers used in turn.
+        """
+        chunks = self.layout.chunks(width)
+        if self._rows is not None:
+            for a, b, pieces in chunks:
+                s = [self.kept[g[0]] for g in groups]
+                blocks = [self._rows[i : i + len(g), a:b] for i, g in zip(s, groups)]
+                if self._rows.device != self.device:
+                    t0 = time.perf_counter()
+                    blocks = [blk.to(self.device) for blk in blocks]
+                    self.io_seconds += time.perf_counter() - t0
+                yield pieces, blocks
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="basis-read")
+        nxt = self._reader.submit(self._read, groups, *chunks[0][:2], files, 0)
+        try:
+            for i, (_, _, pieces) in enumerate(chunks):
+                t0 = time.perf_counter()
+                blocks = nxt.result()
+                nxt = None
+                if i + 1 < len(chunks):
+                    a, b = chunks[i + 1][:2]
+                    nxt = self._reader.submit(self._read, groups, a, b, files, (i + 1) % 2)
+                if self.device.type != "cpu":
+                    blocks = [blk.to(self.device) for blk in blocks]
+                self.io_seconds += time.perf_counter() - t0
+                yield pieces, blocks
+        finally:
+            if nxt is not None:  # stopped early: let the read in flight finish with its files
+                nxt.exception()
+
+    def _convert(self, blocks: list[torch.Tensor], dtype: torch.dtype, slot: int):
+        """``blocks`` in ``dtype``: themselves, or converted into a reused buffer."""
+        if not blocks or blocks[0].dtype == dtype:
+            return blocks
+        need = sum(x.numel() for x in blocks)
+        key = (dtype, slot)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < need:
+            self._scratch[key] = None
+            buf = self._scratch[key] = torch.empty(need, dtype=dtype, device=self.device)
+        out, o = [], 0
+        for x in blocks:
+            out.append(buf[o : o + x.numel()].view(x.shape).copy_(x))
+            o += x.numel()
+        return out
+
+    def sweep(
+        self,
+        groups: list[list[int]],
+        w: Vector,
+        subtract: torch.Tensor | None = None,
+        dots: bool = True,
+        norm: bool = False,
+    ) -> torch.Tensor | None:
+        """One pass over the kept vectors of ``groups``, chunk by chunk (module docstring):
+        first, with ``subtract`` (coefficients ``c`` in the order of ``groups``), in place
+        ``w -= Σ c_t q_t``; then, with ``dots``, this rank's float64 sums ``q_t · w`` of the
+        updated ``w``, in the order of ``groups`` (the caller all-reduces them); with ``norm``
+        one more entry at the end: this rank's ``w · w`` of the updated ``w`` (float32 per
+        block of ``_DOT_BLOCK`` entries, summed in float64).
+        """
+        k = sum(map(len, groups))
+        out = torch.zeros(k + int(norm), dtype=torch.float64, device=self.device)
+        out = out if dots or norm else None
+        if k == 0 or (subtract is None and not dots):
+            if norm:
+                out[k] = sum(
+                    (_sumsq(wi.reshape(-1)) for wi in w),
+                    torch.zeros((), dtype=torch.float64, device=self.device),
+                )
+            return out
+        flat = [wi.view(-1) for wi in w]
+        wdt = flat[0].dtype
+        cd = _compute_dtype(self.dtype, wdt)
+        c = subtract.to(device=self.device, dtype=wdt) if subtract is not None else None
+        files, chunks = {}, None
+        try:
+            if self._rows is None:
+                files = {t: open(self.path(t), "rb", buffering=0) for g in groups for t in g}
+            chunks = self._chunks(groups, chunk_columns(k), files)
+            for pieces, rows in chunks:
+                rw = None
+                if c is not None:
+                    rw, r = self._convert(rows, wdt, 0), 0
+                    for Q in rw:
+                        cg = c[r : r + Q.shape[0]]
+                        for i, c0, c1, l0, l1 in pieces:
+                            flat[i][l0:l1].addmv_(Q[:, c0:c1].t(), cg, alpha=-1)
+                        r += Q.shape[0]
+                if dots:
+                    rd, r = (rw if rw is not None and cd == wdt else self._convert(rows, cd, 1)), 0
+                    for Q in rd:
+                        acc = out[r : r + Q.shape[0]]
+                        for i, c0, c1, l0, l1 in pieces:
+                            acc += block_dots(Q[:, c0:c1], flat[i][l0:l1])
+                        r += Q.shape[0]
+                if norm:
+                    for i, _, _, l0, l1 in pieces:
+                        out[k] += _sumsq(flat[i][l0:l1])
+        finally:
+            if chunks is not None:
+                chunks.close()  # waits for a read in flight before its files close
+            for f in files.values():
+                f.close()
+        return out
 
     def dots(self, groups: list[list[int]], w: Vector) -> torch.Tensor:
         """This rank's float64 sums ``q_t · w`` for the vectors of ``groups``, in their order
-        (the caller all-reduces them).
+        (the caller all-reduces them): ``sweep(groups, w)``.
         """
-        out = []
-        for g in groups:
-            Q = self.rows(g)
-            acc = None
-            for cols, wi in zip(self.layout.columns(Q), w):
-                if cols.shape[1]:
-                    d = block_dots(cols, wi)
-                    acc = d if acc is None else acc + d
-            if acc is None:
-                acc = torch.zeros(len(g), dtype=torch.float64, device=self.device)
-            out.append(acc)
-        if not out:
-            return torch.zeros(0, dtype=torch.float64, device=self.device)
-        return torch.cat(out)
+        return self.sweep(groups, w)
 
     def subtract(self, groups: list[list[int]], c: torch.Tensor, w: Vector) -> None:
         """In place ``w -= Σ c_t q_t`` over the vectors of ``groups`` (``c`` in their order)."""
-        k = 0
-        for g in groups:
-            Q = self.rows(g)
-            cg = c[k : k + len(g)]
-            k += len(g)
-            for cols, wi in zip(self.layout.columns(Q), w):
-                if cols.shape[1]:
-                    block_subtract(cols, cg, wi)
+        self.sweep(groups, w, subtract=c, dots=False)
 
     def close(self, *, keep_files: bool = False) -> None:
         """Drop the rows; remove this run's files (and the directory if it made it and it is
         empty) unless ``keep_files``.
         """
-        self._rows = self._buf = None
+        self._rows = None
+        self._bufs = [None, None]
+        self._scratch.clear()
+        if self._reader is not None:
+            self._reader.shutdown()
+            self._reader = None
         if self.dir is None or keep_files:
             return
         for t in list(self.kept):
@@ -329,3 +477,26 @@ class KrylovBasis:
                 self.dir.rmdir()
             except OSError:  # other ranks' (or the user's) files are still there
                 pass
+
+
+def _sumsq(x: torch.Tensor) -> torch.Tensor:
+    """``x · x`` of a flat tensor as a float64 scalar: float32 per block of ``_DOT_BLOCK``
+    entries (float64 for float64 ``x``), blocks summed in float64.
+    """
+    if x.dtype == torch.float64:
+        return torch.dot(x, x)
+    return block_dots(x.view(1, -1), x)[0]
+
+
+def _read_into(f, offset: int, out: torch.Tensor, path) -> None:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of the open file ``f`` from
+    ``offset`` on (no intermediate copy); a short file is an ``OSError`` naming ``path``.
+    """
+    view = memoryview(out.view(torch.uint8).numpy())  # bf16 has no numpy dtype: raw bytes
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise OSError(f"{path}: read {got} bytes at offset {offset}, {len(view)} expected")
+        got += n

@@ -2,9 +2,14 @@
 
 Sources (``DataConfig.path``):
 
-- ``None``: the embedded default, English prose from Python's own documentation
-  (``pydoc_data.topics``, the help texts of the language reference: 79 topics, ≈ 465k
-  characters, ≈ 110k SmolLM2 tokens), in sorted topic order;
+- ``None`` or ``"builtin:prose"``: the embedded default, English prose from Python's own
+  documentation (``pydoc_data.topics``, the help texts of the language reference: 79 topics,
+  ≈ 465k characters, ≈ 110k SmolLM2 tokens), in sorted topic order;
+- ``"builtin:python-code"``: real code, the functions of the running interpreter's standard
+  library as prompt/completion pairs (``def`` line(s) and docstring / the rest of the body; see
+  ``code_data``): one row per pair with ``loss_on="completion"``, the whole functions packed as
+  documents with ``loss_on="all"``. The pairs depend on the Python version, which the problem's
+  ``info`` records with the number of pairs used (``python``, ``pairs``);
 - a ``.txt``/``.md`` file, or a folder of them (read in sorted path order);
 - a ``.jsonl`` file: one JSON object per line with a text field (``text_field``), or with
   prompt/completion fields for ``loss_on="completion"``;
@@ -15,7 +20,9 @@ tokens (the last partial block is padded: ``attention_mask`` 0 and ``labels`` �
 ``loss_on="completion"`` each prompt/completion pair is one row, the prompt's labels −100
 (loss on the completion only, as in FSHP's code fine-tuning experiment). Blocks are grouped
 into batches of ``batch_size`` rows; ``num_batches`` keeps the first ones, ``subsample`` a
-fraction of them, evenly spaced over the data.
+fraction of them, evenly spaced over the data. With ``num_batches`` only the documents those
+batches need are tokenised (and, for ``builtin:python-code``, only the files they need are
+parsed); ``subsample`` or neither reads the whole source.
 
 A batch is a dict of (batch_size, seq_len) tensors ``input_ids``, ``attention_mask``,
 ``labels``; ``causal_lm_loss(model, batch)`` returns ``(mean loss over target tokens, number
@@ -31,11 +38,15 @@ from pathlib import Path
 
 import torch
 
+from . import code_data
 from ._checks import check_positive_int
+from .code_data import CODE_SOURCE
 from .partition import ZeroWeight, shard_batches
 
 __all__ = [
+    "CODE_SOURCE",
     "IGNORE",
+    "PROSE_SOURCE",
     "DataConfig",
     "DataError",
     "causal_lm_loss",
@@ -47,6 +58,7 @@ __all__ = [
 
 TEXT_SUFFIXES = (".txt", ".md")
 IGNORE = -100  # the label of a position without a next-token target (padding, prompts)
+PROSE_SOURCE = "builtin:prose"  # the embedded default (path None) by name
 
 
 class DataError(ValueError):
@@ -60,13 +72,16 @@ class DataConfig:
     """How to turn a text source into batches.
 
     Fields:
-        path: a text file, folder of .txt/.md, .jsonl file or HF dataset; None: embedded prose.
+        path: a text file, folder of .txt/.md, .jsonl file or HF dataset, or a built-in source:
+            ``"builtin:prose"`` (same as None: the embedded prose) or
+            ``"builtin:python-code"`` (standard-library functions as prompt/completion pairs).
         text_field: the JSONL / dataset field holding the text.
         seq_len: tokens per row (block).
         batch_size: rows per batch.
         num_batches: keep the first this many batches (None: all, or see subsample).
         subsample: keep this fraction (0, 1] of the batches, evenly spaced (None: all).
-        loss_on: ``"all"`` tokens, or ``"completion"`` tokens only (JSONL prompt/completion).
+        loss_on: ``"all"`` tokens, or ``"completion"`` tokens only (JSONL prompt/completion
+            records or ``builtin:python-code``).
         prompt_field / completion_field: the JSONL fields for ``loss_on="completion"``.
         split: the split of a Hugging Face dataset.
     """
@@ -102,6 +117,13 @@ class DataConfig:
             raise DataError("give either num_batches or subsample, not both")
         if self.loss_on not in ("all", "completion"):
             raise DataError(f"loss_on must be 'all' or 'completion', got {self.loss_on!r}")
+        # checked here, before a model is loaded for it
+        if isinstance(self.path, str) and self.path.startswith("builtin:"):
+            if self.path not in (PROSE_SOURCE, CODE_SOURCE):
+                raise DataError(
+                    f"unknown built-in data source {self.path!r}: use {PROSE_SOURCE} or "
+                    f"{CODE_SOURCE}"
+                )
 
     def to_dict(self) -> dict:
         """The fields as a JSON-able dict."""
@@ -166,13 +188,17 @@ def load_documents(cfg: DataConfig):
     """The documents of ``cfg.path``: a list of strings, or of (prompt, completion) pairs when
     ``cfg.loss_on == "completion"``.
     """
-    if cfg.path is None:
+    if cfg.path is None or cfg.path == PROSE_SOURCE:
         if cfg.loss_on == "completion":
             raise DataError(
-                "loss_on='completion' needs a JSONL file of prompt/completion "
-                "records as the data path"
+                "loss_on='completion' needs prompt/completion pairs and the embedded prose has "
+                f"none: use the data source {CODE_SOURCE} (standard-library functions: "
+                "docstring as prompt, body as completion) or a JSONL file of prompt/completion "
+                "records"
             )
         return default_texts()
+    if cfg.path == CODE_SOURCE:
+        return list(_code_documents(code_data.code_pairs(), cfg.loss_on))
     p = Path(cfg.path).expanduser()
     if p.is_dir():
         files = sorted(
@@ -242,6 +268,15 @@ def load_documents(cfg: DataConfig):
     )
 
 
+def _code_documents(pairs, loss_on: str):
+    """``code_data`` pairs as documents: (prompt, completion) tuples or whole function texts
+    (an iterator stays an iterator).
+    """
+    if loss_on == "completion":
+        return ((p.prompt, p.completion) for p in pairs)
+    return (p.text for p in pairs)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -253,14 +288,31 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _pack(tokenizer, docs: list[str], seq_len: int):
-    """Rows of exactly ``seq_len`` token ids (the last padded) and their target masks."""
+def _until(docs, done):
+    """The items of ``docs`` until ``done()`` is true, checked before each: an iterator is not
+    read one item too far (for ``builtin:python-code``: one file too far).
+    """
+    it = iter(docs)
+    while not done():
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
+def _pack(tokenizer, docs, seq_len: int, need: int | None = None):
+    """Rows of ``seq_len`` token ids (the last maybe shorter, padded later) and their target
+    masks, and the number of documents read: all, or once ``need`` full rows exist, no more.
+    """
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for d in docs:
+    used = 0
+    # once the first `need` rows are full, more text would not change them: read no further
+    for d in _until(docs, lambda: need is not None and len(stream) >= need * seq_len):
         stream.extend(_encode(tokenizer, d))
         if eos is not None:
             stream.append(int(eos))
+        used += 1
     if len(stream) < seq_len:
         raise DataError(
             f"the data has {len(stream)} tokens, fewer than one block of seq_len {seq_len}: "
@@ -272,13 +324,18 @@ def _pack(tokenizer, docs: list[str], seq_len: int):
         if len(chunk) < 2:
             break
         rows.append((chunk, [True] * len(chunk)))
-    return rows
+    return rows, used
 
 
-def _completion_rows(tokenizer, pairs, seq_len: int):
+def _completion_rows(tokenizer, pairs, seq_len: int, need: int | None = None):
+    """One row per pair with a completion target within ``seq_len`` (prompt masked), and the
+    number of pairs read: all, or up to the one that gives the ``need``-th row.
+    """
     rows = []
+    used = 0
     eos = tokenizer.eos_token_id
-    for prompt, completion in pairs:
+    for prompt, completion in _until(pairs, lambda: need is not None and len(rows) >= need):
+        used += 1
         p, c = _encode(tokenizer, prompt), _encode(tokenizer, completion)
         if eos is not None:
             c = c + [int(eos)]
@@ -291,7 +348,7 @@ def _completion_rows(tokenizer, pairs, seq_len: int):
             f"no prompt/completion record has a completion token within seq_len {seq_len}: "
             "use a larger seq_len or check completion_field"
         )
-    return rows
+    return rows, used
 
 
 def _to_batch(rows, seq_len: int, pad_id: int) -> dict:
@@ -309,29 +366,55 @@ def _to_batch(rows, seq_len: int, pad_id: int) -> dict:
 
 
 def make_batches(
-    tokenizer, cfg: DataConfig, *, docs=None, rank: int = 0, world_size: int = 1
+    tokenizer,
+    cfg: DataConfig,
+    *,
+    docs=None,
+    rank: int = 0,
+    world_size: int = 1,
+    info: dict | None = None,
 ) -> list[dict]:
     """Tokenise, pack and batch ``cfg``'s data; return this rank's batches.
 
     Batch ``i`` of the selected ones goes to rank ``i % world_size``
     (``partition.shard_batches``): nothing is dropped; a rank left with fewer batches gets
     ``ZeroWeight`` padding (evaluated, weight 0) so every rank runs the same number of passes
-    (FSDP2 collectives must line up). ``docs`` overrides ``load_documents(cfg)``.
+    (FSDP2 collectives must line up). ``docs`` (a list, or an iterable read only as far as
+    ``num_batches`` needs) overrides ``load_documents(cfg)``. ``info``, a dict, receives what
+    names the data read from a built-in code source: ``python`` (the version whose standard
+    library it is) and ``pairs`` (the number of pairs, from the first, the batches were cut
+    from; ``code_data.source_info``).
     """
     if tokenizer is None:
         raise DataError("this model has no tokenizer: a factory spec must return its own batches")
     if not (0 <= rank < world_size):
         raise DataError(f"rank {rank} is outside world size {world_size}")
-    docs = load_documents(cfg) if docs is None else docs
-    if not docs or all(not (d if isinstance(d, str) else "".join(d)).strip() for d in docs):
-        raise DataError(
-            f"the data {cfg.path or '(embedded)'!r} is empty: no text to compute a loss on"
-        )
-    rows = (
-        _completion_rows(tokenizer, docs, cfg.seq_len)
+    need = cfg.num_batches * cfg.batch_size if cfg.num_batches is not None else None
+    code = docs is None and cfg.path == CODE_SOURCE
+    if code:
+        if not code_data.code_pairs(1):
+            raise DataError(
+                f"{CODE_SOURCE}: the standard library at {str(code_data.stdlib_root())!r} has no "
+                "readable .py files with documented functions: use another data source"
+            )
+        # num_batches: parse the library only as far as those batches need
+        pairs = code_data.iter_code_pairs() if need is not None else code_data.code_pairs()
+        docs = _code_documents(pairs, cfg.loss_on)
+    else:
+        docs = load_documents(cfg) if docs is None else docs
+        if isinstance(docs, (list, tuple)) and (  # an iterator is read lazily, never twice
+            not docs or all(not (d if isinstance(d, str) else "".join(d)).strip() for d in docs)
+        ):
+            raise DataError(
+                f"the data {cfg.path or '(embedded)'!r} is empty: no text to compute a loss on"
+            )
+    rows, used = (
+        _completion_rows(tokenizer, docs, cfg.seq_len, need)
         if cfg.loss_on == "completion"
-        else _pack(tokenizer, docs, cfg.seq_len)
+        else _pack(tokenizer, docs, cfg.seq_len, need)
     )
+    if code and info is not None:
+        info.update(code_data.source_info(used))
     groups = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     if cfg.num_batches is not None:
         if cfg.num_batches > len(groups):

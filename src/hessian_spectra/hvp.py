@@ -5,7 +5,9 @@
   place (shard-local under FSDP2) and restored by copy from one snapshot, so they are
   bit-for-bit what they were, also when ``loss_fn`` raises or the run is interrupted.
   Both passes accumulate into the same ``.grad`` buffers (the second with the sign flipped),
-  so peak memory is that of one gradient plus the snapshot. The step rule: :mod:`.fd_step`.
+  so peak memory is that of one gradient plus the snapshot, which the operator keeps
+  (:class:`FDBuffers`) with the small even-part samples: no parameter-sized allocation per
+  product but the result. The step rule: :mod:`.fd_step`.
 - :func:`hvp_exact`: Pearlmutter's double backward (HessFormer): ``∇(∇l_b · v)`` per batch.
 - :func:`hvp_jvp`: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``
   (the curvlinops core). Where PyTorch has no forward-mode derivative for an op's backward it
@@ -38,9 +40,9 @@ import torch
 from . import distributed as _dist
 from .fd_step import stencil_points
 from .objective import Objective, PassRecord, _no_graph_error, normalise
-from .vectors import Vector, norm
+from .vectors import Vector
 
-__all__ = ["JvpUnsupported", "hvp_exact", "hvp_fd", "hvp_jvp"]
+__all__ = ["FDBuffers", "JvpUnsupported", "hvp_exact", "hvp_fd", "hvp_jvp"]
 
 
 class JvpUnsupported(RuntimeError):
@@ -61,6 +63,104 @@ def _sdpa_math():
         return contextlib.nullcontext()
 
 
+# Tensors with more entries than this have their even part sampled (every EVEN_STRIDE-th
+# entry of the flattened global tensor); smaller ones (norm weights, biases) are read whole.
+EVEN_FULL = 4096
+EVEN_STRIDE = 31  # prime: a row length that is a multiple of it is rare
+FUSED_MOVE = 1 << 16  # tensors of at least this many entries move in one fused pass
+
+
+class FDBuffers:
+    """What an operator keeps across its fd products, allocated on the first one and reused:
+    the parameter snapshot (one copy of the local parameters, the restore source) and two
+    even-part samples (the gradient at θ and the first pass's gradient, at the sampled entries:
+    about ``2/EVEN_STRIDE`` of a vector). No parameter-sized tensor is allocated per product
+    but the one returned (the ``.grad`` the passes accumulate into).
+
+    The sample: every entry of a tensor with at most ``EVEN_FULL`` entries, and of a larger one
+    every ``EVEN_STRIDE``-th entry of its flattened *global* tensor, its squared norm weighted
+    by ``numel / samples`` (an unbiased estimate of the tensor's; the same entries at every
+    world size). A tensor sharded in a layout other than FSDP2's rows is read whole.
+    """
+
+    def __init__(self):
+        self.snapshot: Vector | None = None
+        self.layout: list[tuple[int, int, int, int]] | None = None  # offset, stride, start, m
+        self.weights: list[float] = []  # numel / samples per tensor (global)
+        self.g0_sample: torch.Tensor | None = None
+        self.plus_sample: torch.Tensor | None = None
+        self.has_gradient = False
+
+    def nbytes(self) -> int:
+        """Bytes held (the snapshot and the two samples)."""
+        held = list(self.snapshot or []) + [self.g0_sample, self.plus_sample]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def prepare(self, obj: Objective) -> None:
+        """Allocate the snapshot and the samples and lay them out (first call only)."""
+        if self.layout is not None:
+            return
+        lay, start = [], 0
+        for p in obj.params:
+            n, loc = p.numel(), _dist.local(p)  # n: global
+            span = _dist.local_flat_range(p)
+            sampled = n > EVEN_FULL and span is not None
+            off, k = ((-span[0]) % EVEN_STRIDE, EVEN_STRIDE) if sampled else (0, 1)
+            m = len(range(off, loc.numel(), k))
+            lay.append((off, k, start, m))
+            self.weights.append(n / ((n + k - 1) // k))
+            start += m
+        dev = obj.params[0].device if obj.params else "cpu"
+        self.g0_sample, self.plus_sample = (
+            torch.zeros(start, dtype=obj.vector_dtype, device=dev) for _ in range(2)
+        )
+        self.snapshot = [torch.empty_like(_dist.local(p).detach()) for p in obj.params]
+        self.layout = lay
+        # the parameters move to θ + offset·ε·v from the snapshot in one pass per tensor
+        # (torch.add(..., out=)) where a tensor is large, by two foreach calls where the
+        # Python call per tensor would cost more than the second pass
+        self.fused = [_dist.local(p).numel() >= FUSED_MOVE for p in obj.params]
+
+    def move(self, locs: list, vs: list, alpha: float) -> None:
+        """Set the local parameters ``locs`` to ``snapshot + alpha·vs`` (no_grad)."""
+        small = [i for i, f in enumerate(self.fused) if not f]
+        if small:
+            dst = [locs[i] for i in small]
+            torch._foreach_copy_(dst, [self.snapshot[i] for i in small])
+            torch._foreach_add_(dst, [vs[i] for i in small], alpha=alpha)
+        for p, s, t, f in zip(locs, self.snapshot, vs, self.fused):
+            if f:
+                torch.add(s, t, alpha=alpha, out=p)
+
+    def _views(self, flat: torch.Tensor) -> list:
+        return [flat[start : start + m] for _, _, start, m in self.layout]
+
+    def _picks(self, vec) -> list:
+        return [t.detach().reshape(-1)[off::k] for t, (off, k, _, _) in zip(vec, self.layout)]
+
+    def sample(self, vec, out: torch.Tensor) -> None:
+        """Gather the sampled entries of ``vec`` (local tensors) into ``out`` (a sample)."""
+        torch._foreach_copy_(self._views(out), self._picks(vec))
+
+    def set_gradient(self, g0: Vector) -> None:
+        """Keep the sample of the normalised gradient at θ (for the even part)."""
+        self.sample(g0, self.g0_sample)
+        self.has_gradient = True
+
+    def even_norm(self, pair: Vector, f: float) -> float:
+        """``||f·(2·plus − pair) − 2 g0||`` over the sample, with ``pair`` the local ``.grad``
+        after the second pass (read at the sampled entries), float64, each tensor's squared
+        norm weighted by its ``numel / samples`` (global).
+        """
+        d = self.plus_sample.to(torch.float64).mul_(2.0)  # (samples,), freed on return
+        dv = self._views(d)
+        torch._foreach_sub_(dv, [x.to(d.device, torch.float64) for x in self._picks(pair)])
+        d.mul_(f).sub_(self.g0_sample, alpha=2.0)
+        sq = torch.stack(torch._foreach_norm(dv)).square()
+        w = torch.tensor(self.weights, dtype=torch.float64, device=sq.device)
+        return float(_dist.sum_over_shards(sq.mul_(w).sum().reshape(1).cpu())[0]) ** 0.5
+
+
 def hvp_fd(
     obj: Objective,
     v: Vector,
@@ -68,24 +168,37 @@ def hvp_fd(
     stencil: str = "central",
     g0: Vector | None = None,
     info: dict | None = None,
+    buffers: FDBuffers | None = None,
 ) -> Vector:
     """``(∇L(θ+εv) − ∇L(θ−εv)) / 2ε`` with the parameters restored by copy (module docstring);
     ``stencil="four-point"``: ``(8∇L(θ+εv) − 8∇L(θ−εv) − ∇L(θ+2εv) + ∇L(θ−2εv)) / 12ε``
     (truncation O(ε⁴), 4 gradient passes). ``eps == 0`` (only for a zero ``v``) gives the zero
     vector.
 
-    With ``g0`` (the normalised gradient at θ) and a dict ``info``, also sets ``info["d2"] =
-    ||∇L(θ+εv) + ∇L(θ−εv) − 2 g0||``, the even part of the pair (``≈ ε² ||∇(D²L[v,v])||``), read
-    between the passes with one temporary vector: the error model's curvature-change scale
-    (:mod:`.fd_step`).
+    ``buffers`` (:class:`FDBuffers`, kept by the operator): the snapshot and samples are reused
+    across products; without it they are allocated for this call. The parameters move to each
+    point in one pass (``θ + offset·ε·v`` written from the snapshot), and back by one copy.
+
+    With the gradient at θ (``g0``, normalised, or one set by :meth:`FDBuffers.set_gradient`)
+    and a dict ``info``, also sets ``info["d2"] = ||∇L(θ+εv) + ∇L(θ−εv) − 2 g0||``, the even
+    part of the pair (``≈ ε² ||∇(D²L[v,v])||``): the error model's curvature-change scale
+    (:mod:`.fd_step`), estimated from the entries :class:`FDBuffers` samples (exact on tensors
+    of up to ``EVEN_FULL`` entries), read between and after the passes without a
+    parameter-sized temporary.
     """
     if eps == 0.0:
         return obj.zeros()
     points, divisor = stencil_points(stencil)
+    ws = buffers if buffers is not None else FDBuffers()
+    ws.prepare(obj)
     locs = [_dist.local(p) for p in obj.params]
     vs = [t.to(p.dtype) for t, p in zip(v, locs)]
+    snapshot = ws.snapshot
+    even = info is not None and (g0 is not None or ws.has_gradient)
+    if even and g0 is not None:
+        ws.set_gradient(g0)
     with torch.no_grad():
-        snapshot = [p.detach().clone() for p in locs]
+        torch._foreach_copy_(snapshot, locs)
     try:
         with obj.stash_grads(), obj.mode():
             recs = []
@@ -95,33 +208,23 @@ def hvp_fd(
                 # unperturbed.
                 _dist.reshard(obj.model)
                 with torch.no_grad():
-                    if k:
-                        torch._foreach_copy_(locs, snapshot)
-                    torch._foreach_add_(locs, vs, alpha=offset * eps)
+                    if k == 0:
+                        torch._foreach_add_(locs, vs, alpha=offset * eps)
+                    else:  # θ + offset·ε·v from the snapshot
+                        ws.move(locs, vs, offset * eps)
                 where = f"θ{offset:+g}εv".replace("1εv", "εv")
                 recs.append((obj.grad_pass(weight, f"HVP {where}"), where))
-                if g0 is not None and info is not None and k == 0:
-                    # w₀ ∇L(θ+εv), unnormalised: a copy (read_grads may alias .grad)
-                    first = [
-                        _dist.local(p.grad).detach().to(obj.vector_dtype, copy=True)
-                        if p.grad is not None
-                        else torch.zeros_like(loc, dtype=obj.vector_dtype)
-                        for p, loc in zip(obj.params, locs)
-                    ]
-                elif g0 is not None and info is not None and k == 1:
+                if even and k == 0:
+                    # w₀ ∇L(θ+εv), unnormalised, at the sampled entries
+                    ws.sample(_grads_or_zeros(obj, locs), ws.plus_sample)
+                elif even and k == 1:
                     # the first two points are ±ε with weights ±w₀: .grad = w₀(g₊ − g₋)
                     n1 = obj.normaliser(recs[0][0], f"at {recs[0][1]}")
+                    recs[0] = (*recs[0], n1)
                     f = obj.grad_scale / (points[0][1] * n1)
-                    for t, p, z in zip(first, obj.params, g0):
-                        g = p.grad
-                        t.mul_(2.0)
-                        if g is not None:
-                            t.sub_(_dist.local(g).detach().to(t.dtype))
-                        t.mul_(f).sub_(z.to(t.dtype), alpha=2.0)
-                    info["d2"] = norm(first)
-                    del first
+                    info["d2"] = ws.even_norm(_grads_or_zeros(obj, locs), f)
             rp = recs[0][0]
-            N = obj.normaliser(rp, f"at {recs[0][1]}")
+            N = recs[0][2] if len(recs[0]) > 2 else obj.normaliser(rp, f"at {recs[0][1]}")
             for rm, where in recs[1:]:
                 Nm = obj.normaliser(rm, f"at {where}")
                 if abs(rm.total_weight - rp.total_weight) > 1e-9 * rp.total_weight or N != Nm:
@@ -136,6 +239,14 @@ def hvp_fd(
         _dist.reshard(obj.model)  # no gathered copy of perturbed parameters survives
         with torch.no_grad():
             torch._foreach_copy_(locs, snapshot)
+
+
+def _grads_or_zeros(obj: Objective, locs) -> list:
+    """The local ``.grad`` of each parameter (a zero tensor where there is none)."""
+    return [
+        _dist.local(p.grad) if p.grad is not None else torch.zeros_like(loc)
+        for p, loc in zip(obj.params, locs)
+    ]
 
 
 def hvp_exact(obj: Objective, v: Vector) -> Vector:

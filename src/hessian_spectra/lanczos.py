@@ -3,14 +3,17 @@
     beta_{j+1} q_{j+1} = H q_j − alpha_j q_j − beta_j q_{j−1},   alpha_j = q_j · H q_j
 
 Reorthogonalisation (``reorth``):
-- ``"full"``: every new vector is orthogonalised twice (classical Gram–Schmidt, one batched
-  all-reduce per pass) against all stored vectors; memory ``m`` vectors (8 with
-  ``basis_dir``: they are streamed from files).
+- ``"full"``: every new vector is orthogonalised against all stored vectors by classical
+  Gram–Schmidt (one batched all-reduce per pass), a second time when the first pass removed
+  more than ``1 − 1/√2`` of its norm (Kahan–Parlett, "twice is enough"); memory ``m`` vectors.
 - ``r`` (int ≥ 1): a sliding window: only against the last ``r`` vectors; memory
   ``max(r, 2)``.
 - ``"none"`` (or 0): the plain three-term recurrence; memory 2 vectors.
 Add one work vector ``w`` (and the matvec's own), and two more in the operator's dtype when
-``basis_dtype`` differs from it.
+``basis_dtype`` differs from it. With the kept vectors streamed (``basis_dir``, or
+``basis_device`` other than the operator's) Lanczos holds only ``q_j`` during the product
+and, in the vector work, ``w`` and one chunk of the basis (:mod:`hessian_spectra.basis`),
+whatever ``m``; plus one vector in the operator's dtype when ``basis_dtype`` differs from it.
   Without reorthogonalisation, Ritz values that have converged reappear as "ghosts"
   (Paige 1971; FSHP Thm 4.1): fine for densities with few steps, wrong for multiplicities.
 
@@ -20,8 +23,11 @@ Vectors are stored in ``basis_dtype`` (bf16 halves memory), each as one flat buf
 float64 and others float32 per block of 2^16 entries summed in float64 (error ≲ 2^-16 ·
 Σ|u_i v_i|, :func:`hessian_spectra.vectors.dot`); the matvec runs in the operator's dtype.
 Per step the vector work is one dot, one fused update ``w −= alpha q + beta q_prev``, one norm
-and one scale (≈ 4.5 copies of a vector), plus with ``k`` kept vectors two sweeps of CGS2
-(≈ 2k + 3 copies): ``benchmarks/lanczos_vector_work.py`` measures it.
+and one scale (≈ 4.5 copies of a vector); with ``k`` kept vectors the dot and the scale, then
+two sweeps of the basis, each reading the ``k`` rows: the three-term update (``q_j`` and
+``q_{j-1}`` are rows) with the dots and the norm of its result, then the Gram–Schmidt update
+with the dots and the norm of its result (a third sweep for a second pass when one is
+needed): ``benchmarks/lanczos_vector_work.py`` measures it.
 
 A step whose ``beta`` falls below ``breakdown_tol · scale`` (scale: the largest
 ``|alpha| + beta`` seen, an estimate of ||H||) means an invariant subspace was found: Lanczos
@@ -184,14 +190,22 @@ class LanczosResult:
     def ghost_indices(self, tol: float | None = None) -> np.ndarray:
         """Indices into ``ritz_values`` of the spurious copies of converged Ritz values (FSHP
         Thm 4.1), by the Cullum–Willoughby test (:mod:`hessian_spectra.ghosts`); ``tol``
-        default ``m · ε · ||T||₁`` (ε: ``unit_roundoff``).
+        default ``m · ε · ||T||₁`` (ε: ``unit_roundoff``). A run with full
+        reorthogonalisation (``config["reorth"] == "full"``) is tested for copies only: a
+        Ritz value of ~zero weight is genuine there.
 
         >>> LanczosResult(alpha=[1.0, 2.0, 3.0], beta=[0.5, 0.0]).ghost_indices().tolist()
         [2]
         """
         from .ghosts import ghost_indices
 
-        return ghost_indices(self.alpha, self.beta, tol=tol, eps=self.unit_roundoff)
+        return ghost_indices(
+            self.alpha,
+            self.beta,
+            tol=tol,
+            eps=self.unit_roundoff,
+            full_reorth=self.config.get("reorth") == "full",
+        )
 
     @property
     def num_ghosts(self) -> int:
@@ -376,15 +390,37 @@ def _three_term(w: Vector, q: Vector, alpha: float, q_prev: Vector | None, beta:
                 blk.add_(pf[s : s + _UPDATE_BLOCK], alpha=-beta)
 
 
-def _reorthogonalise(w: Vector, basis: KrylovBasis, ts) -> None:
-    """``w -= Q Qᵀ w`` against the kept vectors ``ts``, twice: CGS2, twice is enough (Giraud
-    et al. 2005); per pass one sweep of the basis for the dots (one all-reduce of all of them)
-    and one for the update (:class:`hessian_spectra.basis.KrylovBasis`).
+def _update_and_reorthogonalise(
+    w: Vector, basis: KrylovBasis, j: int, alpha: float, beta: float, lo: int
+) -> float | None:
+    """The three-term update ``w -= alpha q_j + beta q_{j-1}`` and then ``w -= Q Qᵀ w``
+    against the kept vectors ``t ≥ lo`` by classical Gram–Schmidt, a second time only when the
+    first pass removed much of ``w`` (``‖w'‖ < ‖w‖/√2``, the Kahan–Parlett criterion of "twice
+    is enough", Parlett 1998 §6.9; Giraud et al. 2005): with ``w`` nearly orthogonal to the
+    basis already, as it is after the three-term update, one pass leaves ``|q·w'|`` at the
+    rounding level of the dot products and a second would not lower it.
+
+    ``q_j`` and ``q_{j-1}`` are rows of the basis, so the update needs no vector of its own:
+    sweeps of the basis (:meth:`hessian_spectra.basis.KrylovBasis.sweep`), one all-reduce
+    after each: the three-term update with the dots (and ``‖w‖``) of its result chunk by
+    chunk, then the Gram–Schmidt update with the dots (and ``‖w'‖``) of its result, then, if
+    needed, the second update. Returns ``‖w‖`` after it, or None when it must be computed.
     """
-    groups = basis.groups(ts)
-    for _ in range(2 if groups else 0):
-        c = _dist.sum_over_shards(basis.dots(groups, w))
-        basis.subtract(groups, c, w)
+    ts = {t for t in basis.kept if t >= lo} | {j} | ({j - 1} if j > 0 else set())
+    groups = basis.groups(sorted(ts))
+    order = [t for g in groups for t in g]
+    c = torch.tensor(
+        [alpha if t == j else beta if t == j - 1 else 0.0 for t in order], dtype=torch.float64
+    )
+    window = torch.tensor([t >= lo for t in order])
+    r = _dist.sum_over_shards(basis.sweep(groups, w, subtract=c, norm=True))
+    before = math.sqrt(max(float(r[-1]), 0.0))
+    r = _dist.sum_over_shards(basis.sweep(groups, w, subtract=r[:-1] * window, norm=True))
+    after = math.sqrt(max(float(r[-1]), 0.0))
+    if after >= before / math.sqrt(2.0):
+        return after
+    basis.sweep(groups, w, subtract=r[:-1] * window, dots=False)
+    return None
 
 
 def _basis_name(ckpt) -> str | None:
@@ -422,9 +458,11 @@ def lanczos(
         basis_dtype: storage dtype of the Lanczos vectors (e.g. ``torch.bfloat16`` or
             ``"bfloat16"``); default the operator's vector dtype. Scalars are always float64.
         basis_dir: keep the vectors kept for reorthogonalisation in files under this directory
-            (one per vector per rank, streamed 8 at a time; removed when the run ends, also on
-            an error, unless a ``checkpoint`` needs them): the resident memory no longer grows
-            with the number of steps. The numbers are the same as in memory.
+            (one per vector per rank, read a chunk of columns at a time; removed when the run
+            ends, also on an error, unless a ``checkpoint`` needs them): the resident memory
+            no longer grows with the number of steps (one vector, ``q_j`` during the product
+            and ``w`` after it, and two chunks of the basis, beside the operator's own memory).
+            The numbers are the same as in memory.
         basis_device: keep them in memory on this device instead of the operator's (e.g.
             ``"cpu"`` for host memory with a model on a GPU); ignored with ``basis_dir``.
         breakdown_tol: relative threshold on beta; default ``100 · ε_mach`` of the vector dtype.
@@ -580,13 +618,19 @@ def _run(
     matvec_s = st.matvec_seconds
     vector_s = st.vector_seconds
     # q_j and q_{j-1} as flat buffers in the basis dtype: rows of a resident basis (no copy
-    # to keep them), else two buffers used in turn
+    # to keep them); without a basis two buffers used in turn; with a streamed one (files, host
+    # memory) one buffer: q_j, in the basis once the step starts, is not needed after the dot
+    # for alpha (the update takes q_j and q_{j-1} from the basis), and q_{j+1} takes its place
     resident = basis is not None and not basis.streamed
-    flat = [] if resident else [layout.empty(store), layout.empty(store)]
+    streamed = basis is not None and basis.streamed
+    flat = [] if resident else [layout.empty(store) for _ in range(1 if streamed else 2)]
     bufs: dict[int, torch.Tensor] = {}
 
     def place(t: int, vec: Vector | None) -> None:
-        buf = basis.claim(t) if resident else flat[t % 2]
+        if resident:
+            buf = basis.claim(t)
+        else:
+            buf = flat[t % len(flat)]
         if vec is not None:
             for view, x in zip(layout.views(buf), vec):
                 view.copy_(x)
@@ -605,40 +649,61 @@ def _run(
                 for view, x in zip(layout.views(tmp), vec):
                     view.copy_(x)
                 basis.put(t, tmp)
-    if n0 and n0 - 1 not in bufs:
+                del tmp
+    if n0 and n0 - 1 not in bufs and not (streamed and n0 - 1 in basis.kept):
         place(n0 - 1, st.q_prev)
+        if streamed:
+            basis.put(n0 - 1, bufs.pop(n0 - 1))
     place(n0, st.q)
-    # with a basis in another dtype: q_j and q_{j-1} also in the operator's dtype, two buffers
+    st.q = st.q_prev = None
+    st.kept = []
+    # with a basis in another dtype: q_j (and q_{j-1}) also in the operator's dtype, buffers
     # kept for the run (the matvec's input, then the dot and the three-term update: no
-    # conversion in them)
-    qwork = [layout.empty(work), layout.empty(work)] if store != work else None
-    if qwork is not None and n0:
-        qwork[(n0 - 1) % 2].copy_(bufs[n0 - 1])
+    # conversion in them); one with a streamed basis
+    qwork = None
+    if store != work:
+        qwork = [layout.empty(work)] if streamed else [layout.empty(work), layout.empty(work)]
+        if n0 and not streamed:
+            qwork[(n0 - 1) % 2].copy_(bufs[n0 - 1])
     io_s0 = basis.io_seconds if basis is not None else 0.0
     breakdown, residual = False, 0.0
     with progress_bar(
         progress, total=num_steps, initial=n0, desc="Lanczos", unit="step", leave=False
     ) as bar:
         for j in range(n0, num_steps):
-            q = layout.views(bufs[j])  # q_j
-            q_prev = layout.views(bufs[j - 1]) if j > 0 else None  # q_{j-1}
             tv = time.perf_counter()
-            if basis is not None and not resident:
+            if streamed:
                 basis.put(j, bufs[j])
-            if qwork is not None:
-                qwork[j % 2].copy_(bufs[j])
-                q = layout.views(qwork[j % 2])
-                q_prev = layout.views(qwork[(j - 1) % 2]) if j > 0 else None
+                bufs.pop(j - 1, None)
+                if qwork is not None:
+                    qwork[0].copy_(bufs.pop(j))  # q_j in the basis dtype is in the basis now
+                q = layout.views(qwork[0] if qwork is not None else bufs[j])
+                q_prev = None  # a row of the basis
+            else:
+                q = layout.views(bufs[j])  # q_j
+                q_prev = layout.views(bufs[j - 1]) if j > 0 else None  # q_{j-1}
+                if qwork is not None:
+                    qwork[j % 2].copy_(bufs[j])
+                    q = layout.views(qwork[j % 2])
+                    q_prev = layout.views(qwork[(j - 1) % 2]) if j > 0 else None
             tm = time.perf_counter()
             w = cast(op.matvec(q), work)  # H q_j
+            w = [wi if wi.is_contiguous() else wi.contiguous() for wi in w]
             tw = time.perf_counter()
             matvec_s += tw - tm
             alpha = dot(w, q)
-            _three_term(w, q, alpha, q_prev, st.beta[-1] if q_prev is not None else 0.0)
-            if basis is not None:  # w = H q_j − alpha_j q_j − beta_j q_{j−1}, then CGS2
+            beta = None
+            if basis is None:  # w = H q_j − alpha_j q_j − beta_j q_{j−1}
+                _three_term(w, q, alpha, q_prev, st.beta[-1] if q_prev is not None else 0.0)
+            else:  # the same from the basis' rows, then Gram–Schmidt
+                q = q_prev = None
+                if streamed:  # q_j is in the basis: its buffer can go
+                    bufs.pop(j, None)
                 lo = 0 if window is None else j + 1 - window
-                _reorthogonalise(w, basis, [t for t in basis.kept if t >= lo])
-            beta = norm(w)  # beta_{j+1}
+                beta = _update_and_reorthogonalise(
+                    w, basis, j, alpha, st.beta[-1] if j > 0 else 0.0, lo
+                )
+            beta = norm(w) if beta is None else beta  # beta_{j+1}
             vector_s += (tm - tv) + (time.perf_counter() - tw)
             if not (math.isfinite(alpha) and math.isfinite(beta)):
                 raise FloatingPointError(
@@ -661,11 +726,13 @@ def _run(
             nxt = bufs[j + 1]
             for view, wi in zip(layout.views(nxt), w):
                 torch.mul(wi, 1.0 / beta, out=view)
+            w = None
             bufs.pop(j - 1, None)
             vector_s += time.perf_counter() - tv
             if ckpt is not None:
                 tc = time.perf_counter()
-                st.q, st.q_prev = layout.views(nxt), layout.views(bufs[j])
+                prev = bufs[j] if j in bufs else basis.vector(j)
+                st.q, st.q_prev = layout.views(nxt), layout.views(prev)
                 st.kept = []
                 st.basis_kept = []
                 if basis is not None:
@@ -680,6 +747,9 @@ def _run(
                 moved = basis.io_seconds - io_s0 if basis is not None else 0.0
                 st.vector_seconds, st.io_seconds = vector_s - moved, io_s + moved
                 save_checkpoint(ckpt, st, config, basis_name=basis.name if st.basis_kept else None)
+                st.q = st.q_prev = None
+                st.kept = []
+                prev = None
                 io_s += time.perf_counter() - tc
 
     io_s += basis.io_seconds - io_s0 if basis is not None else 0.0

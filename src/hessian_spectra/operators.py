@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from . import distributed as _dist
 from . import fd_step as _fd
 from ._opbase import ObjectiveOperator
 from .fd_step import (
@@ -40,9 +41,9 @@ from .fd_step import (
     compute_dtype,
     default_eps_scale,
 )
-from .hvp import JvpUnsupported, hvp_exact, hvp_fd, hvp_jvp
+from .hvp import FDBuffers, JvpUnsupported, hvp_exact, hvp_fd, hvp_jvp
 from .objective import Objective
-from .vectors import Vector, check_vector, norm
+from .vectors import Vector, check_vector
 
 __all__ = [
     "METHODS",
@@ -67,6 +68,22 @@ def _sharded_method_error(method: str) -> NotImplementedError:
         "double backward or forward AD through its hooks (PyTorch issue 172543). Use "
         "method='fd' (shard-local finite differences), or run unsharded."
     )
+
+
+def _norms(v: Vector) -> list[float]:
+    """Global norm of each tensor of ``v`` by ``torch._foreach_norm`` (one kernel call, one
+    all-reduce): the fd step and estimate need ~1e-7 relative, not float64 sums. NaN/inf
+    entries make their tensor's norm non-finite.
+    """
+    if not v:
+        return []
+    sq = torch.stack(torch._foreach_norm(v)).to(torch.float64).square()
+    return _dist.sum_over_shards(sq).sqrt().tolist()
+
+
+def _norm(v: Vector) -> float:
+    """Global norm of ``v`` (:func:`_norms`)."""
+    return math.sqrt(sum(x * x for x in _norms(v)))
 
 
 class HessianOperator(ObjectiveOperator):
@@ -103,13 +120,14 @@ class HessianOperator(ObjectiveOperator):
         stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
         fd_calibration: measure the error model on first use (default): about 11 gradient
-            passes once, ``∇L(θ)`` kept (one vector) and one temporary vector per product
-            (+11% time per product on SmolLM2-135M, CPU, one thread), in exchange for the
-            step, an error estimate per product
-            (``op.last_fd_error_estimate``) and a second product at the estimated best step
-            where the first one's step was > 2.5× off (``op.stats["fd_retries"]``). ``False``:
-            the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``, exactly two
-            gradient passes per product and no estimates.
+            passes once, ``∇L(θ)`` kept at the entries the even part samples (about 1/31 of
+            a vector; :class:`~hessian_spectra.hvp.FDBuffers`), in exchange for the step, an
+            error estimate per product (``op.last_fd_error_estimate``) and a second product
+            at the estimated best step where the first one's step was > 2.5× off
+            (``op.stats["fd_retries"]``).
+            ``False``: the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``,
+            exactly two gradient passes per product and no estimates. Either way fd products
+            keep one copy of the parameters (the restore snapshot) between products.
         progress: show a progress bar over batches for each pass (rank 0 only).
     """
 
@@ -193,7 +211,7 @@ class HessianOperator(ObjectiveOperator):
             "fd_max_rel_error_estimate": 0.0,
             "fd_retries": 0,
         }
-        self._fd_g0: Vector | None = None
+        self.fd_buffers = FDBuffers()  # snapshot and even-part samples, reused by fd products
 
     # the objective's facts (params, num_params, vector_dtype, ...): ObjectiveOperator
     loss_fn = property(lambda self: self.objective.loss_fn, doc="The loss function.")
@@ -226,37 +244,9 @@ class HessianOperator(ObjectiveOperator):
         obj.first_use()
         t0 = time.perf_counter()
         if method == "fd":
-            checked = eps is None and self.max_fd_error is not None
-            e = eps if eps is not None else self.eps_for(v)
-            if self.fd_calibration and e > 0:
-                fm = self.calibrate_fd()
-                info: dict = {}
-                hv = hvp_fd(obj, v, e, self.stencil, self._fd_g0, info)
-                vn, hn = norm(v), norm(hv)
-                if eps is None and self.eps is None:
-                    # the step from κ(v) is a priori; the product's even part says where the
-                    # error model puts the best step along v: redo it there when the estimate
-                    # at e is over ~2.2× the best one (module docstring of .fd_step)
-                    best = fm.best_eps(vn, e, hn, info.get("d2"))
-                    # no tensor moves by more than a quarter of its norm (as in calibrate)
-                    best = min(best, 0.25 / _fd.perturbation_scale(v, obj.theta_norms()))
-                    lo, hi = (0.4, 1.8) if self.stencil == "four-point" else (0.3, 2.5)
-                    if math.isfinite(best) and not lo * best <= e <= hi * best:
-                        e, info = best, {}
-                        hv = hvp_fd(obj, v, e, self.stencil, self._fd_g0, info)
-                        hn = norm(hv)
-                        self.stats["fd_retries"] += 1
-                est = fm.estimate(vn, e, hn, info.get("d2"))
-                self.last_fd_error_estimate = est
-                self.fd_estimates.append(est)
-                if eps is None and math.isfinite(est.rel_error):  # products at the default step
-                    self.stats["fd_max_rel_error_estimate"] = max(
-                        self.stats["fd_max_rel_error_estimate"], est.rel_error
-                    )
-                if checked and est.rel_error > self.max_fd_error:
-                    raise self._accuracy_error(est, "this product")
-            else:
-                hv = hvp_fd(obj, v, e, self.stencil)
+            hv, finite = self._fd_product(v, eps)
+            if not finite:
+                obj.check_finite(hv)
         elif method == "jvp" and not self._jvp_fallback:
             try:
                 hv = hvp_jvp(obj, v)
@@ -268,12 +258,66 @@ class HessianOperator(ObjectiveOperator):
                 )
                 self._jvp_fallback = True
                 hv = hvp_exact(obj, v)
+            obj.check_finite(hv)
         else:
             hv = hvp_exact(obj, v)
-        obj.check_finite(hv)
+            obj.check_finite(hv)
         self.stats["matvecs"] += 1
         self.stats["matvec_seconds"] += time.perf_counter() - t0
         return hv
+
+    def _fd_product(self, v: Vector, eps: float | None) -> tuple[Vector, bool]:
+        """One fd product (and its estimate, and its redo where the step was far off); returns
+        ``(hv, finite)`` with ``finite`` read off ``||hv||`` (float64 sums: any NaN/inf entry
+        makes it non-finite; a non-finite one is checked entry by entry by the caller).
+        """
+        obj = self.objective
+        checked = eps is None and self.max_fd_error is not None
+        th = obj.theta_norms()
+        vnorms = _norms(v)  # one pass over v: ||v|| and κ(v)
+        vn = math.sqrt(sum(x * x for x in vnorms))
+        kappa = _fd.perturbation_scale(v, th, norms=vnorms)
+        if not self.fd_calibration or eps is not None or self.eps is not None:
+            e = eps if eps is not None else self.eps
+            if e is None:  # uncalibrated: fd_step's default rule, from the norms above
+                e = _fd.default_eps_scale(self.compute_dtype) / kappa if kappa > 0 else 0.0
+            if not self.fd_calibration or e == 0:
+                hv = hvp_fd(obj, v, e, self.stencil, buffers=self.fd_buffers)
+                return hv, math.isfinite(_norm(hv))
+        fm = self.calibrate_fd()
+        auto = eps is None and self.eps is None
+        if auto:  # the step from κ(v) (a function of v alone: products are repeatable)
+            e = fm.scale / kappa if kappa > 0 else 0.0
+        else:
+            e = eps if eps is not None else self.eps
+        if e == 0:
+            return obj.zeros(), True
+        info: dict = {}
+        bufs = self.fd_buffers
+        hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
+        hn = _norm(hv)
+        if auto and math.isfinite(hn):
+            # the error model's best step along v from the product's even part: redo it there
+            # when the estimate at e is over ~2.2× the best one (module docstring of .fd_step)
+            best = fm.best_eps(vn, e, hn, info.get("d2"))
+            # no tensor moves by more than a quarter of its norm (as in calibrate)
+            best = min(best, 0.25 / kappa)
+            lo, hi = (0.4, 1.8) if self.stencil == "four-point" else (0.3, 2.5)
+            if math.isfinite(best) and not lo * best <= e <= hi * best:
+                e, info = best, {}
+                hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
+                hn = _norm(hv)
+                self.stats["fd_retries"] += 1
+        est = fm.estimate(vn, e, hn, info.get("d2"))
+        self.last_fd_error_estimate = est
+        self.fd_estimates.append(est)
+        if eps is None and math.isfinite(est.rel_error):  # products at the default step
+            self.stats["fd_max_rel_error_estimate"] = max(
+                self.stats["fd_max_rel_error_estimate"], est.rel_error
+            )
+        if checked and est.rel_error > self.max_fd_error:
+            raise self._accuracy_error(est, "this product")
+        return hv, math.isfinite(hn)
 
     # ------------------------------------------------------------------ the fd step
     def eps_for(self, v: Vector) -> float:
@@ -295,7 +339,8 @@ class HessianOperator(ObjectiveOperator):
         """
         if self.fd_model is None:
             m = _fd.calibrate(self, seed, self.stencil)
-            self._fd_g0 = self.objective.gradient()[1]
+            self.fd_buffers.prepare(self.objective)
+            self.fd_buffers.set_gradient(self.objective.gradient()[1])
             self.fd_model = m
             self.stats["fd_calibration_gradients"] += m.gradients + 1
             if self.max_fd_error is not None:

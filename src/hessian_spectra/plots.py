@@ -9,6 +9,8 @@
   std over probes; extra blocks apart), titled with FSHP Table 6's summary.
 - ``plot_eps_sweep``: FD relative error against the step eps, log-log, of an ``eps-sweep`` run.
 - ``plot_sweep``: the cells of a ``sweep`` as a grid of density overlays (FSHP Figs 3–6).
+- ``plot_influence``: the distribution of an ``influence`` run's scores and its most helpful
+  and most harmful examples.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "plot_density",
     "plot_eigs",
     "plot_eps_sweep",
+    "plot_influence",
     "plot_result",
     "plot_ritz",
     "plot_sweep",
@@ -334,13 +337,21 @@ _FIGURES = {
     "eigs": lambda r, out: [plot_eigs(r, out / "eigs.png")],
     "blockdiag": lambda r, out: [plot_blockdiag(r, out / "blockdiag.png")],
     "eps_sweep": lambda r, out: [plot_eps_sweep(r, out / "eps_sweep.png")],
+    "influence": lambda r, out: [plot_influence(r, out / "influence.png")],
 }
-FIGURE_FILES = ("density.png", "ritz.png", "eigs.png", "blockdiag.png", "eps_sweep.png")
+FIGURE_FILES = (
+    "density.png",
+    "ritz.png",
+    "eigs.png",
+    "blockdiag.png",
+    "eps_sweep.png",
+    "influence.png",
+)
 
 
 def plot_result(result: dict, out_dir) -> list[Path]:
     """The standard figures of one run (``result.json`` dict), written into ``out_dir``; an
-    empty list for a run that has none (``trace``, ``influence``).
+    empty list for a run that has none (``trace``).
 
     >>> import tempfile
     >>> plot_result({"command": "trace", "trace": {"estimate": 1.0}}, tempfile.mkdtemp())
@@ -441,6 +452,78 @@ def plot_sweep(sweep: dict, results: dict, path, *, num: int = 1001):
     fig.suptitle(
         f"sweep of {sweep.get('command', '?')}: "
         + " x ".join(f"{n} ({len(v)})" for n, v in zip(names, vals)),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_influence(result: dict, path, *, k: int | None = None, title=None):
+    """An ``influence`` run's scores: their distribution (histogram, 0 marked) on top, and bar
+    charts of the ``k`` most helpful (most negative) and most harmful (most positive) examples
+    below, each labelled with its batch, row and text snippet where the result has them.
+    ``k`` defaults to the run's ``top_k`` (else 10).
+
+    >>> import tempfile, pathlib
+    >>> r = {"influence": {"scores": [-0.3, 0.1, -0.05], "batch_index": [0, 0, 1],
+    ...                    "row_index": [0, 1, 0], "status": "complete"}}
+    >>> plot_influence(r, pathlib.Path(tempfile.mkdtemp()) / "i.png").name
+    'i.png'
+    """
+    plt = _plt()
+    e = result.get("influence")
+    if not e or not e.get("scores"):
+        raise ValueError("this result has no influence scores (only `influence` runs do)")
+    scores = np.asarray(e["scores"], dtype=float)
+    k = int(k or result.get("config", {}).get("top_k") or 10)
+    batch = e.get("batch_index") or list(range(scores.size))
+    rows = e.get("row_index")
+    snippets = e.get("snippets")
+
+    def label(i):
+        where = f"batch {batch[i]}" + (f", row {rows[i]}" if rows is not None else "")
+        text = snippets[i] if snippets and snippets[i] else None
+        return f"{where}: " + text[:40].replace("$", r"\$") if text else where  # no mathtext
+
+    order = np.argsort(scores, kind="stable")
+    helpful = [int(i) for i in order if scores[i] < 0][:k]
+    harmful = [int(i) for i in order[::-1] if scores[i] > 0][:k]
+    fig = plt.figure(figsize=(12, 4 + 0.28 * max(len(helpful), len(harmful), 4)))
+    gs = fig.add_gridspec(2, 2, height_ratios=[1, 1.3])
+    ah = fig.add_subplot(gs[0, :])
+    ah.hist(scores, bins=min(50, max(10, scores.size // 3)), color="0.45")
+    ah.axvline(0.0, color="0.2", lw=0.8, ls=":")
+    ah.set_xlabel("influence score (negative = helpful, positive = harmful)")
+    ah.set_ylabel("examples" if rows is not None else "batches")
+    from matplotlib.ticker import MaxNLocator
+
+    ah.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ah.grid(alpha=0.3)
+    for ax, idx, color, name, sign in (
+        (fig.add_subplot(gs[1, 0]), helpful, "C2", "most helpful", -1),
+        (fig.add_subplot(gs[1, 1]), harmful, "C3", "most harmful", 1),
+    ):
+        word = "negative" if sign < 0 else "positive"
+        y = np.arange(len(idx))
+        ax.barh(y, scores[idx], color=color)
+        ax.set_yticks(y)
+        ax.set_yticklabels([label(i) for i in idx], fontsize=7)
+        ax.set_ylim(max(len(helpful), len(harmful), 1) - 0.5, -0.5)  # same bar height, top down
+        ax.set_xlabel("score")
+        n = int((np.sign(scores) == sign).sum())
+        ax.set_title(f"{name}: {len(idx)} of {n} {word} score(s)", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        if not idx:
+            ax.text(0.5, 0.5, f"no {word} score", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+            ax.set_xticks([])
+    unit = "examples" if rows is not None else "batches"
+    status = "" if e.get("status", "complete") == "complete" else " — CG NOT CONVERGED: approximate"
+    damping = f", damping {e['damping']:.3g}" if e.get("damping") is not None else ""
+    fig.suptitle(
+        title or f"Influence on the query loss: {scores.size} {unit}{damping}{status}",
         fontsize=10,
     )
     fig.tight_layout()

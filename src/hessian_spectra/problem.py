@@ -37,7 +37,8 @@ class Problem:
         loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, weight)``.
         batches: this rank's batches (all of them in one process).
         info: the global data: ``source``, ``num_batches`` and, for text data, ``config``
-            (``DataConfig.to_dict()``) and ``target_tokens``.
+            (``DataConfig.to_dict()``) and ``target_tokens``; for ``builtin:python-code`` also
+            ``python`` (the version) and ``pairs`` (pairs read, ``data.make_batches``).
         loaded: the ``LoadedModel`` (spec, tokenizer, source, load seconds, ...).
     """
 
@@ -120,9 +121,11 @@ def load_problem(
             f"seq_len {data.seq_len} exceeds the model's limit of {limit} positions "
             f"({_limit_name(lm.model)} in its config): use seq_len <= {limit}"
         )
-    batches = make_batches(lm.tokenizer, data)  # every batch: the global data, then this rank's
+    source_info: dict = {}  # a built-in code source: Python version, pairs used
+    batches = make_batches(lm.tokenizer, data, info=source_info)  # the global data (all ranks)
     info = {
         "source": data.path or EMBEDDED_DATA,
+        **source_info,
         "config": data.to_dict(),
         "num_batches": len(batches),
         "target_tokens": count_target_tokens(batches),

@@ -5,7 +5,7 @@
     hessian-spectra trace   [options] --out DIR    trace estimate (XTrace, Hutch++, Hutchinson)
     hessian-spectra blockdiag [options] --out DIR  block-diagonal test per layer (FSHP §6)
     hessian-spectra eps-sweep [options] --out DIR  finite-difference HVP error against eps
-    hessian-spectra influence [options] --out DIR  influence scores of the --data batches (CG)
+    hessian-spectra influence [options] --out DIR  influence of each --data example (CG)
     hessian-spectra track --checkpoints DIR ...     λ_max of every saved checkpoint (warm start)
     hessian-spectra plot DIR [DIR ...]             re-draw / overlay saved runs
     hessian-spectra plan --params 7B ...           memory per rank / time per step, predicted

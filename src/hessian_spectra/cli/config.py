@@ -51,7 +51,8 @@ class RunConfig:
     allow_download: bool = False
     """Let transformers download a hub id missing from the local cache."""
     data: str | None = None
-    """Text data path or dataset name (None: the embedded prose)."""
+    """Text data path, dataset name or built-in source (``builtin:prose``,
+    ``builtin:python-code``; None: the embedded prose)."""
     text_field: str = "text"
     """JSONL / dataset field holding the text."""
     split: str = "train"
@@ -65,7 +66,7 @@ class RunConfig:
     subsample: float | None = None
     """Fraction (0, 1] of all batches, evenly spaced."""
     loss_on: str = "all"
-    """``all`` tokens or ``completion`` tokens only."""
+    """``all`` tokens or ``completion`` tokens only (JSONL pairs, ``builtin:python-code``)."""
     prompt_field: str = "prompt"
     """JSONL prompt field (``loss_on="completion"``)."""
     completion_field: str = "completion"

@@ -7,7 +7,15 @@ import time
 from dataclasses import dataclass
 
 from .command import Command, Outcome, fmt
-from .options import DTYPE_NAMES, add_basis_storage, lanczos_overhead, positive_int, reorth
+from .options import (
+    DTYPE_NAMES,
+    MAX_BASIS_MEMORY,
+    add_basis_storage,
+    basis_placement,
+    lanczos_overhead,
+    positive_int,
+    reorth,
+)
 
 __all__ = ["Density", "DensityOptions"]
 
@@ -27,9 +35,11 @@ class DensityOptions:
     basis_dtype: str | None = None
     """Storage dtype of the Lanczos vectors (None: the HVP dtype)."""
     basis_dir: str | None = None
-    """Folder for the stored Lanczos vectors (None: in memory)."""
+    """Folder for the stored Lanczos vectors (None: in memory up to ``max_basis_memory``)."""
     basis_device: str | None = None
     """Device of the stored Lanczos vectors (None: the model's)."""
+    max_basis_memory: str = MAX_BASIS_MEMORY
+    """Beyond this size in host memory the stored Lanczos vectors go to files."""
     resume: bool = False
     """Continue the run in --out: keep its finished probes (all of them), compute the rest."""
     per_block: bool = False
@@ -43,6 +53,7 @@ class DensityOptions:
             "basis_dtype": self.basis_dtype,
             "basis_dir": self.basis_dir,
             "basis_device": self.basis_device,
+            "max_basis_memory": self.max_basis_memory,
         }  # resume is how, not what: not saved
         if self.per_block:
             d["per_block"] = True
@@ -82,9 +93,9 @@ class Density(Command):
             default=d.reorth,
             metavar="full|none|INT",
             help="reorthogonalisation: full (keeps M parameter-sized vectors: M x 4 "
-            "bytes x parameters, 8.6 GB for the 135M default), none (2 vectors; "
-            "ghost eigenvalues), or a window of the last INT vectors "
-            "(default: full)",
+            "bytes x parameters, 8.6 GB for the 135M default, in files beyond "
+            "--max-basis-memory), none (2 vectors; ghost eigenvalues), or a window "
+            "of the last INT vectors (default: full)",
         )
         p.add_argument(
             "--basis-dtype",
@@ -193,7 +204,7 @@ class Density(Command):
             basis_dtype=o.basis_dtype,
             runs=runs,
             on_probe=on_probe,
-            basis_dir=o.basis_dir,
+            basis_dir=_placement(ctx, ctx.op, o.steps),
             basis_device=o.basis_device,
             progress=not ctx.config.quiet,
         )
@@ -224,7 +235,7 @@ class Density(Command):
                 seed=ctx.config.seed,
                 reorth=o.reorth,
                 basis_dtype=o.basis_dtype,
-                basis_dir=o.basis_dir,
+                basis_dir=_placement(ctx, blk, min(o.steps, blk.num_params)),
                 basis_device=o.basis_device,
                 progress=not ctx.config.quiet,
             )
@@ -374,3 +385,14 @@ def _per_block_outcome(blocks: dict) -> tuple[dict, dict]:
     }
     estimate = {"per_block": {k: d.to_dict() for k, d in blocks.items()}}
     return estimate, summary
+
+
+def _placement(ctx, op, steps: int) -> str | None:
+    """Where the Lanczos vectors of ``op``'s runs go (:func:`.options.basis_placement`)."""
+    from .._checks import parse_dtype
+
+    o = ctx.config.options
+    r = o.reorth
+    capacity = steps if r == "full" else 0 if r in ("none", 0) else max(int(r), 2)
+    dtype = parse_dtype(o.basis_dtype, "basis_dtype") or op.vector_dtype
+    return basis_placement(ctx, op.params, capacity, dtype)

@@ -6,7 +6,14 @@ from dataclasses import asdict, dataclass
 
 from .command import Command, Outcome, fmt
 from .errors import CliError
-from .options import DTYPE_NAMES, add_basis_storage, lanczos_overhead, positive_int
+from .options import (
+    DTYPE_NAMES,
+    MAX_BASIS_MEMORY,
+    add_basis_storage,
+    basis_placement,
+    lanczos_overhead,
+    positive_int,
+)
 
 __all__ = ["Eigs", "EigsOptions"]
 
@@ -22,9 +29,11 @@ class EigsOptions:
     basis_dtype: str | None = None
     """Storage dtype of the Lanczos vectors (None: the HVP dtype)."""
     basis_dir: str | None = None
-    """Folder for the stored Lanczos vectors (None: in memory)."""
+    """Folder for the stored Lanczos vectors (None: in memory up to ``max_basis_memory``)."""
     basis_device: str | None = None
     """Device of the stored Lanczos vectors (None: the model's)."""
+    max_basis_memory: str = MAX_BASIS_MEMORY
+    """Beyond this size in host memory the stored Lanczos vectors go to files."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +74,7 @@ class Eigs(Command):
 
     def run(self, ctx) -> Outcome:
         from .. import top_eigenvalues
+        from .._checks import parse_dtype
 
         o = ctx.config.options
         steps = min(o.steps, ctx.op.num_params)
@@ -81,7 +91,12 @@ class Eigs(Command):
             num_steps=steps,
             seed=ctx.config.seed,
             basis_dtype=o.basis_dtype,
-            basis_dir=o.basis_dir,
+            basis_dir=basis_placement(
+                ctx,
+                ctx.op.params,
+                steps,
+                parse_dtype(o.basis_dtype, "basis_dtype") or ctx.op.vector_dtype,
+            ),
             basis_device=o.basis_device,
             progress=not ctx.config.quiet,
         )

@@ -11,8 +11,11 @@ from .errors import EXIT_USAGE
 
 __all__ = [
     "DEFAULTS",
+    "MAX_BASIS_MEMORY",
     "Parser",
     "add_common",
+    "basis_placement",
+    "byte_size",
     "fraction",
     "positive_float",
     "positive_int",
@@ -22,6 +25,10 @@ __all__ = [
 # Defaults sized so that `hessian-spectra density` on the embedded 135M model finishes in
 # about 10 minutes on 2 CPU cores (README: "How long it takes").
 DEFAULTS = {"seq_len": 128, "batch_size": 2, "num_batches": 1}
+
+# Lanczos vectors kept in host memory up to this much per process, beyond it in files
+# (README "How long it takes": the 135M demo's 16 fp32 vectors, 8.6 GB, go to files)
+MAX_BASIS_MEMORY = "2GiB"
 
 # argparse takes "-1e-3" for an option (its negative-number pattern has no exponent), so that
 # "--eps -1e-3" read "expected one argument"; with this pattern it reaches the value check.
@@ -55,6 +62,36 @@ def reorth(s: str):
     if r < 0:
         raise argparse.ArgumentTypeError(f"the window size must be ≥ 0, got {r}")
     return r
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_UNITS.update({u + "ib": v for u, v in list(_UNITS.items()) if u not in ("", "b")})
+_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12})
+
+
+def byte_size(s: str) -> str:
+    """A memory size: a number ≥ 0 with an optional unit (``B``; ``KiB``, ``MiB``, ``GiB``,
+    ``TiB`` or ``K``, ``M``, ``G``, ``T``: powers of 1024; ``KB``, ``MB``, ``GB``, ``TB``: of
+    1000), or ``inf``; returned as given (:func:`parse_bytes` reads it).
+
+    >>> byte_size("2GiB"), parse_bytes("2GiB"), parse_bytes("1.5 GB"), parse_bytes("inf")
+    ('2GiB', 2147483648, 1500000000, inf)
+    """
+    try:
+        parse_bytes(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
+def parse_bytes(s: str) -> float:
+    """The number of bytes of a :func:`byte_size` string (``inf`` for ``inf``)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|inf)\s*([A-Za-z]*)\s*", str(s))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or (m.group(1) == "inf" and unit):
+        raise ValueError(f"expected a size such as 2GiB, 500MB, 0 or inf, got {s!r}")
+    v = float(m.group(1))
+    return v if math.isinf(v) else int(v * _UNITS[unit])
 
 
 def positive_int(s: str) -> int:
@@ -154,8 +191,10 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
         "--data",
         default=None,
         metavar="PATH",
-        help="text file, folder of .txt/.md, .jsonl file, or Hugging Face dataset name "
-        "(default: English prose from Python's pydoc_data, about 110k tokens)",
+        help="text file, folder of .txt/.md, .jsonl file, Hugging Face dataset name, or a "
+        "built-in source: builtin:prose (the default: English prose from Python's pydoc_data, "
+        "about 110k tokens) or builtin:python-code (this Python's standard-library functions: "
+        "signature and docstring as prompt, body as completion; use with --loss-on completion)",
     )
     d.add_argument(
         "--text-field",
@@ -199,8 +238,8 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
         "--loss-on",
         choices=["all", "completion"],
         default="all",
-        help="'completion': loss on completion tokens only (JSONL with "
-        "--prompt-field/--completion-field)",
+        help="'completion': loss on completion tokens only (--data builtin:python-code, or "
+        "JSONL with --prompt-field/--completion-field); 'all' (default): every token",
     )
     d.add_argument(
         "--prompt-field",
@@ -319,14 +358,28 @@ def add_common(p: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def add_basis_storage(p) -> None:
-    """``--basis-dir`` and ``--basis-device``: where density/eigs keep the Lanczos vectors."""
+    """``--basis-dir``, ``--basis-device`` and ``--max-basis-memory``: where density/eigs keep
+    the Lanczos vectors.
+    """
     p.add_argument(
         "--basis-dir",
         default=None,
         metavar="DIR",
         help="keep the stored Lanczos vectors in files under DIR (one per vector per "
         "rank, removed at the end): the same numbers, and resident memory no "
-        "longer grows with --steps (default: in memory)",
+        "longer grows with --steps (default: in memory up to --max-basis-memory, "
+        "else in files under OUT/basis)",
+    )
+    p.add_argument(
+        "--max-basis-memory",
+        type=byte_size,
+        default=MAX_BASIS_MEMORY,
+        metavar="SIZE",
+        help="keep the stored Lanczos vectors in host memory when they take at most "
+        "SIZE per process (steps x parameters x bytes), else in files under "
+        "--basis-dir or OUT/basis, read back a chunk at a time: the same numbers; "
+        "e.g. 500MB, 8GiB, 0 (always files), inf (always memory); not applied "
+        "to vectors kept on a GPU (default: %(default)s)",
     )
     p.add_argument(
         "--basis-device",
@@ -335,6 +388,39 @@ def add_basis_storage(p) -> None:
         help="device of the stored Lanczos vectors, e.g. cpu to keep them in host "
         "memory when the model is on a GPU (default: the model's)",
     )
+
+
+def basis_placement(ctx, params, capacity: int, dtype) -> str | None:
+    """The ``basis_dir`` of a Lanczos run of the command in ``ctx`` that keeps ``capacity``
+    vectors of ``params`` in ``dtype`` (None: the basis dtype is the HVP's): ``--basis-dir``
+    if given; else ``OUT/basis`` when the vectors would be in host memory and take more than
+    ``--max-basis-memory`` in this process; else None (in memory). The choice is logged.
+    """
+    import torch
+
+    from ..basis import Layout
+
+    o = ctx.config.options
+    if o.basis_dir is not None or capacity <= 0:
+        return o.basis_dir
+    lay = Layout(params)
+    where = torch.device(o.basis_device) if o.basis_device else lay.device
+    if where.type != "cpu":
+        return None
+    size = capacity * lay.numel * torch.empty((), dtype=dtype).element_size()
+    limit = parse_bytes(o.max_basis_memory)
+    if size <= limit:
+        return None
+    path = str(ctx.out / "basis")
+    ctx.log.info(
+        "Lanczos vectors in files under %s (%d x %.3g GB = %.3g GB > --max-basis-memory %s)",
+        path,
+        capacity,
+        size / capacity / 1e9,
+        size / 1e9,
+        o.max_basis_memory,
+    )
+    return path
 
 
 def lanczos_overhead(runs) -> dict:
