@@ -13,7 +13,8 @@ reorthogonalisation and the basis dtype:
   operator's dtype);
 - ``basis``: the kept Krylov vectors in the basis dtype: ``num_steps`` rows for ``"full"``,
   ``max(window, 2)`` for an integer window, the two of the three-term recurrence for ``"none"``;
-  streamed from files (``basis="files"``) only a group of ``GROUP`` rows plus those two; with a
+  streamed from files (``basis="files"``) only two vectors and two chunks of the rows
+  (``hessian_spectra.basis.CHUNK_BYTES`` each: the one worked on, the one read ahead); with a
   basis dtype other than the operator's two more working copies of ``q_j, q_{j-1}``;
 - ``fsdp``: FSDP2's own buffers: the gathered parameters of about two blocks (the one running
   and the one prefetched) and the unsharded gradient of one block before its reduce-scatter;
@@ -33,10 +34,10 @@ all-gathers, FSHP App. B), else HSDP with the smallest shard group that fits, el
 >>> round(p.memory["basis"] / 2**30, 2), round(p.total_bytes / 2**30, 2)
 (8.05, 10.56)
 >>> round(plan_run(135_000_000, num_steps=16, basis="files").memory["basis"] / 2**30, 2)
-5.03
+1.02
 >>> recommend_parallel(7_000_000_000, world_size=8, device_bytes=80 * 2**30, num_steps=80,
 ...                    basis_dtype="bfloat16", basis="files")
-'fsdp'
+'hsdp'
 """
 
 from __future__ import annotations
@@ -45,10 +46,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ._checks import check_positive_int
+from .basis import CHUNK_BYTES
 
-__all__ = ["GROUP", "Plan", "plan_run", "recommend_parallel", "vector_copies"]
-
-GROUP = 8  # rows of a streamed basis held at once (hessian_spectra.basis.GROUP)
+__all__ = ["Plan", "plan_run", "recommend_parallel", "vector_copies"]
 
 _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 PARALLEL = ("fsdp", "hsdp", "dp")
@@ -183,10 +183,12 @@ def plan_run(
     shard = {"fsdp": world_size, "hsdp": world_size // max(replicate, 1), "dp": 1}[parallel]
     local = math.ceil(num_params / shard)
     w = _window(reorth)
+    staged = 0
     if w == 0:
         rows = 2  # q_j, q_{j-1}
-    elif basis == "files":
-        rows = min(GROUP, num_steps if w is None else max(w, 2)) + 2
+    elif basis == "files":  # q_j / q_{j+1}, and two chunks of the rows (worked on, read ahead)
+        rows = 2
+        staged = 2 * CHUNK_BYTES
     else:
         rows = num_steps if w is None else min(num_steps, max(w, 2))
     memory = {
@@ -194,7 +196,7 @@ def plan_run(
         "grads": local * pb,
         "snapshot": local * pb if method == "fd" else 0,
         "hvp_out": 2 * local * vb,
-        "basis": rows * local * bb + (2 * local * vb if bb != vb else 0),
+        "basis": rows * local * bb + staged + (2 * local * vb if bb != vb else 0),
         "fsdp": 0,
         "activations": int(activation_bytes),
     }
