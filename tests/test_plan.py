@@ -72,13 +72,13 @@ def test_mean_copies_for_full_reorth_grow_linearly():
 def test_recommend_prefers_dp_then_hsdp_then_fsdp():
     kw = dict(world_size=8, num_steps=10, num_blocks=10)
     one = plan_run(P, parallel="dp", **kw).total_bytes
-    assert recommend_parallel(P, device_bytes=int(one / 0.9) + 1, **kw) == "dp"
+    assert recommend_parallel(P, device_bytes=int(one / 0.8) + 1, **kw) == "dp"
     hsdp = plan_run(P, parallel="hsdp", replicate=4, **kw).total_bytes  # shard group of 2
-    assert recommend_parallel(P, device_bytes=int(hsdp / 0.9) + 1, **kw) == "hsdp"
+    assert recommend_parallel(P, device_bytes=int(hsdp / 0.8) + 1, **kw) == "hsdp"
     fsdp = plan_run(P, parallel="fsdp", **kw).total_bytes
-    assert recommend_parallel(P, device_bytes=int(fsdp / 0.9) + 1, **kw) == "fsdp"
+    assert recommend_parallel(P, device_bytes=int(fsdp / 0.8) + 1, **kw) == "fsdp"
     with pytest.raises(ValueError, match="no layout fits"):
-        recommend_parallel(P, device_bytes=int(fsdp / 0.9) - 1, **kw)
+        recommend_parallel(P, device_bytes=int(fsdp / 0.8) - 1, **kw)
 
 
 @pytest.mark.parametrize(
@@ -113,9 +113,9 @@ def test_cli_plan_prints_the_components_and_a_recommendation(capsys):
     assert main(["plan", "--params", "1M", "--steps", "10", "--layers", "10", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["total_bytes"] == plan_run(P, num_steps=10, num_blocks=10).total_bytes
-    args = ["plan", "--params", "1e6", "--world-size", "8", "--device-memory", "100MiB"]
+    args = ["plan", "--params", "1e6", "--world-size", "8", "--device-memory", "200MiB"]
     assert main(args) == 0
-    assert "recommended layout for 0.1 GiB per device: dp" in capsys.readouterr().out
+    assert "recommended layout for 0.2 GiB per device: dp" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

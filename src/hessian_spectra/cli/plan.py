@@ -82,17 +82,13 @@ def add_plan_parser(sub) -> None:
     )
     p.add_argument("--steps", type=positive_int, default=16, help="Lanczos steps (default: 16)")
     p.add_argument("--reorth", type=reorth, default="full", help="full, none or a window")
-    p.add_argument(
-        "--basis-dtype", choices=("float32", "bfloat16", "float64"), default="float32"
-    )
+    p.add_argument("--basis-dtype", choices=("float32", "bfloat16", "float64"), default="float32")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
     p.add_argument("--method", choices=("fd", "exact", "jvp"), default="fd")
     p.add_argument(
         "--basis", choices=("memory", "files"), default="memory", help="--basis-dir: files"
     )
-    p.add_argument(
-        "--activations", type=_typed(size), default=0, help="activation memory per rank"
-    )
+    p.add_argument("--activations", type=_typed(size), default=0, help="activation memory per rank")
     p.add_argument("--gradient-seconds", type=positive_float, default=None)
     p.add_argument("--copy-bandwidth", type=positive_float, default=None, help="bytes/s")
     p.add_argument("--device-memory", type=_typed(size), default=None, help="e.g. 80GiB")
