@@ -180,6 +180,7 @@ def worker(args) -> int:
         v = random_probe(op, 0)
         rss_built = _rss_bytes() - rss0  # model shards, data, one probe
         op.gradient()  # warm-up (and the operator's one-time checks)
+        peak_gradient = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
         op.matvec(v)
         out = {"rank": r, "world_size": ws}
         for what, call in (("gradient", op.gradient), ("hvp", lambda: op.matvec(v))):
@@ -198,6 +199,19 @@ def worker(args) -> int:
         )
         out["num_params"] = op.num_params
         out["rss_after_build_bytes"] = rss_built
+        out["peak_gradient_above_start_bytes"] = peak_gradient
+        out["peak_hvp_above_start_bytes"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        )
+        if args.lanczos_steps:
+            from hessian_spectra import lanczos
+
+            reorth = int(args.reorth) if args.reorth.isdigit() else args.reorth
+            t0 = time.perf_counter()
+            res = lanczos(op, args.lanczos_steps, reorth=reorth, basis_dtype=args.basis_dtype)
+            out["lanczos_seconds"] = time.perf_counter() - t0
+            out["lanczos_vector_seconds"] = res.vector_seconds
+            out["lanczos_matvec_seconds"] = res.matvec_seconds
         if torch.cuda.is_available():  # the allocator's own peak, where there is one
             out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_rss_above_start_bytes"] = (
@@ -235,6 +249,12 @@ def launcher(args) -> int:
         str(args.batches),
         "--repeats",
         str(args.repeats),
+        "--lanczos-steps",
+        str(args.lanczos_steps),
+        "--reorth",
+        args.reorth,
+        "--basis-dtype",
+        args.basis_dtype,
         "--parallel",
         args.parallel,
         *(["--replicate", str(args.replicate)] if args.replicate else []),
@@ -363,18 +383,85 @@ def launcher(args) -> int:
         "RSS+: resident memory of the busiest rank above its size after imports (built: model, data, probe;"
         " peak: during the calls)"
     )
+    plans = _plan_table(args, results, num_params) if args.lanczos_steps else None
     record = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")},
         "num_params": num_params,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "rows": rows,
+        "plan_vs_measured": plans,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _plan_table(args, results, num_params) -> list[dict]:
+    """Predicted (``hessian_spectra.plan``) against measured peak memory per rank of the run.
+
+    The activations are the plan's one input measured here: what one gradient adds above the
+    built model, less the gradient itself and FSDP's buffers as the plan counts them. The rest
+    (parameters, gradients, snapshot, HVP vectors, Krylov basis, FSDP buffers) is predicted;
+    ``other`` is what the built model holds beyond its parameters (data, probe), measured.
+    """
+    from hessian_spectra.plan import plan_run
+
+    reorth = int(args.reorth) if args.reorth.isdigit() else args.reorth
+    mem_keys = ("params", "grads", "snapshot", "hvp_out", "basis", "fsdp", "activations")
+    out = []
+    print(
+        f"\nmemory per rank: hessian_spectra.plan against measured, Lanczos {args.lanczos_steps} "
+        f"steps, reorth {args.reorth}, basis {args.basis_dtype} (busiest rank)"
+    )
+    hdr = ("ws", "params", "grads", "snapshot", "hvp_out", "basis", "fsdp", "activ.", "other")
+    hdr += ("predicted", "measured", "pred/meas")
+    lines = [hdr]
+    for ws, ranks in results.items():
+        rk = max(ranks, key=lambda r: r["peak_rss_above_start_bytes"])
+        parallel = args.parallel if ws > 1 else "fsdp"
+        kw = dict(
+            world_size=ws,
+            parallel=parallel,
+            replicate=(args.replicate or 1) if parallel == "hsdp" else 1,
+            num_steps=args.lanczos_steps,
+            reorth=reorth,
+            basis_dtype=args.basis_dtype,
+            num_blocks=args.layers + 1,
+        )
+        base = plan_run(num_params, **kw)
+        grad_extra = rk["peak_gradient_above_start_bytes"] - rk["rss_after_build_bytes"]
+        act = max(0, grad_extra - base.memory["grads"] - base.memory["fsdp"])
+        plan = plan_run(num_params, activation_bytes=act, **kw)
+        other = max(0, rk["rss_after_build_bytes"] - rk["local_param_bytes"])
+        predicted = plan.total_bytes + other
+        measured = rk["peak_rss_above_start_bytes"]
+        row = {
+            "world_size": ws,
+            "plan": plan.to_dict(),
+            "other_bytes": other,
+            "predicted_bytes": predicted,
+            "measured_bytes": measured,
+        }
+        out.append(row)
+        lines.append(
+            (str(ws),)
+            + tuple(_fmt_bytes(plan.memory[k]) for k in mem_keys)
+            + (_fmt_bytes(other), _fmt_bytes(predicted), _fmt_bytes(measured))
+            + (f"{predicted / measured:.2f}",)
+        )
+    widths = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
+    for i, l in enumerate(lines):
+        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(
+        "activ.: one gradient's peak above the built model less its gradient and FSDP buffers "
+        "(measured); other: the built model beyond its parameters (measured); the rest predicted"
+    )
+    return out
 
 
 def main(argv=None) -> int:
@@ -394,6 +481,15 @@ def main(argv=None) -> int:
     ap.add_argument("--replicate", type=int, default=None, help="replicas for --parallel hsdp")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument(
+        "--lanczos-steps",
+        type=int,
+        default=0,
+        help="also run a Lanczos run of this many steps and compare its peak memory per rank "
+        "with hessian_spectra.plan's prediction (0: skip)",
+    )
+    ap.add_argument("--reorth", default="full", help="Lanczos reorthogonalisation (full|none|r)")
+    ap.add_argument("--basis-dtype", default="float32", help="Lanczos basis dtype")
     ap.add_argument("--out", default="benchmarks/results/scaling.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -22,6 +22,7 @@ from .linop import DenseOperator, Operator, as_operator
 from .objective import Objective
 from .operators import HessianOperator
 from .per_block import BlockOperator, per_block_slq, select_params
+from .plan import Plan, plan_run, recommend_parallel
 from .solvers import CGInfo, cg_solve
 from .tracker import CurvatureTracker
 from .vectors import (
@@ -93,4 +94,8 @@ __all__ = [
     "InfluenceResult",
     # training
     "CurvatureTracker",
+    # planning
+    "plan_run",
+    "Plan",
+    "recommend_parallel",
 ]

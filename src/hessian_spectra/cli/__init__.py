@@ -8,6 +8,7 @@
     hessian-spectra influence [options] --out DIR  influence of each --data example (CG)
     hessian-spectra track --checkpoints DIR ...     λ_max of every saved checkpoint (warm start)
     hessian-spectra plot DIR [DIR ...]             re-draw / overlay saved runs
+    hessian-spectra plan --params 7B ...           memory per rank / time per step, predicted
     hessian-spectra sweep COMMAND --vary OPTION=V1,V2 [...] --out DIR
                                                    a grid of runs of COMMAND (``sweep``)
 
@@ -20,7 +21,8 @@ work with status ``interrupted``.
 
 Layout: ``options`` (argparse pieces and the shared options), ``config`` (the frozen
 ``RunConfig``), ``command`` (what a command is), one module per command (``density``, ``eigs``,
-``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``track``, ``plot``, ``sweep``), ``run``
+``trace``, ``blockdiag``, ``eps_sweep``, ``influence``, ``track``, ``plot``, ``sweep``,
+``plan``), ``run``
 (the run's lifecycle), ``outdir`` (the output folder: checks, lock, stale figures), ``logs``
 (logging, SIGTERM), ``report`` (the printed summary), ``threads`` (the default thread count),
 ``errors`` (exit codes, one-line messages in terms of flags).
@@ -93,7 +95,10 @@ def build_parser() -> Parser:
         add_common(sp, c.out_default)
         c.add_options(sp)
     add_plot_parser(sub)
+    from .plan import add_plan_parser
     from .sweep import add_sweep_parser
+
+    add_plan_parser(sub)
 
     add_sweep_parser(sub, COMMANDS)
     return p
@@ -124,6 +129,10 @@ def main(argv=None) -> int:
             from .plot import run_plot
 
             return run_plot(ns, COMMANDS)
+        if ns.command == "plan":
+            from .plan import run_plan
+
+            return run_plan(ns)
         from .run import run_command
 
         # under torchrun, the console script ends its process in teardown (gloo shutdown
