@@ -1,5 +1,6 @@
 # The two commands of a fresh machine:
 #   make demo   set up .venv and run `hessian-spectra density` on the embedded default
+#               (peak RSS < 5 GiB: its Lanczos vectors go to files under $(OUT)/basis)
 #   make test   set up .venv and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
