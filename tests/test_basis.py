@@ -123,6 +123,47 @@ def test_basis_files_are_raw_orthonormal_vectors_one_per_step(tmp_path):
     assert tmp_path.exists() and not any(tmp_path.iterdir())
 
 
+def test_basis_file_written_behind_the_caller_and_waited_for(tmp_path, monkeypatch):
+    """put() hands the file to the writer thread and returns (the file is not there yet while
+    the write is held up); a sweep waits for it and gives the in-memory numbers."""
+    import threading
+
+    go = threading.Event()
+    write = KrylovBasis._write
+
+    def held(self, *args):
+        assert go.wait(10), "the writer was never released"
+        write(self, *args)
+
+    monkeypatch.setattr(KrylovBasis, "_write", held)
+    lay = Layout([torch.zeros(3), torch.zeros(2)])
+    q = torch.tensor([1.0, 2.0, 0.0, 0.0, 2.0], dtype=torch.float64)
+    B = KrylovBasis(lay, torch.float64, capacity=2, basis_dir=tmp_path, name="x")
+    B.put(0, q)
+    assert not B.path(0).exists()  # put did not wait for the write
+    go.set()
+    w = [torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([3.0, 1.0]).double()]
+    assert B.sweep(B.groups([0]), w).tolist() == [5.0]
+    assert B.path(0).stat().st_size == 5 * 8 and B.write_seconds > 0
+    B.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_failed_basis_write_raises_at_the_next_read(tmp_path):
+    """A write that fails in the writer thread (here: a directory where its file goes) is raised
+    by the next read of the basis, not lost; close() still removes the run's files."""
+    lay = Layout([torch.zeros(4)])
+    B = KrylovBasis(lay, torch.float32, capacity=3, basis_dir=tmp_path, name="y")
+    (tmp_path / "y.q1.rank0.tmp").mkdir()
+    B.put(0, torch.ones(4))
+    B.put(1, torch.ones(4))
+    with pytest.raises(OSError):
+        B.sweep(B.groups([0, 1]), [torch.ones(4)])
+    (tmp_path / "y.q1.rank0.tmp").rmdir()
+    B.close()
+    assert not any(tmp_path.iterdir())
+
+
 def test_basis_files_removed_on_error(tmp_path):
     """A run that fails midway (an exception from the callback) leaves no basis file behind."""
     op = DiagOp(torch.float32)

@@ -621,6 +621,8 @@ def _run(
     # to keep them); without a basis two buffers used in turn; with a streamed one (files, host
     # memory) one buffer: q_j, in the basis once the step starts, is not needed after the dot
     # for alpha (the update takes q_j and q_{j-1} from the basis), and q_{j+1} takes its place
+    # (a file is written from that buffer during the HVP; the sweep waits for it, then the
+    # buffer is free)
     resident = basis is not None and not basis.streamed
     streamed = basis is not None and basis.streamed
     flat = [] if resident else [layout.empty(store) for _ in range(1 if streamed else 2)]
@@ -654,6 +656,7 @@ def _run(
         place(n0 - 1, st.q_prev)
         if streamed:
             basis.put(n0 - 1, bufs.pop(n0 - 1))
+            basis.flush()  # its buffer takes q_{n0} next
     place(n0, st.q)
     st.q = st.q_prev = None
     st.kept = []
@@ -746,6 +749,8 @@ def _run(
                 st.matvec_seconds = matvec_s
                 moved = basis.io_seconds - io_s0 if basis is not None else 0.0
                 st.vector_seconds, st.io_seconds = vector_s - moved, io_s + moved
+                if basis is not None:
+                    basis.flush()  # the checkpoint names files that must be whole
                 save_checkpoint(ckpt, st, config, basis_name=basis.name if st.basis_kept else None)
                 st.q = st.q_prev = None
                 st.kept = []
