@@ -132,19 +132,26 @@ def _rss_bytes() -> int:
     return 0
 
 
+COPY_PROBE_BYTES = 64 * 2**20
+
+
 def _time_inputs(op, ws: int, D, repeats: int = 7) -> dict:
     """What the time plan takes, measured as a user would before a run, on this rank.
 
-    ``copy_bandwidth``: bytes per second (read + write) of ``b.copy_(a)`` over one local
-    vector in the operator's dtype (median of ``repeats``); ``allreduce_seconds``: one
-    float64 scalar all-reduce at this world size (mean of 20 after a barrier; 0 for one rank).
+    ``copy_bandwidth``: bytes per second (read + write) of ``b.copy_(a)`` in the operator's
+    dtype over the larger of one local vector and ``COPY_PROBE_BYTES`` (out of this machine's
+    32 MiB L3, as the kept basis is), all ranks at once after a barrier (they share the
+    memory system, as in the run); median of ``repeats``. ``allreduce_seconds``: one float64
+    scalar all-reduce at this world size (mean of 20 after a barrier; 0 for one rank).
     """
     import torch
 
     n = sum(D.local(p).numel() for p in op.params)
-    a = torch.ones(n, dtype=op.vector_dtype)
+    item = torch.empty(0, dtype=op.vector_dtype).element_size()
+    a = torch.ones(max(n, COPY_PROBE_BYTES // item), dtype=op.vector_dtype)
     b = torch.empty_like(a)
     b.copy_(a)  # touch the pages
+    D.barrier()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
