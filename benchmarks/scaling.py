@@ -20,6 +20,12 @@ replicate=--replicate)`` (FSDP2 per decoder layer, then the root; default fsdp).
 - peak resident memory of the rank (``ru_maxrss``) above what it used before building the
   model, and the bytes of its local parameter shards.
 
+With ``--lanczos-steps N`` it also runs an N-step Lanczos run per world size and prints two
+tables: the peak memory per rank against ``hessian_spectra.plan`` and the seconds per step
+(the products, the vector work and the scalar all-reduces) against the plan from inputs
+measured in the same run (one gradient's seconds, the copy bandwidth, one scalar all-reduce's
+seconds, the fd retry rate; ``_time_table``).
+
 On CPU ranks share the machine's cores: timings say what the cores allow, not what GPUs
 would; the bytes and their ratios do not depend on the machine.
 """
