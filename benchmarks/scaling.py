@@ -20,6 +20,12 @@ replicate=--replicate)`` (FSDP2 per decoder layer, then the root; default fsdp).
 - peak resident memory of the rank (``ru_maxrss``) above what it used before building the
   model, and the bytes of its local parameter shards.
 
+With ``--lanczos-steps N`` it also runs an N-step Lanczos run per world size and prints two
+tables: the peak memory per rank against ``hessian_spectra.plan`` and the seconds per step
+(the products, the vector work and the scalar all-reduces) against the plan from inputs
+measured in the same run (one gradient's seconds, the copy bandwidth, one scalar all-reduce's
+seconds, the fd retry rate; ``_time_table``).
+
 On CPU ranks share the machine's cores: timings say what the cores allow, not what GPUs
 would; the bytes and their ratios do not depend on the machine.
 """
@@ -132,6 +138,47 @@ def _rss_bytes() -> int:
     return 0
 
 
+COPY_PROBE_BYTES = 64 * 2**20
+
+
+def _time_inputs(op, ws: int, D, repeats: int = 7) -> dict:
+    """What the time plan takes, measured as a user would before a run, on this rank.
+
+    ``copy_bandwidth``: bytes per second (read + write) of ``b.copy_(a)`` in the operator's
+    dtype over the larger of one local vector and ``COPY_PROBE_BYTES`` (out of this machine's
+    32 MiB L3, as the kept basis is), all ranks at once after a barrier (they share the
+    memory system, as in the run); median of ``repeats``. ``allreduce_seconds``: one float64
+    scalar all-reduce at this world size (mean of 20 after a barrier; 0 for one rank).
+    """
+    import torch
+
+    n = sum(D.local(p).numel() for p in op.params)
+    item = torch.empty(0, dtype=op.vector_dtype).element_size()
+    a = torch.ones(max(n, COPY_PROBE_BYTES // item), dtype=op.vector_dtype)
+    b = torch.empty_like(a)
+    b.copy_(a)  # touch the pages
+    D.barrier()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t0)
+    bw = 2 * a.numel() * a.element_size() / statistics.median(times)
+    del a, b
+    lat = 0.0
+    if ws > 1:
+        import torch.distributed as dist
+
+        x = torch.zeros(1, dtype=torch.float64)
+        dist.all_reduce(x)
+        D.barrier()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            dist.all_reduce(x)
+        lat = (time.perf_counter() - t0) / 20
+    return {"copy_bandwidth": bw, "allreduce_seconds": lat, "local_numel": n}
+
+
 def worker(args) -> int:
     import torch
     import torch.nn.functional as F
@@ -207,11 +254,20 @@ def worker(args) -> int:
             from hessian_spectra import lanczos
 
             reorth = int(args.reorth) if args.reorth.isdigit() else args.reorth
+            out.update(_time_inputs(op, ws, D))
+            stats0 = dict(op.stats)
+            counter.reset()
+            D.barrier()
             t0 = time.perf_counter()
             res = lanczos(op, args.lanczos_steps, reorth=reorth, basis_dtype=args.basis_dtype)
             out["lanczos_seconds"] = time.perf_counter() - t0
+            out["lanczos_comm"] = counter.snapshot()
+            out["lanczos_steps_done"] = res.num_steps
             out["lanczos_vector_seconds"] = res.vector_seconds
             out["lanczos_matvec_seconds"] = res.matvec_seconds
+            out["lanczos_io_seconds"] = res.io_seconds
+            for k in ("matvecs", "fd_retries", "fd_calibration_gradients"):
+                out[f"lanczos_{k}"] = op.stats.get(k, 0) - stats0.get(k, 0)
         if torch.cuda.is_available():  # the allocator's own peak, where there is one
             out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_rss_above_start_bytes"] = (
@@ -384,6 +440,7 @@ def launcher(args) -> int:
         " peak: during the calls)"
     )
     plans = _plan_table(args, results, num_params) if args.lanczos_steps else None
+    times = _time_table(args, results, num_params) if args.lanczos_steps else None
     record = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")},
         "num_params": num_params,
@@ -391,6 +448,7 @@ def launcher(args) -> int:
         "cpu_count": os.cpu_count(),
         "rows": rows,
         "plan_vs_measured": plans,
+        "plan_time_vs_measured": times,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -464,6 +522,113 @@ def _plan_table(args, results, num_params) -> list[dict]:
     return out
 
 
+def _time_table(args, results, num_params) -> list[dict]:
+    """Predicted (``hessian_spectra.plan``) against measured seconds per Lanczos step.
+
+    The plan's inputs, measured on the slowest rank as a user would before a run: one
+    gradient's seconds at that world size (FSDP's collectives included), the copy bandwidth
+    and one scalar all-reduce's seconds (``_time_inputs``); the fd retry rate is read off
+    this run's operator (``op.stats``). Predicted twice: without retries (2 gradients per
+    product) and with the measured rate. Measured: the Lanczos run's seconds per step and its
+    split (``matvec_seconds``: the products; ``vector_seconds``: the recurrence, its dots'
+    all-reduces included).
+    """
+    from hessian_spectra.plan import plan_run
+
+    reorth = int(args.reorth) if args.reorth.isdigit() else args.reorth
+    cores = os.cpu_count() or 1
+    out = []
+    print(
+        f"\ntime per Lanczos step: hessian_spectra.plan against measured, {args.lanczos_steps} "
+        f"steps, reorth {args.reorth}, basis {args.basis_dtype} (slowest rank; inputs measured "
+        "in the same run: grad s, copy GB/s, all-reduce µs, retries)"
+    )
+    hdr = ("ws", "grad s", "copy GB/s", "all-red. µs", "retries", "grads/step")
+    hdr += ("HVP pred", "HVP meas", "p/m", "vec+AR pred", "vec meas", "p/m")
+    hdr += ("AR/step p/c", "step pred", "step meas", "p/m", "p/m no retry")
+    lines = [hdr]
+    for ws, ranks in results.items():
+        rk = max(ranks, key=lambda r: r["lanczos_seconds"])
+        n = rk["lanczos_steps_done"]
+        rate = rk["lanczos_fd_retries"] / max(rk["lanczos_matvecs"], 1)
+        parallel = args.parallel if ws > 1 else "fsdp"
+        kw = dict(
+            world_size=ws,
+            parallel=parallel,
+            replicate=(args.replicate or 1) if parallel == "hsdp" else 1,
+            num_steps=n,
+            reorth=reorth,
+            basis_dtype=args.basis_dtype,
+            num_blocks=args.layers + 1,
+            gradient_seconds=rk["gradient_seconds"],
+            copy_bandwidth=rk["copy_bandwidth"],
+            allreduce_seconds=rk["allreduce_seconds"],
+        )
+        plain = plan_run(num_params, **kw).step_seconds
+        pred = plan_run(num_params, fd_retry_rate=rate, **kw).step_seconds
+        meas = {
+            "hvp": rk["lanczos_matvec_seconds"] / n,
+            "vectors": rk["lanczos_vector_seconds"] / n,
+            "io": rk["lanczos_io_seconds"] / n,
+            "total": rk["lanczos_seconds"] / n,
+            "scalar_allreduces_per_step": rk["lanczos_comm"]["calls"].get("all_reduce", 0) / n,
+        }
+        row = {
+            "world_size": ws,
+            "oversubscribed": ws > cores,
+            "inputs": {
+                "gradient_seconds": rk["gradient_seconds"],
+                "copy_bandwidth": rk["copy_bandwidth"],
+                "allreduce_seconds": rk["allreduce_seconds"],
+                "fd_retry_rate": rate,
+            },
+            "predicted_no_retries": plain,
+            "predicted": pred,
+            "measured": meas,
+            "hvp_seconds_outside_lanczos": rk["hvp_seconds"],
+        }
+        out.append(row)
+        vec_pred = pred["vectors"] + pred["collectives"]
+        lines.append(
+            (
+                f"{ws}{'*' if ws > cores else ''}",
+                f"{rk['gradient_seconds']:.3f}",
+                f"{rk['copy_bandwidth'] / 1e9:.1f}",
+                f"{rk['allreduce_seconds'] * 1e6:.0f}",
+                f"{rk['lanczos_fd_retries']}/{rk['lanczos_matvecs']}",
+                f"{pred['gradients_per_step']:.2f}",
+                f"{pred['hvp']:.3f}",
+                f"{meas['hvp']:.3f}",
+                f"{pred['hvp'] / meas['hvp']:.2f}",
+                f"{vec_pred:.3f}",
+                f"{meas['vectors']:.3f}",
+                f"{vec_pred / meas['vectors']:.2f}",
+                f"{pred['scalar_allreduces_per_step']:.1f}/"
+                f"{meas['scalar_allreduces_per_step']:.1f}",
+                f"{pred['total']:.3f}",
+                f"{meas['total']:.3f}",
+                f"{pred['total'] / meas['total']:.2f}",
+                f"{plain['total'] / meas['total']:.2f}",
+            )
+        )
+    widths = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
+    for i, l in enumerate(lines):
+        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(
+        "seconds per step; HVP meas: the Lanczos run's products; vec meas: its recurrence (dots' "
+        "all-reduces included); AR/step: scalar all-reduces predicted/counted; p/m no retry: "
+        "the plan with 2 gradients per product"
+    )
+    if any(r["oversubscribed"] for r in out):
+        print(
+            f"*: {max(results)} ranks on {cores} cores (OMP_NUM_THREADS=1 each): the ranks take "
+            "turns on the cores; the inputs are measured under the same sharing"
+        )
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -486,7 +651,7 @@ def main(argv=None) -> int:
         type=int,
         default=0,
         help="also run a Lanczos run of this many steps and compare its peak memory per rank "
-        "with hessian_spectra.plan's prediction (0: skip)",
+        "and its seconds per step with hessian_spectra.plan's prediction (0: skip)",
     )
     ap.add_argument("--reorth", default="full", help="Lanczos reorthogonalisation (full|none|r)")
     ap.add_argument("--basis-dtype", default="float32", help="Lanczos basis dtype")

@@ -3,7 +3,14 @@
 import pytest
 
 from hessian_spectra.basis import CHUNK_BYTES
-from hessian_spectra.plan import plan_run, recommend_parallel, vector_copies
+from hessian_spectra.plan import (
+    FD_PRODUCT_ALLREDUCES,
+    FD_RETRY_ALLREDUCES,
+    plan_run,
+    recommend_parallel,
+    scalar_allreduces,
+    vector_copies,
+)
 
 P = 1_000_000
 
@@ -64,6 +71,42 @@ def test_step_seconds_from_gradient_time_and_copy_bandwidth():
     assert plan_run(P).step_seconds is None
 
 
+def test_fd_retries_add_two_gradients_per_redone_product():
+    kw = dict(num_steps=4, reorth="none", gradient_seconds=0.5, copy_bandwidth=8e6)
+    s0 = plan_run(P, **kw).step_seconds
+    s = plan_run(P, fd_retry_rate=0.75, **kw).step_seconds
+    assert s["gradients_per_step"] == 2 + 2 * 0.75
+    assert s["hvp"] == pytest.approx(3.5 * 0.5) and s0["hvp"] == pytest.approx(1.0)
+    assert s["vectors"] == s0["vectors"]  # the recurrence does not change
+    exact = plan_run(P, method="exact", fd_retry_rate=0.75, **kw).step_seconds
+    assert exact["gradients_per_step"] == 2.5  # no fd step to redo
+
+
+def test_scalar_allreduces_per_step_by_parts():
+    # recurrence: alpha's dot + two Gram–Schmidt sweeps with a basis, alpha + ||w|| without
+    assert scalar_allreduces("full", "exact") == 3 and scalar_allreduces("none", "exact") == 2
+    assert scalar_allreduces(4, "fd") == 3 + FD_PRODUCT_ALLREDUCES
+    assert scalar_allreduces("none", "fd", 0.5) == 2 + FD_PRODUCT_ALLREDUCES + 0.5 * (
+        FD_RETRY_ALLREDUCES
+    )
+
+
+def test_collectives_term_only_on_more_than_one_rank():
+    kw = dict(num_steps=8, gradient_seconds=1.0, copy_bandwidth=1e9, allreduce_seconds=1e-3)
+    one = plan_run(P, world_size=1, **kw).step_seconds
+    assert one["collectives"] == 0 and one["scalar_allreduces_per_step"] == 0
+    four = plan_run(P, world_size=4, fd_retry_rate=0.5, **kw).step_seconds
+    calls = scalar_allreduces("full", "fd", 0.5)
+    assert four["scalar_allreduces_per_step"] == calls
+    assert four["collectives"] == pytest.approx(calls * 1e-3)
+    assert four["total"] == pytest.approx(four["hvp"] + four["vectors"] + four["collectives"])
+    # the vector work is over this rank's quarter of the entries
+    assert four["vectors"] == pytest.approx(one["vectors"] / 4)
+    missing = plan_run(P, world_size=4, num_steps=8, gradient_seconds=1.0, copy_bandwidth=1e9)
+    assert missing.step_seconds["collectives"] == 0
+    assert any("all-reduces left out" in n for n in missing.notes)
+
+
 def test_mean_copies_for_full_reorth_grow_linearly():
     assert [vector_copies("full", j) for j in range(3)] == [6.5, 8.5, 10.5]
     assert vector_copies(2, 10) == vector_copies(2, 1) == 8.5
@@ -90,6 +133,8 @@ def test_recommend_prefers_dp_then_hsdp_then_fsdp():
         ({"basis_dtype": "int8"}, "basis_dtype must be"),
         ({"basis": "disk"}, "basis must be"),
         ({"num_steps": 0}, "num_steps"),
+        ({"fd_retry_rate": 1.5}, "fd_retry_rate"),
+        ({"allreduce_seconds": -1.0}, "allreduce_seconds"),
     ],
 )
 def test_bad_input_names_the_argument(kw, match):
@@ -124,6 +169,7 @@ def test_cli_plan_prints_the_components_and_a_recommendation(capsys):
         (["--params", "lots"], "parameter count"),
         (["--params", "1M", "--world-size", "6", "--parallel", "hsdp", "--replicate", "4"], "div"),
         (["--params", "1M", "--device-memory", "80 apples"], "size"),
+        (["--params", "1M", "--fd-retry-rate", "2"], "fd_retry_rate must be in [0, 1]"),
     ],
 )
 def test_cli_plan_bad_input_is_one_line_exit_2(args, match, capsys):

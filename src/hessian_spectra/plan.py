@@ -22,9 +22,14 @@ reorthogonalisation and the basis dtype:
 - ``activations``: what the forward keeps for backward; it depends on the architecture and the
   tokens per rank, so it is an input (``activation_bytes``; 0 leaves it out and says so).
 
-The time of a Lanczos step is the HVP (``hvp_gradients`` gradients of ``gradient_seconds``
-each: 2 for fd, FSHP's primitive) plus the vector work (``vector_copies`` passes over the local
-vector at ``copy_bandwidth`` bytes/s; the copies per step of ``benchmarks/lanczos_vector_work.py``).
+The time of a Lanczos step is the HVP (``gradients_per_step`` gradients of
+``gradient_seconds`` each: 2 for fd, FSHP's primitive, and 2 more for each product whose fd
+step the operator redoes, ``fd_retry_rate`` of them: ``op.stats["fd_retries"] / matvecs``)
+plus the vector work (``vector_copies`` passes over the local vector at ``copy_bandwidth``
+bytes/s; the copies per step of ``benchmarks/lanczos_vector_work.py``) plus, on more than one
+rank, the scalar all-reduces (``scalar_allreduces`` per step at ``allreduce_seconds`` each: the
+dots and norms of the recurrence, the loss weights and norms of the fd passes). The FSDP
+collectives are inside ``gradient_seconds`` when it is measured at that world size.
 
 ``recommend_parallel`` says which layout to use on ``world_size`` devices of
 ``device_bytes`` each: plain data parallelism when a whole replica fits (no parameter
@@ -48,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from ._checks import check_positive_int
 from .basis import CHUNK_BYTES
 
-__all__ = ["Plan", "plan_run", "recommend_parallel", "vector_copies"]
+__all__ = ["Plan", "plan_run", "recommend_parallel", "scalar_allreduces", "vector_copies"]
 
 _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 PARALLEL = ("fsdp", "hsdp", "dp")
@@ -87,6 +92,30 @@ def vector_copies(reorth, step: int) -> float:
     return 4.5 + 2.0 * kept
 
 
+# scalar all-reduces of one fd product on more than one rank (counted in
+# benchmarks/scaling.py): ||v|| and κ(v), the loss weights of the two passes, the even part and
+# ||Hv||; a redone product repeats all but the first
+FD_PRODUCT_ALLREDUCES = 5
+FD_RETRY_ALLREDUCES = 4
+
+
+def scalar_allreduces(reorth, method: str = "fd", fd_retry_rate: float = 0.0) -> float:
+    """Scalar all-reduces per Lanczos step on more than one rank (mean over the products).
+
+    The recurrence: the dot for alpha, then with a kept basis the two Gram–Schmidt sweeps (one
+    all-reduce each, their dots and ``‖w‖`` together), without one ``‖w‖``; an fd product
+    ``FD_PRODUCT_ALLREDUCES``, and ``FD_RETRY_ALLREDUCES`` more when its step is redone
+    (``fd_retry_rate`` of the products). ``"exact"`` / ``"jvp"`` products are not counted.
+
+    >>> scalar_allreduces("full"), scalar_allreduces("none"), scalar_allreduces(4, "fd", 0.5)
+    (8.0, 7.0, 10.0)
+    """
+    recurrence = 2.0 if _window(reorth) == 0 else 3.0
+    if method != "fd":
+        return recurrence
+    return recurrence + FD_PRODUCT_ALLREDUCES + FD_RETRY_ALLREDUCES * float(fd_retry_rate)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Memory per rank (bytes, by component) and, when timings are given, seconds per step."""
@@ -119,7 +148,8 @@ class Plan:
             s = self.step_seconds
             lines.append(
                 f"{'step':<14} {s['total']:>7.3f} s  (HVP {s['hvp']:.3f} s, vectors "
-                f"{s['vectors']:.3f} s, {100 * s['vectors'] / s['hvp']:.1f}% of the HVP)"
+                f"{s['vectors']:.3f} s, {100 * s['vectors'] / s['hvp']:.1f}% of the HVP, "
+                f"all-reduces {s['collectives']:.3f} s)"
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -143,6 +173,8 @@ def plan_run(
     activation_bytes: int = 0,
     gradient_seconds: float | None = None,
     copy_bandwidth: float | None = None,
+    fd_retry_rate: float = 0.0,
+    allreduce_seconds: float | None = None,
 ) -> Plan:
     """Memory per rank and time per Lanczos step of a run (module docstring).
 
@@ -160,8 +192,13 @@ def plan_run(
             holds ``num_params / num_blocks`` entries.
         activation_bytes: what the forward keeps for backward on this rank (architecture- and
             token-dependent: measure one gradient, or 0 to leave it out).
-        gradient_seconds: one gradient on this rank; ``copy_bandwidth``: bytes per second of a
-            vector copy (read + write). Both given: ``step_seconds`` is filled.
+        gradient_seconds: one gradient on this rank at this world size (it includes FSDP's
+            gathers and reduce-scatters); ``copy_bandwidth``: bytes per second of a vector copy
+            (read + write). Both given: ``step_seconds`` is filled.
+        fd_retry_rate: the fraction of fd products whose step the operator redoes (2 more
+            gradients each; ``op.stats["fd_retries"] / op.stats["matvecs"]`` of a short run).
+        allreduce_seconds: one scalar all-reduce at this world size (0 or None: left out;
+            ignored on one rank).
     """
     num_params = check_positive_int("num_params", num_params)
     world_size = check_positive_int("world_size", world_size)
@@ -206,12 +243,29 @@ def plan_run(
     notes = []
     if not activation_bytes:
         notes.append("activations left out (activation_bytes=0): add one gradient's peak")
+    if not 0.0 <= float(fd_retry_rate) <= 1.0:
+        raise ValueError(f"fd_retry_rate must be in [0, 1], got {fd_retry_rate!r}")
+    if allreduce_seconds is not None and not float(allreduce_seconds) >= 0.0:
+        raise ValueError(f"allreduce_seconds must be ≥ 0, got {allreduce_seconds!r}")
     step = None
     if gradient_seconds is not None and copy_bandwidth is not None:
-        hvp = (2.0 if method == "fd" else 2.5) * float(gradient_seconds)
+        grads = 2.0 + 2.0 * float(fd_retry_rate) if method == "fd" else 2.5
+        hvp = grads * float(gradient_seconds)
         mean_copies = sum(vector_copies(reorth, j) for j in range(num_steps)) / num_steps
         vec = mean_copies * 2 * local * vb / float(copy_bandwidth)
-        step = {"hvp": hvp, "vectors": vec, "total": hvp + vec, "copies_per_step": mean_copies}
+        calls = scalar_allreduces(reorth, method, fd_retry_rate) if world_size > 1 else 0.0
+        coll = calls * float(allreduce_seconds or 0.0)
+        step = {
+            "hvp": hvp,
+            "vectors": vec,
+            "collectives": coll,
+            "total": hvp + vec + coll,
+            "gradients_per_step": grads,
+            "copies_per_step": mean_copies,
+            "scalar_allreduces_per_step": calls,
+        }
+        if world_size > 1 and not allreduce_seconds:
+            notes.append("scalar all-reduces left out (allreduce_seconds not given)")
     inputs = {
         "num_params": num_params,
         "world_size": world_size,
@@ -227,6 +281,7 @@ def plan_run(
         "basis": basis,
         "num_blocks": num_blocks,
         "reshard_after_forward": reshard_after_forward,
+        "fd_retry_rate": float(fd_retry_rate),
     }
     return Plan(inputs=inputs, memory=memory, step_seconds=step, notes=notes)
 

@@ -66,7 +66,8 @@ def add_plan_parser(sub) -> None:
         help="memory per rank and time per Lanczos step of a run, before running it",
         description="Predicts what one rank holds during a Lanczos run (parameters, gradients, "
         "FD snapshot, HVP vectors, Krylov basis, FSDP buffers, activations if given) and, "
-        "with --gradient-seconds and --copy-bandwidth, the time per step. With "
+        "with --gradient-seconds and --copy-bandwidth, the time per step (HVP gradients, fd "
+        "retries, vector work, scalar all-reduces with --allreduce-seconds). With "
         "--device-memory, recommends a layout (dp, hsdp or fsdp). Loads nothing.",
         epilog="example: hessian-spectra plan --params 7B --layers 32 --world-size 8 "
         "--steps 80 --basis-dtype bfloat16 --device-memory 80GiB",
@@ -91,6 +92,19 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--activations", type=_typed(size), default=0, help="activation memory per rank")
     p.add_argument("--gradient-seconds", type=positive_float, default=None)
     p.add_argument("--copy-bandwidth", type=positive_float, default=None, help="bytes/s")
+    p.add_argument(
+        "--fd-retry-rate",
+        type=float,
+        default=0.0,
+        help="fraction of fd products whose step is redone, 2 more gradients each "
+        "(op.stats['fd_retries'] / matvecs of a short run; default: 0)",
+    )
+    p.add_argument(
+        "--allreduce-seconds",
+        type=positive_float,
+        default=None,
+        help="one scalar all-reduce at this world size (time per step on more than one rank)",
+    )
     p.add_argument("--device-memory", type=_typed(size), default=None, help="e.g. 80GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
@@ -118,6 +132,8 @@ def run_plan(ns) -> int:
             replicate=ns.replicate,
             gradient_seconds=ns.gradient_seconds,
             copy_bandwidth=ns.copy_bandwidth,
+            fd_retry_rate=ns.fd_retry_rate,
+            allreduce_seconds=ns.allreduce_seconds,
             **kw,
         )
         rec = None
