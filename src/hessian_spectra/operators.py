@@ -42,7 +42,7 @@ from .fd_step import (
     default_eps_scale,
 )
 from .hvp import FDBuffers, JvpUnsupported, hvp_exact, hvp_fd, hvp_jvp
-from .objective import Objective
+from .objective import Objective, any_rank
 from .vectors import Vector, check_vector
 
 __all__ = [
@@ -273,6 +273,7 @@ class HessianOperator(ObjectiveOperator):
         """
         obj = self.objective
         checked = eps is None and self.max_fd_error is not None
+        self.fd_buffers.revalidate(obj)  # the parameters' values unchanged: caches hold
         th = obj.theta_norms()
         vnorms = _norms(v)  # one pass over v: ||v|| and κ(v)
         vn = math.sqrt(sum(x * x for x in vnorms))
@@ -285,6 +286,11 @@ class HessianOperator(ObjectiveOperator):
                 hv = hvp_fd(obj, v, e, self.stencil, buffers=self.fd_buffers)
                 return hv, math.isfinite(_norm(hv))
         fm = self.calibrate_fd()
+        if any_rank(self.fd_buffers.g0_key != obj.theta_key()):
+            # the parameters changed in place since ∇L(θ) was sampled: the even part needs
+            # the gradient at the new θ (one pass; the calibrated model is kept)
+            self._sample_gradient()
+            self.stats["fd_calibration_gradients"] += 1
         auto = eps is None and self.eps is None
         if auto:  # the step from κ(v) (a function of v alone: products are repeatable)
             e = fm.scale / kappa if kappa > 0 else 0.0
@@ -340,7 +346,7 @@ class HessianOperator(ObjectiveOperator):
         if self.fd_model is None:
             m = _fd.calibrate(self, seed, self.stencil)
             self.fd_buffers.prepare(self.objective)
-            self.fd_buffers.set_gradient(self.objective.gradient()[1])
+            self._sample_gradient()
             self.fd_model = m
             self.stats["fd_calibration_gradients"] += m.gradients + 1
             if self.max_fd_error is not None:
@@ -349,6 +355,12 @@ class HessianOperator(ObjectiveOperator):
                 if est.rel_error > self.max_fd_error:
                     raise self._accuracy_error(est, "the calibration probe")
         return self.fd_model
+
+    def _sample_gradient(self) -> None:
+        """Keep the even part's sample of ``∇L(θ)`` at the current θ (one gradient pass)."""
+        obj = self.objective
+        key = obj.theta_key()
+        self.fd_buffers.set_gradient(obj.gradient()[1], key)
 
     def _accuracy_error(self, est: FDEstimate, where: str) -> FDAccuracyError:
         lost = _fd.perturbation_rounding(
