@@ -101,7 +101,9 @@ class HessianOperator(ObjectiveOperator):
         eps: the fd step: the parameters are moved to ``θ ± eps·v``. ``None`` (default): the
             step of :mod:`hessian_spectra.fd_step`, ``c / max_i(||v_i|| / ||θ_i||)`` with ``c``
             chosen on first use by FSHP Thm 3.1's error model, measured along one unit probe
-            (see ``fd_calibration``).
+            (see ``fd_calibration``). A fixed ``eps`` needs no calibration and gets none
+            (exactly two gradient passes per product, no error estimate) unless
+            ``max_fd_error`` is set or :meth:`calibrate_fd` is called.
         params: a subset of parameters (names or tensors); default all with ``requires_grad``.
         reduction: ``"mean"`` (default): ``L = Σ_b w_b l_b / Σ_b w_b``; ``"sum"``:
             ``L = Σ_b w_b l_b`` (e.g. a risk summed over examples, ``loss_fn`` returning sums).
@@ -282,7 +284,10 @@ class HessianOperator(ObjectiveOperator):
             e = eps if eps is not None else self.eps
             if e is None:  # uncalibrated: fd_step's default rule, from the norms above
                 e = _fd.default_eps_scale(self.compute_dtype) / kappa if kappa > 0 else 0.0
-            if not self.fd_calibration or e == 0:
+            # a fixed operator eps needs no step: no calibration (~11 passes) unless
+            # max_fd_error asks for the check or calibrate_fd() was called
+            fixed = self.eps is not None and self.max_fd_error is None and self.fd_model is None
+            if not self.fd_calibration or e == 0 or fixed:
                 hv = hvp_fd(obj, v, e, self.stencil, buffers=self.fd_buffers)
                 return hv, math.isfinite(_norm(hv))
         fm = self.calibrate_fd()
