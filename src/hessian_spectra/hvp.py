@@ -130,25 +130,24 @@ class FDBuffers:
         self._lengths = torch.tensor([m for *_, m in lay], dtype=torch.long, device=dev)
         self._w = torch.tensor(self.weights, dtype=torch.float64, device=dev)
 
-    def revalidate(self, obj: Objective) -> None:
+    def revalidate(self, obj: Objective) -> tuple:
         """Before a product: where the parameters' version counters moved since this
         operator's last restore (another operator's product, a write that put the same
         values back) but their values equal the snapshot (that θ, bit for bit), what was
         cached for that θ (:meth:`Objective.theta_norms`, the gradient sample) holds still.
-        Values that differ leave it stale, to be recomputed.
+        Values that differ leave it stale, to be recomputed. Returns ``obj.theta_key()``.
         """
         last = self.restored_key
-        if last is None:
-            return
         key = obj.theta_key()
-        if not any_rank(key != last):
-            return
+        if last is None or not any_rank(key != last):
+            return key
         locs = [_dist.local(p).detach() for p in obj.params]
         if not any_rank(not all(torch.equal(a, b) for a, b in zip(locs, self.snapshot))):
             obj.theta_restored(last, key)
             if self.g0_key == last:
                 self.g0_key = key
             self.restored_key = key
+        return key
 
     def move(self, locs: list, vs: list, alpha: float) -> None:
         """Set the local parameters ``locs`` to ``snapshot + alpha·vs`` (no_grad)."""

@@ -271,7 +271,8 @@ class Objective:
     def stash_grads(self):
         """Set every ``.grad`` to None for our passes and give the user's back afterwards."""
         saved = [p.grad for p in self.params]
-        others = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+        every = list(self.model.parameters())  # one traversal of the modules, for both ends
+        others = [(p, p.grad) for p in every if p.grad is not None]
         for p in self.params:
             p.grad = None
         for p, _ in others:  # else backward would accumulate into the user's tensors in place
@@ -285,8 +286,8 @@ class Objective:
                 p.grad = g
             chosen = {id(p) for p in self.params}
             kept = {id(p) for p, _ in others}
-            for p in self.model.parameters():
-                if id(p) not in chosen and id(p) not in kept:
+            for p in every:
+                if p.grad is not None and id(p) not in chosen and id(p) not in kept:
                     p.grad = None
 
     # ------------------------------------------------------------------ the batch loop
@@ -482,7 +483,8 @@ class Objective:
         and ``load_state_dict`` included) and its storage. A write through ``p.data`` bumps no
         counter: after one, call :meth:`params_changed`.
         """
-        return tuple((t._version, t.data_ptr()) for t in map(_dist.local, self.params))
+        ts = self.params if not self.sharded else [_dist.local(p) for p in self.params]
+        return tuple([(t._version, t.data_ptr()) for t in ts])
 
     def params_changed(self) -> None:
         """Forget what was cached about the parameter values (:meth:`theta_norms`, and the fd
@@ -491,11 +493,12 @@ class Objective:
         self._theta_norms = None
         self._theta_key = None
 
-    def theta_norms(self) -> list[float]:
+    def theta_norms(self, key: tuple | None = None) -> list[float]:
         """The global norms of the parameter tensors, cached while :meth:`theta_key` stays the
-        same (an in-place change of a parameter between products recomputes them).
+        same (an in-place change of a parameter between products recomputes them); ``key``:
+        ``theta_key()`` if the caller has it.
         """
-        key = self.theta_key()
+        key = self.theta_key() if key is None else key
         if any_rank(self._theta_norms is None or key != self._theta_key):
             self._theta_norms = tensor_norms([_dist.local(p).detach() for p in self.params])
             self._theta_key = key

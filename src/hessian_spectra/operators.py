@@ -133,6 +133,10 @@ class HessianOperator(ObjectiveOperator):
         progress: show a progress bar over batches for each pass (rank 0 only).
     """
 
+    # an fd product at the a-priori step e is redone at the estimated best step s* when e is
+    # outside [lo, hi]·s* (estimated error > ~2.2× the best; .fd_step module docstring)
+    FD_REDO_BAND = {"central": (0.3, 2.5), "four-point": (0.4, 1.8)}
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -275,8 +279,8 @@ class HessianOperator(ObjectiveOperator):
         """
         obj = self.objective
         checked = eps is None and self.max_fd_error is not None
-        self.fd_buffers.revalidate(obj)  # the parameters' values unchanged: caches hold
-        th = obj.theta_norms()
+        key = self.fd_buffers.revalidate(obj)  # the parameters' values unchanged: caches hold
+        th = obj.theta_norms(key)
         vnorms = _norms(v)  # one pass over v: ||v|| and κ(v)
         vn = math.sqrt(sum(x * x for x in vnorms))
         kappa = _fd.perturbation_scale(v, th, norms=vnorms)
@@ -290,8 +294,11 @@ class HessianOperator(ObjectiveOperator):
             if not self.fd_calibration or e == 0 or fixed:
                 hv = hvp_fd(obj, v, e, self.stencil, buffers=self.fd_buffers)
                 return hv, math.isfinite(_norm(hv))
-        fm = self.calibrate_fd()
-        if any_rank(self.fd_buffers.g0_key != obj.theta_key()):
+        if self.fd_model is None:  # its products moved the version counters on
+            self.calibrate_fd()
+            key = obj.theta_key()
+        fm = self.fd_model
+        if any_rank(self.fd_buffers.g0_key != key):
             # the parameters changed in place since ∇L(θ) was sampled: the even part needs
             # the gradient at the new θ (one pass; the calibrated model is kept)
             self._sample_gradient()
@@ -313,7 +320,7 @@ class HessianOperator(ObjectiveOperator):
             best = fm.best_eps(vn, e, hn, info.get("d2"))
             # no tensor moves by more than a quarter of its norm (as in calibrate)
             best = min(best, 0.25 / kappa)
-            lo, hi = (0.4, 1.8) if self.stencil == "four-point" else (0.3, 2.5)
+            lo, hi = self.FD_REDO_BAND[self.stencil]
             if math.isfinite(best) and not lo * best <= e <= hi * best:
                 e, info = best, {}
                 hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
