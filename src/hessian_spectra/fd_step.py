@@ -15,7 +15,7 @@ direction ``u`` and a step ``s`` FSHP Thm 3.1 (App. A) splits its error into
 (1) is smallest at ``s* = (b / 2a_u)^{1/3}``, where the error is ``1.5 b / s*`` (Thm 3.1's
 ``O(ε_mach^{2/3})``); within a factor 3 of that minimum for any ``s`` in ``[0.23, 2.9]·s*``.
 
-**Calibration** (:func:`calibrate`, once per operator, 6–10 extra gradient passes). Along a
+**Calibration** (:func:`calibrate`, once per operator, 8–12 extra gradient passes). Along a
 seeded unit Rademacher probe ``u₀``: a Richardson pair ``h(S), h(2S)`` at a step ``S`` where
 truncation dominates gives ``a₀ = ||h(2S) − h(S)|| / 3S²`` (``h(2S) − h(S) = 3a₀S²·t`` with
 ``t`` the unit truncation direction); a product at a step ``σ = S/64`` where rounding dominates
@@ -29,17 +29,28 @@ without snapping an FSDP run and a one-process run would take slightly different
 **The step along any direction** ``v``: ``ε(v) = c / κ(v)`` with
 
     κ(v) = max_i ||v_i|| / ||θ_i||   over the parameter tensors i with θ_i ≠ 0,
-    c    = s₀* · κ(u₀)                (the calibrated constant; uncalibrated: 0.1·ε_mach^{1/3}).
+    c    = (c₀ · c_K)^½,  c₀ = s₀* · κ(u₀),  c_K = s_K* · κ(q)
+                                       (calibrated; uncalibrated: 0.1·ε_mach^{1/3}),
 
-So ``ε(u₀) = s₀*``, and no tensor moves by more than the fraction ``c`` of its norm. Why per
-tensor: Lanczos vectors after the first concentrate on a few sharp tensors (on SmolLM2-135M
+where ``q = Hu₀/||Hu₀||`` (the Richardson ``R`` normalised) is the Krylov successor of the
+probe and ``s_K*`` the best step along it, estimated from the even part of one product at
+``c₀/κ(q)`` (below; 2 passes, after ``∇L(θ)`` is sampled). No tensor moves by more than the
+fraction ``c`` of its norm. Why two constants: Lanczos vectors after the first lie in
+``span{u₀, Hu₀, H²u₀, ...}``, and along them the best constant ``s*·κ(v)`` is below the random
+probe's: 0.07–0.67 of ``c₀`` on tiny float32 transformers (GPT-2, Llama-style and ours; no
+other norm ratio in place of κ did better), so ``c₀`` put the step 3–15× over the best along
+most of them and 5–10 of 12 products were redone (below); ``c_K/c₀`` = 0.08–0.57 there, ~1 on
+an MLP and a CNN. The geometric mean leaves the random probe and the Krylov vectors within the
+redo band's factor of their best steps on the cases measured: 0–3 of 12 redone, the extreme
+Ritz values of 12 Lanczos steps within 2e-4·λ_max of exact products (1e-4–4e-3 with no redo
+at all; ``tests/test_fd_step.py``). Why per tensor: Lanczos vectors after the first concentrate on a few sharp tensors (on SmolLM2-135M
 the layer-0 RMSNorm weights), and the best step along them is ~100× smaller than along a
 random probe; the global rule ``c ||θ|| / ||v||`` had relative error ≈ 1 on the second and
 third Lanczos vectors there. Why calibrated: the fixed ``c = 0.1·ε_mach^{1/3}`` was 10–17× below
 the best step along random probes of 2.5k–4.5k-parameter MLP, CNN and transformer models in
-float32, with 5–20× the best error (``benchmarks/fd_step.py``). Calibrated, the step along
-random probes is the best of a sweep; along Lanczos vectors κ leans the other way on an MLP
-(steps 2–3× small) than on a transformer (2× large), within the factor 3 either way.
+float32, with 5–20× the best error (``benchmarks/fd_step.py``). Calibrated with ``c₀``
+alone, the step along random probes was the best of a sweep; with ``(c₀·c_K)^½`` it is
+``(c_K/c₀)^½`` of it, the rounding side, where the error grows only as ``1/s``.
 
 **The error estimate of every product, and a second look at its step.** The operator computes
 ``∇L(θ)`` (one gradient pass, once) and reads, after each of the two passes of a product, the
@@ -64,7 +75,8 @@ best), the product is redone once at ``s*_u = (b / 2a_u)^{1/3}`` (2 more passes;
 ``op.stats["fd_retries"]``). (Carrying the last product's ratio ``s*/(c/κ)`` over to the
 next a-priori step cut the redone Lanczos products of a tiny float32 transformer from 10 to 3
 of 12, but made a product depend on the ones before it: a resumed Lanczos run no longer
-reproduced the uninterrupted one, so the step stays a function of ``v``.) Without ``∇L(θ)``
+reproduced the uninterrupted one, so the step stays a function of ``v`` and the calibrated
+constants; the Krylov constant ``c_K`` above does it within that.) Without ``∇L(θ)``
 (:func:`FDModel.estimate` with ``d2=None``) the scale model ``a_u = a₀ (||Hu|| / ||Hu₀||)²``
 is used.
 
@@ -87,7 +99,7 @@ Richardson extrapolation; :func:`fit_error_model` fits (1) to a measured sweep.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -294,9 +306,10 @@ class FDModel:
     """Thm 3.1's error model (1) of an operator's fd products, calibrated on one unit probe
     (module docstring): ``a0``/``b`` the truncation and rounding coefficients along ``u₀``,
     ``hu0`` = ``||Hu₀||``, ``kappa0`` = κ(u₀), ``step0`` the best step along ``u₀`` for
-    ``stencil`` and ``scale`` = ``step0 · kappa0`` (the constant ``c`` of the step rule); ``a4``
-    the four-point truncation coefficient (``None`` for the central stencil); ``gradients``:
-    passes spent.
+    ``stencil``; ``scale_krylov`` the best constant ``s*·κ`` along the Krylov direction
+    ``Hu₀/||Hu₀||`` (``None`` where not measured) and ``scale`` the constant ``c`` of the step
+    rule: ``(step0 · kappa0 · scale_krylov)^½``, or ``step0 · kappa0``; ``a4`` the four-point
+    truncation coefficient (``None`` for the central stencil); ``gradients``: passes spent.
 
     >>> m = FDModel(a0=1.0, b=2e-6, hu0=1.0, kappa0=1.0, step0=0.01, scale=0.01,
     ...             stencil="central", gradients=6)
@@ -314,6 +327,7 @@ class FDModel:
     stencil: str
     gradients: int
     a4: float | None = None
+    scale_krylov: float | None = None
 
     def step(self, v: Vector, theta_norms: list[float]) -> float:
         """The step along ``v``: ``scale / κ(v)``."""
@@ -372,10 +386,12 @@ class FDModel:
         return asdict(self)
 
 
-def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
+def calibrate(op, seed: int = 0, stencil: str = "central", krylov: bool = True) -> FDModel:
     """Measure ``a₀`` and ``b`` of (1) along the unit probe ``unit_probe(op, seed)`` with central
     products (module docstring): typically 6–10 gradient passes, at most 26; the four-point
-    stencil adds ``a4₀`` (8–24 passes).
+    stencil adds ``a4₀`` (8–24 passes). ``krylov`` (and ``op.fd_buffers`` holding the sample of
+    ``∇L(θ)``): one more product (2 passes; 4 four-point) along ``Hu₀/||Hu₀||``, whose even
+    part gives the best constant there (``FDModel.scale_krylov``, module docstring).
 
     >>> import hessian_spectra as hs
     >>> from hessian_spectra.testing import make_problem
@@ -439,7 +455,7 @@ def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
             S4 = min(4 * S4, cap / 2)
         best = min(best, cap)
     best = snap(best)
-    return FDModel(
+    model = FDModel(
         a0=a,
         b=b,
         hu0=hu0,
@@ -449,6 +465,23 @@ def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
         stencil=stencil,
         gradients=grads,
         a4=a4,
+    )
+    if not (krylov and bufs is not None and bufs.has_gradient and hu0 > 0):
+        return model
+    # the Krylov leg: Lanczos vectors after the first lie in span{u₀, Hu₀, H²u₀, ...}, and
+    # along them the best constant s*·κ is below the random probe's (module docstring)
+    q = [t / hu0 for t in R]
+    kq = perturbation_scale(q, th)
+    e = model.scale / kq
+    info: dict = {}
+    hq = hvp_fd(obj, q, e, stencil, None, info, buffers=bufs)
+    grads += len(stencil_points(stencil)[0])
+    sq = min(model.best_eps(1.0, e, norm(hq), info.get("d2")), 0.25 / kq)
+    if not (math.isfinite(sq) and sq > 0):
+        return replace(model, gradients=grads)
+    ck = sq * kq
+    return replace(
+        model, scale=math.sqrt(model.scale * ck), scale_krylov=ck, gradients=grads
     )
 
 

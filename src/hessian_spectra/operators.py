@@ -121,8 +121,8 @@ class HessianOperator(ObjectiveOperator):
             way to run fd in 16-bit compute when the measured error is acceptable.
         stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
-        fd_calibration: measure the error model on first use (default): about 11 gradient
-            passes once, ``∇L(θ)`` kept at the entries the even part samples (about 1/31 of
+        fd_calibration: measure the error model on first use (default): about 13 gradient
+            passes once (none with a fixed ``eps``), ``∇L(θ)`` kept at the entries the even part samples (about 1/31 of
             a vector; :class:`~hessian_spectra.hvp.FDBuffers`), in exchange for the step, an
             error estimate per product (``op.last_fd_error_estimate``) and a second product
             at the estimated best step where the first one's step was > 2.5× off
@@ -356,9 +356,10 @@ class HessianOperator(ObjectiveOperator):
         is set and the best error along that probe exceeds it.
         """
         if self.fd_model is None:
-            m = _fd.calibrate(self, seed, self.stencil)
+            # ∇L(θ) sampled first: the calibration's Krylov leg reads the even part
             self.fd_buffers.prepare(self.objective)
             self._sample_gradient()
+            m = _fd.calibrate(self, seed, self.stencil, krylov=self.eps is None)
             self.fd_model = m
             self.stats["fd_calibration_gradients"] += m.gradients + 1
             if self.max_fd_error is not None:
