@@ -129,6 +129,7 @@ class FDBuffers:
         self._plus_views = self._views(self.plus_sample)
         self._lengths = torch.tensor([m for *_, m in lay], dtype=torch.long, device=dev)
         self._w = torch.tensor(self.weights, dtype=torch.float64, device=dev)
+        self.sizes = [p.numel() for p in obj.params]  # global (DTensor.numel() is global)
 
     def revalidate(self, obj: Objective) -> tuple:
         """Before a product: where the parameters' version counters moved since this

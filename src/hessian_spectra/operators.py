@@ -305,7 +305,8 @@ class HessianOperator(ObjectiveOperator):
             self.stats["fd_calibration_gradients"] += 1
         auto = eps is None and self.eps is None
         if auto:  # the step from κ(v) (a function of v alone: products are repeatable)
-            e = fm.scale / kappa if kappa > 0 else 0.0
+            sizes = self.fd_buffers.sizes
+            e = fm.constant(_fd.concentration(vnorms, sizes)) / kappa if kappa > 0 else 0.0
         else:
             e = eps if eps is not None else self.eps
         if e == 0:
@@ -347,7 +348,8 @@ class HessianOperator(ObjectiveOperator):
             return self.eps
         if not self.fd_calibration:
             return _fd.fd_step(v, self.objective.theta_norms(), self.compute_dtype)
-        return self.calibrate_fd().step(v, self.objective.theta_norms())
+        sizes = [p.numel() for p in self.params]
+        return self.calibrate_fd().step(v, self.objective.theta_norms(), sizes)
 
     def calibrate_fd(self, seed: int = 0) -> FDModel:
         """The operator's fd error model (:class:`~hessian_spectra.fd_step.FDModel`), measured
