@@ -321,7 +321,8 @@ class Objective:
                 loss, w, given = self.forward(batch, i, zero)
                 if not loss.requires_grad:
                     raise _no_graph_error(i)
-                (loss * (w.to(loss.dtype) * sign)).backward()
+                # the weight as the seed of the backward: no product node in the graph
+                loss.backward(w.to(loss.dtype) * sign)
                 rec.add(i, batch, loss, w, given)
         if cut:
             hidden = [n for n, p in zip(self.param_names, self.params) if p.grad is None]
