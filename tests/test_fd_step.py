@@ -13,10 +13,10 @@ import torch
 import hessian_spectra as hs
 from conftest import problem_with_hessian
 from hessian_spectra.fd_step import (
-    concentration,
     FDAccuracyError,
     check_eps,
     compute_dtype,
+    concentration,
     eps_sweep,
     fd_error,
     fd_step,

@@ -122,11 +122,11 @@ class HessianOperator(ObjectiveOperator):
         stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
         fd_calibration: measure the error model on first use (default): about 13 gradient
-            passes once (none with a fixed ``eps``), ``∇L(θ)`` kept at the entries the even part samples (about 1/31 of
-            a vector; :class:`~hessian_spectra.hvp.FDBuffers`), in exchange for the step, an
-            error estimate per product (``op.last_fd_error_estimate``) and a second product
-            at the estimated best step where the first one's step was > 2.5× off
-            (``op.stats["fd_retries"]``).
+            passes once (none with a fixed ``eps``), ``∇L(θ)`` kept at the entries the even
+            part samples (about 1/31 of a vector; :class:`~hessian_spectra.hvp.FDBuffers`),
+            in exchange for the step, an error estimate per product
+            (``op.last_fd_error_estimate``) and a second product at the estimated best step
+            where the first one's step was > 2.5× off (``op.stats["fd_retries"]``).
             ``False``: the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``,
             exactly two gradient passes per product and no estimates. Either way fd products
             keep one copy of the parameters (the restore snapshot) between products.
@@ -288,7 +288,7 @@ class HessianOperator(ObjectiveOperator):
             e = eps if eps is not None else self.eps
             if e is None:  # uncalibrated: fd_step's default rule, from the norms above
                 e = _fd.default_eps_scale(self.compute_dtype) / kappa if kappa > 0 else 0.0
-            # a fixed operator eps needs no step: no calibration (~11 passes) unless
+            # a fixed operator eps needs no step: no calibration (~13 passes) unless
             # max_fd_error asks for the check or calibrate_fd() was called
             fixed = self.eps is not None and self.max_fd_error is None and self.fd_model is None
             if not self.fd_calibration or e == 0 or fixed:
@@ -304,7 +304,7 @@ class HessianOperator(ObjectiveOperator):
             self._sample_gradient()
             self.stats["fd_calibration_gradients"] += 1
         auto = eps is None and self.eps is None
-        if auto:  # the step from κ(v) (a function of v alone: products are repeatable)
+        if auto:  # the step from v and the calibrated constants alone: products are repeatable
             sizes = self.fd_buffers.sizes
             e = fm.constant(_fd.concentration(vnorms, sizes)) / kappa if kappa > 0 else 0.0
         else:
