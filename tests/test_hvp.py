@@ -435,8 +435,8 @@ def test_fd_step_follows_an_in_place_change_of_the_parameters():
 def test_fd_caches_survive_another_operators_products():
     """Another operator's fd products on the same model move the parameters' version counters
     but restore their values bit for bit: the caches stay (no new gradient pass) and the
-    products are bit-for-bit the ones before. ``params_changed()`` forgets them (for writes
-    through ``p.data``, which bump no counter)."""
+    products are bit-for-bit the ones before. ``params_changed()`` (for writes through
+    ``p.data``, which bump no counter) makes the next product compare θ with its snapshot."""
     m, loss_fn, batches = make_problem("transformer", dtype=torch.float32)
     op = hs.HessianOperator(m, loss_fn, batches)
     other = hs.HessianOperator(m, loss_fn, batches, fd_calibration=False)
@@ -447,7 +447,15 @@ def test_fd_caches_survive_another_operators_products():
     again = op.matvec(v)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert op.stats["fd_calibration_gradients"] == grads0
+    # params_changed() with the values as they were: found equal to the snapshot, caches kept
     op.objective.params_changed()
-    op.fd_buffers.g0_key = None
     assert all(torch.equal(a, b) for a, b in zip(first, op.matvec(v)))
-    assert op.stats["fd_calibration_gradients"] == grads0 + 1
+    assert op.stats["fd_calibration_gradients"] == grads0
+    # a write through .data (no version counter moves) announced by params_changed()
+    p = op.params[0]
+    with torch.no_grad():
+        p.data.mul_(2.0)
+    op.objective.params_changed()
+    op.matvec(v)
+    assert op.stats["fd_calibration_gradients"] == grads0 + 1  # ∇L(θ) sampled again
+    assert op.objective.theta_norms()[0] == pytest.approx(p.detach().norm().item(), rel=1e-6)

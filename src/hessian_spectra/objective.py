@@ -215,6 +215,7 @@ class Objective:
         self.grad_scale = _dist.gradient_scale(model) if self.sharded else 1.0
         self._theta_norms = None
         self._theta_key = None  # theta_key() when _theta_norms was computed
+        self._generation = 0  # bumped by params_changed(): part of every theta_key()
         self._cut_checked = False  # the first gradient pass looks for a reentrant-checkpoint cut
 
     def with_batches(self, batches) -> Objective:
@@ -485,12 +486,15 @@ class Objective:
         counter: after one, call :meth:`params_changed`.
         """
         ts = self.params if not self.sharded else [_dist.local(p) for p in self.params]
-        return tuple([(t._version, t.data_ptr()) for t in ts])
+        return (self._generation, tuple([(t._version, t.data_ptr()) for t in ts]))
 
     def params_changed(self) -> None:
-        """Forget what was cached about the parameter values (:meth:`theta_norms`, and the fd
-        operator's sample of ``∇L(θ)``): the next product recomputes it.
+        """Say that the parameter values may have changed without a version counter seeing it
+        (a write through ``p.data``): every :meth:`theta_key` taken before differs from the
+        next, so what was cached for them (:meth:`theta_norms`, an fd operator's sample of
+        ``∇L(θ)``) is recomputed unless the values are found equal to the fd snapshot.
         """
+        self._generation += 1
         self._theta_norms = None
         self._theta_key = None
 
