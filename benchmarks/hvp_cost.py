@@ -9,7 +9,9 @@ measures, on the same data and in the same run:
   product, calibrated step, error estimate and, where the step was far off, a redo);
 - ``fd-plain``: ``HessianOperator(..., fd_calibration=False)``, two passes and no estimate;
 - ``fd-ref``: the plain reference written inline (hessian-eigenthings style: gradients at
-  θ±εv by ``torch.autograd.grad``, no snapshot, no checks, no estimate);
+  θ±εv by ``torch.autograd.grad``, no snapshot, no checks, no estimate). ``fd-plain`` and
+  ``fd-ref`` run on copies of the model: ``fd-ref`` moves its parameters back by −εv, not bit
+  for bit, and the fd operator, seeing θ changed, would re-sample ``∇L(θ)`` each round;
 - ``lanczos-none`` / ``lanczos-2`` / ``lanczos-full``: ``--steps`` Lanczos steps (fd HVPs)
   per reorth mode; reported per step, as the overhead over the HVPs it ran (``(wall − matvec
   seconds) / matvec seconds``) and as that vector work in *copies per step*: units of one
@@ -44,6 +46,7 @@ snapshot); exact ≤ 2.5× gradient time; on the tiny models fd not slower than 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -259,9 +262,17 @@ def _setup(args):
     ]
     model.eval()
     op = hs.HessianOperator(model, loss_fn, batches, method="fd", check_determinism=False)
+    # fd-plain and fd-ref on their own copies of the model when measured: fd-ref's restore is
+    # not bit-for-bit, so sharing the parameters would make the fd operator see a changed θ
+    # (and re-sample ∇L(θ)) each round, and fd-plain's would make it compare θ with its
+    # snapshot; a Lanczos run on one operator does neither
+    wanted = set(getattr(args, "measures", None) or [getattr(args, "measure", "")])
+    plain_model = copy.deepcopy(model) if "fd-plain" in wanted else model
+    ref_model = copy.deepcopy(model) if "fd-ref" in wanted else model
     plain = hs.HessianOperator(
-        model, loss_fn, batches, method="fd", check_determinism=False, fd_calibration=False
+        plain_model, loss_fn, batches, method="fd", check_determinism=False, fd_calibration=False
     )
+    ref_params = [dict(ref_model.named_parameters())[n] for n in op.param_names]
     v = hs.random_probe(op, 0)
 
     def sync():
@@ -278,7 +289,7 @@ def _setup(args):
         elif what == "fd-plain":  # fd_calibration=False: two passes, no estimate
             plain.matvec(v)
         elif what == "fd-ref":
-            _reference_fd(model, loss_fn, batches, op.params, v, plain.eps_for(v))
+            _reference_fd(ref_model, loss_fn, batches, ref_params, v, plain.eps_for(v))
         else:  # a fixed start vector, so probe generation is not counted as Lanczos work
             mode = what.split("-")[1]
             lop = plain if args.lanczos_plain else op

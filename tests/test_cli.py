@@ -837,6 +837,22 @@ def test_fd_error_estimate_in_result_and_low_precision_threshold(tmp_path, capsy
     )
 
 
+def test_fixed_eps_does_not_calibrate_and_a_calibration_is_saved(tmp_path):
+    """--eps E: no fd calibration (exactly 2 passes per HVP, none counted in HVP time), so
+    result.json says fd_model null truthfully; --eps with --max-fd-error calibrates (the check
+    needs the error model) before the first HVP and saves the model."""
+    few = [*FAST, "--steps", 3, "--probes", 1, "--eps", 1e-4]
+    factories.CALLS["loss"] = 0
+    assert run(["density", *few, "--out", tmp_path / "a"]) == EXIT_OK
+    r = load_result(tmp_path / "a")
+    assert r["operator"]["fd_model"] is None and "fd_calibration_gradients" not in r["summary"]
+    assert r["timings"]["num_hvps"] == 3
+    assert run(["density", *few, "--max-fd-error", 0.1, "--out", tmp_path / "b"]) == EXIT_OK
+    r = load_result(tmp_path / "b")
+    assert r["operator"]["fd_model"]["b"] > 0 and r["operator"]["eps"] == 1e-4
+    assert r["summary"]["fd_calibration_gradients"] > 0
+
+
 def test_method_help_is_current():
     """Issue 8.5: --method's help no longer quotes the old rule's "50-90% off"."""
     import argparse

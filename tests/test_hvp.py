@@ -396,3 +396,66 @@ def test_fd_product_repeatable():
     op.matvec(w)
     again = op.matvec(v)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def _rel(a, b):
+    return hs.norm([x - y for x, y in zip(a, b)]) / hs.norm(b)
+
+
+def test_fd_step_follows_an_in_place_change_of_the_parameters():
+    """θ's norms and the sample of ∇L(θ) are cached between products; an in-place change of a
+    parameter (``optimizer.step()``-like, version counter bumped) between products must be
+    seen: the next step is c / κ(v) with the new norms, the product is the Hessian at the new
+    θ (dense float64 ground truth) and its estimate is again within 3× of its true error."""
+    m, loss_fn, batches = make_problem("mlp")
+    op = hs.HessianOperator(m, loss_fn, batches)
+    v = hs.random_probe(op, 0)
+    op.matvec(v)
+    grads0 = op.stats["fd_calibration_gradients"]
+    first = op.last_fd_error_estimate.eps
+    th0 = op.objective.theta_norms()
+    i = max(range(len(th0)), key=lambda j: v[j].norm().item() / th0[j])
+    with torch.no_grad():
+        op.params[i].mul_(3.0)  # the tensor that sets κ(v)
+    hv = op.matvec(v)
+    th = [p.detach().norm().item() for p in op.params]
+    assert op.objective.theta_norms() == pytest.approx(th, rel=1e-12)
+    est = op.last_fd_error_estimate
+    assert est.eps == pytest.approx(op.fd_model.scale / hs.fd_step.perturbation_scale(v, th))
+    assert est.eps != first
+    # the gradient sample was taken again at the new θ (one pass)
+    assert op.stats["fd_calibration_gradients"] == grads0 + 1
+    H = dense_hessian(m, loss_fn, batches)
+    ref = unflatten(H @ flatten(v), op.params)
+    err = _rel(hv, ref)
+    assert err < 1e-6
+    assert err / 3 <= est.rel_error <= 3 * err, (est, err)  # a stale ∇L(θ) sample: ~1e3×
+
+
+def test_fd_caches_survive_another_operators_products():
+    """Another operator's fd products on the same model move the parameters' version counters
+    but restore their values bit for bit: the caches stay (no new gradient pass) and the
+    products are bit-for-bit the ones before. ``params_changed()`` (for writes through
+    ``p.data``, which bump no counter) makes the next product compare θ with its snapshot."""
+    m, loss_fn, batches = make_problem("transformer", dtype=torch.float32)
+    op = hs.HessianOperator(m, loss_fn, batches)
+    other = hs.HessianOperator(m, loss_fn, batches, fd_calibration=False)
+    v = hs.random_probe(op, 0)
+    first = op.matvec(v)
+    grads0 = op.stats["fd_calibration_gradients"]
+    other.matvec(v)
+    again = op.matvec(v)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert op.stats["fd_calibration_gradients"] == grads0
+    # params_changed() with the values as they were: found equal to the snapshot, caches kept
+    op.objective.params_changed()
+    assert all(torch.equal(a, b) for a, b in zip(first, op.matvec(v)))
+    assert op.stats["fd_calibration_gradients"] == grads0
+    # a write through .data (no version counter moves) announced by params_changed()
+    p = op.params[0]
+    with torch.no_grad():
+        p.data.mul_(2.0)
+    op.objective.params_changed()
+    op.matvec(v)
+    assert op.stats["fd_calibration_gradients"] == grads0 + 1  # ∇L(θ) sampled again
+    assert op.objective.theta_norms()[0] == pytest.approx(p.detach().norm().item(), rel=1e-6)

@@ -123,3 +123,26 @@ def test_errors_in_the_operator_modules_name_no_cli_flags_or_missing_functions()
             for part in ref.split("."):
                 obj = getattr(obj, part, None) or importlib.import_module(f"{obj.__name__}.{part}")
             assert obj is not None, ref
+
+
+def test_fixed_eps_products_are_two_passes_without_calibration():
+    """A fixed eps needs no step: no calibration, 2 loss passes per product (the product
+    against the dense Hessian); with max_fd_error the calibration runs (its check needs it)."""
+    m, loss_fn, batches = make_problem("mlp")
+    calls = []
+
+    def counted(model, b):
+        calls.append(1)
+        return loss_fn(model, b)
+
+    op = hs.HessianOperator(m, counted, batches, eps=1e-5, check_determinism=False)
+    v = hs.random_probe(op, 0)
+    hv = op.matvec(v)
+    assert len(calls) == 2 * len(batches) and op.fd_model is None
+    assert op.stats["fd_calibration_gradients"] == 0 and op.last_fd_error_estimate is None
+    H = dense_hessian(m, loss_fn, batches)
+    ref = H @ flatten(v)
+    assert _rel(flatten(hv), ref) < 1e-6
+    checked = hs.HessianOperator(m, loss_fn, batches, eps=1e-5, max_fd_error=0.1)
+    checked.matvec(v)
+    assert checked.fd_model is not None and checked.last_fd_error_estimate.eps == 1e-5

@@ -15,7 +15,7 @@ direction ``u`` and a step ``s`` FSHP Thm 3.1 (App. A) splits its error into
 (1) is smallest at ``s* = (b / 2a_u)^{1/3}``, where the error is ``1.5 b / s*`` (Thm 3.1's
 ``O(ε_mach^{2/3})``); within a factor 3 of that minimum for any ``s`` in ``[0.23, 2.9]·s*``.
 
-**Calibration** (:func:`calibrate`, once per operator, 6–10 extra gradient passes). Along a
+**Calibration** (:func:`calibrate`, once per operator, 8–12 extra gradient passes). Along a
 seeded unit Rademacher probe ``u₀``: a Richardson pair ``h(S), h(2S)`` at a step ``S`` where
 truncation dominates gives ``a₀ = ||h(2S) − h(S)|| / 3S²`` (``h(2S) − h(S) = 3a₀S²·t`` with
 ``t`` the unit truncation direction); a product at a step ``σ = S/64`` where rounding dominates
@@ -26,20 +26,36 @@ steps of redone products (below) are snapped to powers of √2 (:func:`snap`): `
 curvature change are measured through rounding noise that differs with the world size, and
 without snapping an FSDP run and a one-process run would take slightly different steps.
 
-**The step along any direction** ``v``: ``ε(v) = c / κ(v)`` with
+**The step along any direction** ``v``: ``ε(v) = c(ρ(v)) / κ(v)`` with
 
     κ(v) = max_i ||v_i|| / ||θ_i||   over the parameter tensors i with θ_i ≠ 0,
-    c    = s₀* · κ(u₀)                (the calibrated constant; uncalibrated: 0.1·ε_mach^{1/3}).
+    ρ(v) = Σ_i p_i² / u_i,  p_i = ||v_i||² / ||v||²,  u_i = n_i / P   (:func:`concentration`),
+    c(ρ) = c₀^{1−w} · c_K^w,  w = min(1, log ρ / log ρ(q))     (c₀ for ρ ≤ 1),
+    c₀   = s₀* · κ(u₀),  c_K = s_K* · κ(q)     (calibrated; uncalibrated: c = 0.1·ε_mach^{1/3}),
 
-So ``ε(u₀) = s₀*``, and no tensor moves by more than the fraction ``c`` of its norm. Why per
-tensor: Lanczos vectors after the first concentrate on a few sharp tensors (on SmolLM2-135M
-the layer-0 RMSNorm weights), and the best step along them is ~100× smaller than along a
-random probe; the global rule ``c ||θ|| / ||v||`` had relative error ≈ 1 on the second and
-third Lanczos vectors there. Why calibrated: the fixed ``c = 0.1·ε_mach^{1/3}`` was 10–17× below
-the best step along random probes of 2.5k–4.5k-parameter MLP, CNN and transformer models in
-float32, with 5–20× the best error (``benchmarks/fd_step.py``). Calibrated, the step along
-random probes is the best of a sweep; along Lanczos vectors κ leans the other way on an MLP
-(steps 2–3× small) than on a transformer (2× large), within the factor 3 either way.
+where ``q = Hu₀/||Hu₀||`` (the Richardson ``R`` normalised) is the Krylov successor of the
+probe and ``s_K*`` the best step along it, estimated from the even part of one product at
+``c₀/κ(q)`` (below; 2 passes, after ``∇L(θ)`` is sampled). ``ρ`` says how unevenly ``v``
+spreads over the tensors: 1 for a Rademacher probe (its share of each tensor is the tensor's
+share of the entries), ``P/n_i`` for a direction on tensor i alone. No tensor moves by more
+than the fraction ``c`` of its norm. Why two constants: Lanczos vectors after the first lie
+in ``span{u₀, Hu₀, H²u₀, ...}`` and, like ``q``, concentrate on the sharp tensors, and along
+them the best constant ``s*·κ(v)`` is far below the random probe's: on SmolLM2-135M (2 × 128
+tokens) ``c₀`` put the step 7.6–28× over the estimated best along all 15 Lanczos vectors after
+the first (each redone: 2 more passes), ``c_K = 0.087 c₀``, and with ``c(ρ)`` (``ρ(q)`` =
+1.2e3, the vectors' 1.6e3–3.0e4) all 16 steps were within 0.66–2.45× of the best and none was
+redone; on tiny float32 transformers (``ρ(q)`` = 6–22) 12 Lanczos steps redo 0–6 products
+instead of 5–10, the extreme Ritz values as close to exact products' (``tests/test_fd_step.py``).
+No ratio of norms in place of κ did this (the best constants of Lanczos vectors over the
+probe's varied 4–15× with any of them); the geometric mean ``(c₀·c_K)^½`` for every vector
+did on the tiny models but left SmolLM2's 2.2–8.3× over the best. Why per tensor: Lanczos
+vectors after the first concentrate on a few sharp tensors (on SmolLM2-135M the layer-0
+RMSNorm weights), and the best step along them is ~100× smaller than along a random probe; the
+global rule ``c ||θ|| / ||v||`` had relative error ≈ 1 on the second and third Lanczos vectors
+there. Why calibrated: the fixed ``c = 0.1·ε_mach^{1/3}`` was 10–17× below the best step
+along random probes of 2.5k–4.5k-parameter MLP, CNN and transformer models in float32, with
+5–20× the best error (``benchmarks/fd_step.py``). Calibrated, the step along random probes is
+the best of a sweep.
 
 **The error estimate of every product, and a second look at its step.** The operator computes
 ``∇L(θ)`` (one gradient pass, once) and reads, after each of the two passes of a product, the
@@ -64,7 +80,8 @@ best), the product is redone once at ``s*_u = (b / 2a_u)^{1/3}`` (2 more passes;
 ``op.stats["fd_retries"]``). (Carrying the last product's ratio ``s*/(c/κ)`` over to the
 next a-priori step cut the redone Lanczos products of a tiny float32 transformer from 10 to 3
 of 12, but made a product depend on the ones before it: a resumed Lanczos run no longer
-reproduced the uninterrupted one, so the step stays a function of ``v``.) Without ``∇L(θ)``
+reproduced the uninterrupted one, so the step stays a function of ``v`` and the calibrated
+constants; the concentration rule above does it within that.) Without ``∇L(θ)``
 (:func:`FDModel.estimate` with ``d2=None``) the scale model ``a_u = a₀ (||Hu|| / ||Hu₀||)²``
 is used.
 
@@ -87,7 +104,7 @@ Richardson extrapolation; :func:`fit_error_model` fits (1) to a measured sweep.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -103,6 +120,7 @@ __all__ = [
     "calibrate",
     "check_eps",
     "compute_dtype",
+    "concentration",
     "default_eps_scale",
     "eps_sweep",
     "fd_error",
@@ -207,6 +225,22 @@ def perturbation_scale(
     return s if s > 0 else math.sqrt(sum(x * x for x in norms))
 
 
+def concentration(norms: list[float], sizes: list[int]) -> float:
+    """How unevenly a direction spreads over the tensors: ``Σ_i p_i² / u_i`` with ``p_i =
+    ||v_i||² / ||v||²`` its share on tensor i and ``u_i = n_i / P`` the tensor's share of the
+    entries. 1 for a random (Rademacher) probe, near 1 for a Gaussian one, ``P / n_i`` for a
+    direction on tensor i alone (module docstring); 1 for a zero direction.
+
+    >>> concentration([1.0, 1.0], [1, 1]), concentration([1.0, 0.0], [1, 3])
+    (1.0, 4.0)
+    """
+    tot = sum(x * x for x in norms)
+    P = sum(sizes)
+    if not (tot > 0 and P > 0):
+        return 1.0
+    return sum((x * x / tot) ** 2 / (n / P) for x, n in zip(norms, sizes) if n > 0)
+
+
 def fd_step(
     v: Vector, theta_norms: list[float], dtype: torch.dtype, scale: float | None = None
 ) -> float:
@@ -294,9 +328,12 @@ class FDModel:
     """Thm 3.1's error model (1) of an operator's fd products, calibrated on one unit probe
     (module docstring): ``a0``/``b`` the truncation and rounding coefficients along ``u₀``,
     ``hu0`` = ``||Hu₀||``, ``kappa0`` = κ(u₀), ``step0`` the best step along ``u₀`` for
-    ``stencil`` and ``scale`` = ``step0 · kappa0`` (the constant ``c`` of the step rule); ``a4``
-    the four-point truncation coefficient (``None`` for the central stencil); ``gradients``:
-    passes spent.
+    ``stencil`` and ``scale`` = ``step0 · kappa0`` (the constant ``c₀`` of the step rule);
+    ``scale_krylov`` = ``c_K``, the best constant ``s*·κ`` along the Krylov direction
+    ``Hu₀/||Hu₀||``, and ``conc_krylov`` its :func:`concentration` (``None`` where not
+    measured: the step is then ``scale / κ(v)`` for every ``v``); :meth:`constant` is ``c`` for
+    a direction; ``a4`` the four-point truncation coefficient (``None`` for the central
+    stencil); ``gradients``: passes spent.
 
     >>> m = FDModel(a0=1.0, b=2e-6, hu0=1.0, kappa0=1.0, step0=0.01, scale=0.01,
     ...             stencil="central", gradients=6)
@@ -314,10 +351,33 @@ class FDModel:
     stencil: str
     gradients: int
     a4: float | None = None
+    scale_krylov: float | None = None
+    conc_krylov: float | None = None
 
-    def step(self, v: Vector, theta_norms: list[float]) -> float:
-        """The step along ``v``: ``scale / κ(v)``."""
-        return fd_step(v, theta_norms, torch.float64, self.scale)
+    def constant(self, conc: float = 1.0) -> float:
+        """The constant ``c`` of the step rule for a direction of concentration ``conc``
+        (:func:`concentration`): ``scale`` for a random-like one (1), ``scale_krylov`` from
+        the concentration of the Krylov direction on, geometric in between.
+
+        >>> m = FDModel(a0=1.0, b=2e-6, hu0=1.0, kappa0=1.0, step0=0.01, scale=0.01,
+        ...             stencil="central", gradients=8, scale_krylov=0.001, conc_krylov=100.0)
+        >>> round(m.constant(1.0), 6), round(m.constant(10.0), 6), round(m.constant(1e3), 6)
+        (0.01, 0.003162, 0.001)
+        """
+        ck, qk = self.scale_krylov, self.conc_krylov
+        if ck is None or qk is None or not qk > 1 or not conc > 1:
+            return self.scale
+        w = min(1.0, math.log(conc) / math.log(qk))
+        return self.scale ** (1 - w) * ck**w
+
+    def step(self, v: Vector, theta_norms: list[float], sizes: list[int] | None = None) -> float:
+        """The step along ``v``: ``constant(concentration(v)) / κ(v)``; ``sizes``: the global
+        numbers of entries of the tensors (default: those of ``v``, unsharded).
+        """
+        norms = tensor_norms(v)
+        sizes = [t.numel() for t in v] if sizes is None else sizes
+        k = perturbation_scale(v, theta_norms, norms=norms)
+        return self.constant(concentration(norms, sizes)) / k if k > 0 else 0.0
 
     def truncation_coefficient(
         self, v_norm: float, eps: float, hv_norm: float, d2: float | None = None
@@ -372,10 +432,12 @@ class FDModel:
         return asdict(self)
 
 
-def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
+def calibrate(op, seed: int = 0, stencil: str = "central", krylov: bool = True) -> FDModel:
     """Measure ``a₀`` and ``b`` of (1) along the unit probe ``unit_probe(op, seed)`` with central
     products (module docstring): typically 6–10 gradient passes, at most 26; the four-point
-    stencil adds ``a4₀`` (8–24 passes).
+    stencil adds ``a4₀`` (8–24 passes). ``krylov`` (and ``op.fd_buffers`` holding the sample of
+    ``∇L(θ)``): one more product (2 passes; 4 four-point) along ``Hu₀/||Hu₀||``, whose even
+    part gives the best constant there (``FDModel.scale_krylov``, module docstring).
 
     >>> import hessian_spectra as hs
     >>> from hessian_spectra.testing import make_problem
@@ -439,7 +501,7 @@ def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
             S4 = min(4 * S4, cap / 2)
         best = min(best, cap)
     best = snap(best)
-    return FDModel(
+    model = FDModel(
         a0=a,
         b=b,
         hu0=hu0,
@@ -449,6 +511,26 @@ def calibrate(op, seed: int = 0, stencil: str = "central") -> FDModel:
         stencil=stencil,
         gradients=grads,
         a4=a4,
+    )
+    if not (krylov and bufs is not None and bufs.has_gradient and hu0 > 0):
+        return model
+    # the Krylov leg: Lanczos vectors after the first lie in span{u₀, Hu₀, H²u₀, ...}, and
+    # along them the best constant s*·κ is below the random probe's (module docstring)
+    q = [t / hu0 for t in R]
+    kq = perturbation_scale(q, th)
+    e = model.scale / kq
+    info: dict = {}
+    hq = hvp_fd(obj, q, e, stencil, None, info, buffers=bufs)
+    grads += len(stencil_points(stencil)[0])
+    sq = min(model.best_eps(1.0, e, norm(hq), info.get("d2")), 0.25 / kq)
+    if not (math.isfinite(sq) and sq > 0):
+        return replace(model, gradients=grads)
+    sizes = [p.numel() for p in obj.params]  # global sizes (DTensor.numel() is global)
+    return replace(
+        model,
+        scale_krylov=sq * kq,
+        conc_krylov=concentration(tensor_norms(q), sizes),
+        gradients=grads,
     )
 
 

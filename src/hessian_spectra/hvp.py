@@ -39,7 +39,7 @@ import torch
 
 from . import distributed as _dist
 from .fd_step import stencil_points
-from .objective import Objective, PassRecord, _no_graph_error, normalise
+from .objective import Objective, PassRecord, _no_graph_error, any_rank, normalise
 from .vectors import Vector
 
 __all__ = ["FDBuffers", "JvpUnsupported", "hvp_exact", "hvp_fd", "hvp_jvp"]
@@ -90,6 +90,8 @@ class FDBuffers:
         self.g0_sample: torch.Tensor | None = None
         self.plus_sample: torch.Tensor | None = None
         self.has_gradient = False
+        self.g0_key: tuple | None = None  # Objective.theta_key() of the θ g0_sample is from
+        self.restored_key: tuple | None = None  # theta_key() after the last restore
 
     def nbytes(self) -> int:
         """Bytes held (the snapshot and the two samples)."""
@@ -120,13 +122,40 @@ class FDBuffers:
         # (torch.add(..., out=)) where a tensor is large, by two foreach calls where the
         # Python call per tensor would cost more than the second pass
         self.fused = [_dist.local(p).numel() >= FUSED_MOVE for p in obj.params]
+        self._small = [i for i, f in enumerate(self.fused) if not f]
+        self._snap_small = [self.snapshot[i] for i in self._small]
+        # what every product reuses: the samples' per-tensor views, the segment lengths and
+        # weights of the even part's weighted norm (no small tensor built per product)
+        self._plus_views = self._views(self.plus_sample)
+        self._lengths = torch.tensor([m for *_, m in lay], dtype=torch.long, device=dev)
+        self._w = torch.tensor(self.weights, dtype=torch.float64, device=dev)
+        self.sizes = [p.numel() for p in obj.params]  # global (DTensor.numel() is global)
+
+    def revalidate(self, obj: Objective) -> tuple:
+        """Before a product: where the parameters' version counters moved since this
+        operator's last restore (another operator's product, a write that put the same
+        values back) but their values equal the snapshot (that θ, bit for bit), what was
+        cached for that θ (:meth:`Objective.theta_norms`, the gradient sample) holds still.
+        Values that differ leave it stale, to be recomputed. Returns ``obj.theta_key()``.
+        """
+        last = self.restored_key
+        key = obj.theta_key()
+        if last is None or not any_rank(key != last):
+            return key
+        locs = [_dist.local(p).detach() for p in obj.params]
+        if not any_rank(not all(torch.equal(a, b) for a, b in zip(locs, self.snapshot))):
+            obj.theta_restored(last, key)
+            if self.g0_key == last:
+                self.g0_key = key
+            self.restored_key = key
+        return key
 
     def move(self, locs: list, vs: list, alpha: float) -> None:
         """Set the local parameters ``locs`` to ``snapshot + alpha·vs`` (no_grad)."""
-        small = [i for i, f in enumerate(self.fused) if not f]
+        small = self._small
         if small:
             dst = [locs[i] for i in small]
-            torch._foreach_copy_(dst, [self.snapshot[i] for i in small])
+            torch._foreach_copy_(dst, self._snap_small)
             torch._foreach_add_(dst, [vs[i] for i in small], alpha=alpha)
         for p, s, t, f in zip(locs, self.snapshot, vs, self.fused):
             if f:
@@ -136,29 +165,40 @@ class FDBuffers:
         return [flat[start : start + m] for _, _, start, m in self.layout]
 
     def _picks(self, vec) -> list:
-        return [t.detach().reshape(-1)[off::k] for t, (off, k, _, _) in zip(vec, self.layout)]
+        # views (no copy for contiguous tensors); the whole of a tensor read whole
+        return [
+            t.reshape(-1)[off::k] if k > 1 else t.reshape(-1)
+            for t, (off, k, _, _) in zip(vec, self.layout)
+        ]
 
     def sample(self, vec, out: torch.Tensor) -> None:
         """Gather the sampled entries of ``vec`` (local tensors) into ``out`` (a sample)."""
-        torch._foreach_copy_(self._views(out), self._picks(vec))
+        views = self._plus_views if out is self.plus_sample else self._views(out)
+        with torch.no_grad():
+            torch._foreach_copy_(views, self._picks(vec))
 
-    def set_gradient(self, g0: Vector) -> None:
-        """Keep the sample of the normalised gradient at θ (for the even part)."""
+    def set_gradient(self, g0: Vector, key: tuple | None = None) -> None:
+        """Keep the sample of the normalised gradient at θ (for the even part); ``key``: the
+        objective's ``theta_key()`` at that θ (a later product at another θ sees it stale).
+        """
         self.sample(g0, self.g0_sample)
         self.has_gradient = True
+        self.g0_key = key
 
     def even_norm(self, pair: Vector, f: float) -> float:
         """``||f·(2·plus − pair) − 2 g0||`` over the sample, with ``pair`` the local ``.grad``
         after the second pass (read at the sampled entries), float64, each tensor's squared
         norm weighted by its ``numel / samples`` (global).
         """
-        d = self.plus_sample.to(torch.float64).mul_(2.0)  # (samples,), freed on return
-        dv = self._views(d)
-        torch._foreach_sub_(dv, [x.to(d.device, torch.float64) for x in self._picks(pair)])
-        d.mul_(f).sub_(self.g0_sample, alpha=2.0)
-        sq = torch.stack(torch._foreach_norm(dv)).square()
-        w = torch.tensor(self.weights, dtype=torch.float64, device=sq.device)
-        return float(_dist.sum_over_shards(sq.mul_(w).sum().reshape(1).cpu())[0]) ** 0.5
+        # (samples,) float64, freed on return: the picks cast in the one foreach copy
+        d = torch.empty(self.plus_sample.shape, dtype=torch.float64, device=self._w.device)
+        with torch.no_grad():
+            torch._foreach_copy_(self._views(d), self._picks(pair))
+            # f·(2·plus − pair) − 2 g0, as −f·(pair − 2·plus) − 2 g0 (the same float64 numbers)
+            d.sub_(self.plus_sample, alpha=2.0).mul_(-f).sub_(self.g0_sample, alpha=2.0)
+            # each tensor's squared norm (one segmented sum), weighted by numel / samples
+            sq = torch.segment_reduce(d.square_(), "sum", lengths=self._lengths)
+        return float(_dist.sum_over_shards(sq.mul_(self._w).sum().reshape(1).cpu())[0]) ** 0.5
 
 
 def hvp_fd(
@@ -192,11 +232,12 @@ def hvp_fd(
     ws = buffers if buffers is not None else FDBuffers()
     ws.prepare(obj)
     locs = [_dist.local(p) for p in obj.params]
-    vs = [t.to(p.dtype) for t, p in zip(v, locs)]
+    vs = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(v, locs)]
     snapshot = ws.snapshot
+    key = obj.theta_key()  # the parameters as found: the same values after the restore
     even = info is not None and (g0 is not None or ws.has_gradient)
     if even and g0 is not None:
-        ws.set_gradient(g0)
+        ws.set_gradient(g0, key)
     with torch.no_grad():
         torch._foreach_copy_(snapshot, locs)
     try:
@@ -239,6 +280,13 @@ def hvp_fd(
         _dist.reshard(obj.model)  # no gathered copy of perturbed parameters survives
         with torch.no_grad():
             torch._foreach_copy_(locs, snapshot)
+        # the copies moved the version counters on, not the values: what was cached for
+        # the parameters as found (their norms, the gradient sample) still holds
+        new = obj.theta_key()
+        obj.theta_restored(key, new)
+        if ws.g0_key == key:
+            ws.g0_key = new
+        ws.restored_key = new
 
 
 def _grads_or_zeros(obj: Objective, locs) -> list:

@@ -214,6 +214,8 @@ class Objective:
         # multiplying back gives the sum over ranks, normalised by the global weight.
         self.grad_scale = _dist.gradient_scale(model) if self.sharded else 1.0
         self._theta_norms = None
+        self._theta_key = None  # theta_key() when _theta_norms was computed
+        self._generation = 0  # bumped by params_changed(): part of every theta_key()
         self._cut_checked = False  # the first gradient pass looks for a reentrant-checkpoint cut
 
     def with_batches(self, batches) -> Objective:
@@ -244,19 +246,22 @@ class Objective:
         """Train/eval mode as asked for the duration; modules' modes and every buffer (e.g.
         batch-norm running statistics) restored bit-for-bit afterwards.
         """
-        modes = [(m, m.training) for m in self.model.modules()]
+        modules = list(self.model.modules())
+        modes = [(m, m.training) for m in modules]
         bufs = [
             (m, name, b, b.detach().clone())
-            for m in self.model.modules()
+            for m in modules
             for name, b in m._buffers.items()
             if isinstance(b, torch.Tensor)
         ]
-        self.model.train(self.train_mode)
+        if any(t != self.train_mode for _, t in modes):  # else train() would change nothing
+            self.model.train(self.train_mode)
         try:
             yield
         finally:
             for m, t in modes:
-                m.training = t
+                if m.training != t:  # Module.__setattr__ costs ~1 µs a module
+                    m.training = t
             with torch.no_grad():
                 for m, name, b, saved in bufs:
                     m._buffers[name] = b
@@ -267,7 +272,8 @@ class Objective:
     def stash_grads(self):
         """Set every ``.grad`` to None for our passes and give the user's back afterwards."""
         saved = [p.grad for p in self.params]
-        others = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+        every = list(self.model.parameters())  # one traversal of the modules, for both ends
+        others = [(p, p.grad) for p in every if p.grad is not None]
         for p in self.params:
             p.grad = None
         for p, _ in others:  # else backward would accumulate into the user's tensors in place
@@ -281,8 +287,8 @@ class Objective:
                 p.grad = g
             chosen = {id(p) for p in self.params}
             kept = {id(p) for p, _ in others}
-            for p in self.model.parameters():
-                if id(p) not in chosen and id(p) not in kept:
+            for p in every:
+                if p.grad is not None and id(p) not in chosen and id(p) not in kept:
                     p.grad = None
 
     # ------------------------------------------------------------------ the batch loop
@@ -316,7 +322,8 @@ class Objective:
                 loss, w, given = self.forward(batch, i, zero)
                 if not loss.requires_grad:
                     raise _no_graph_error(i)
-                (loss * (w.to(loss.dtype) * sign)).backward()
+                # the weight as the seed of the backward: no product node in the graph
+                loss.backward(w.to(loss.dtype) * sign)
                 rec.add(i, batch, loss, w, given)
         if cut:
             hidden = [n for n, p in zip(self.param_names, self.params) if p.grad is None]
@@ -472,11 +479,43 @@ class Objective:
             )
         self._checked = True
 
-    def theta_norms(self) -> list[float]:
-        """The global norms of the parameter tensors (cached; the parameters do not change)."""
-        if self._theta_norms is None:
+    def theta_key(self) -> tuple:
+        """What identifies the current parameter values cheaply: each local tensor's version
+        counter (bumped by every in-place change through it or a view of it, ``optimizer.step()``
+        and ``load_state_dict`` included) and its storage. A write through ``p.data`` bumps no
+        counter: after one, call :meth:`params_changed`.
+        """
+        ts = self.params if not self.sharded else [_dist.local(p) for p in self.params]
+        return (self._generation, tuple([(t._version, t.data_ptr()) for t in ts]))
+
+    def params_changed(self) -> None:
+        """Say that the parameter values may have changed without a version counter seeing it
+        (a write through ``p.data``): every :meth:`theta_key` taken before differs from the
+        next, so what was cached for them (:meth:`theta_norms`, an fd operator's sample of
+        ``∇L(θ)``) is recomputed unless the values are found equal to the fd snapshot.
+        """
+        self._generation += 1
+        self._theta_norms = None
+        self._theta_key = None
+
+    def theta_norms(self, key: tuple | None = None) -> list[float]:
+        """The global norms of the parameter tensors, cached while :meth:`theta_key` stays the
+        same (an in-place change of a parameter between products recomputes them); ``key``:
+        ``theta_key()`` if the caller has it.
+        """
+        key = self.theta_key() if key is None else key
+        if any_rank(self._theta_norms is None or key != self._theta_key):
             self._theta_norms = tensor_norms([_dist.local(p).detach() for p in self.params])
+            self._theta_key = key
         return self._theta_norms
+
+    def theta_restored(self, key: tuple, new: tuple) -> None:
+        """After a product that moved the parameters and copied them back bit for bit (their
+        version counters moved on from ``key`` to ``new``, their values did not): a cache made
+        for ``key`` holds for ``new``.
+        """
+        if self._theta_norms is not None and key == self._theta_key:
+            self._theta_key = new
 
     # ------------------------------------------------------------------ the gradient
     def gradient(self) -> tuple[float, Vector]:
@@ -491,6 +530,18 @@ class Objective:
         loss = float(_dist.all_reduce_sum(lw.reshape(1))[0]) / N
         self.check_finite(g, what="gradient")
         return loss, g
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` on any rank (one small all-reduce under ``torchrun``): a decision that leads to
+    a collective (a norm, a gradient pass) must be the same on every rank.
+
+    >>> any_rank(False)
+    False
+    """
+    if _dist.world_size() == 1:
+        return bool(flag)
+    return bool(_dist.all_reduce_max(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
 
 
 def check_losses(losses, where: str) -> None:

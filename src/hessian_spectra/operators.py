@@ -42,7 +42,7 @@ from .fd_step import (
     default_eps_scale,
 )
 from .hvp import FDBuffers, JvpUnsupported, hvp_exact, hvp_fd, hvp_jvp
-from .objective import Objective
+from .objective import Objective, any_rank
 from .vectors import Vector, check_vector
 
 __all__ = [
@@ -101,7 +101,9 @@ class HessianOperator(ObjectiveOperator):
         eps: the fd step: the parameters are moved to ``θ ± eps·v``. ``None`` (default): the
             step of :mod:`hessian_spectra.fd_step`, ``c / max_i(||v_i|| / ||θ_i||)`` with ``c``
             chosen on first use by FSHP Thm 3.1's error model, measured along one unit probe
-            (see ``fd_calibration``).
+            (see ``fd_calibration``). A fixed ``eps`` needs no calibration and gets none
+            (exactly two gradient passes per product, no error estimate) unless
+            ``max_fd_error`` is set or :meth:`calibrate_fd` is called.
         params: a subset of parameters (names or tensors); default all with ``requires_grad``.
         reduction: ``"mean"`` (default): ``L = Σ_b w_b l_b / Σ_b w_b``; ``"sum"``:
             ``L = Σ_b w_b l_b`` (e.g. a risk summed over examples, ``loss_fn`` returning sums).
@@ -119,17 +121,21 @@ class HessianOperator(ObjectiveOperator):
             way to run fd in 16-bit compute when the measured error is acceptable.
         stencil: ``"central"`` (default; 2 gradient passes per product) or ``"four-point"``
             (truncation O(ε⁴), 4 passes; :mod:`hessian_spectra.fd_step`).
-        fd_calibration: measure the error model on first use (default): about 11 gradient
-            passes once, ``∇L(θ)`` kept at the entries the even part samples (about 1/31 of
-            a vector; :class:`~hessian_spectra.hvp.FDBuffers`), in exchange for the step, an
-            error estimate per product (``op.last_fd_error_estimate``) and a second product
-            at the estimated best step where the first one's step was > 2.5× off
-            (``op.stats["fd_retries"]``).
+        fd_calibration: measure the error model on first use (default): about 13 gradient
+            passes once (none with a fixed ``eps``), ``∇L(θ)`` kept at the entries the even
+            part samples (about 1/31 of a vector; :class:`~hessian_spectra.hvp.FDBuffers`),
+            in exchange for the step, an error estimate per product
+            (``op.last_fd_error_estimate``) and a second product at the estimated best step
+            where the first one's step was > 2.5× off (``op.stats["fd_retries"]``).
             ``False``: the uncalibrated step ``0.1·ε_mach^{1/3} / max_i(||v_i|| / ||θ_i||)``,
             exactly two gradient passes per product and no estimates. Either way fd products
             keep one copy of the parameters (the restore snapshot) between products.
         progress: show a progress bar over batches for each pass (rank 0 only).
     """
+
+    # an fd product at the a-priori step e is redone at the estimated best step s* when e is
+    # outside [lo, hi]·s* (estimated error > ~2.2× the best; .fd_step module docstring)
+    FD_REDO_BAND = {"central": (0.3, 2.5), "four-point": (0.4, 1.8)}
 
     def __init__(
         self,
@@ -273,7 +279,8 @@ class HessianOperator(ObjectiveOperator):
         """
         obj = self.objective
         checked = eps is None and self.max_fd_error is not None
-        th = obj.theta_norms()
+        key = self.fd_buffers.revalidate(obj)  # the parameters' values unchanged: caches hold
+        th = obj.theta_norms(key)
         vnorms = _norms(v)  # one pass over v: ||v|| and κ(v)
         vn = math.sqrt(sum(x * x for x in vnorms))
         kappa = _fd.perturbation_scale(v, th, norms=vnorms)
@@ -281,13 +288,25 @@ class HessianOperator(ObjectiveOperator):
             e = eps if eps is not None else self.eps
             if e is None:  # uncalibrated: fd_step's default rule, from the norms above
                 e = _fd.default_eps_scale(self.compute_dtype) / kappa if kappa > 0 else 0.0
-            if not self.fd_calibration or e == 0:
+            # a fixed operator eps needs no step: no calibration (~13 passes) unless
+            # max_fd_error asks for the check or calibrate_fd() was called
+            fixed = self.eps is not None and self.max_fd_error is None and self.fd_model is None
+            if not self.fd_calibration or e == 0 or fixed:
                 hv = hvp_fd(obj, v, e, self.stencil, buffers=self.fd_buffers)
                 return hv, math.isfinite(_norm(hv))
-        fm = self.calibrate_fd()
+        if self.fd_model is None:  # its products moved the version counters on
+            self.calibrate_fd()
+            key = obj.theta_key()
+        fm = self.fd_model
+        if any_rank(self.fd_buffers.g0_key != key):
+            # the parameters changed in place since ∇L(θ) was sampled: the even part needs
+            # the gradient at the new θ (one pass; the calibrated model is kept)
+            self._sample_gradient()
+            self.stats["fd_calibration_gradients"] += 1
         auto = eps is None and self.eps is None
-        if auto:  # the step from κ(v) (a function of v alone: products are repeatable)
-            e = fm.scale / kappa if kappa > 0 else 0.0
+        if auto:  # the step from v and the calibrated constants alone: products are repeatable
+            sizes = self.fd_buffers.sizes
+            e = fm.constant(_fd.concentration(vnorms, sizes)) / kappa if kappa > 0 else 0.0
         else:
             e = eps if eps is not None else self.eps
         if e == 0:
@@ -302,7 +321,7 @@ class HessianOperator(ObjectiveOperator):
             best = fm.best_eps(vn, e, hn, info.get("d2"))
             # no tensor moves by more than a quarter of its norm (as in calibrate)
             best = min(best, 0.25 / kappa)
-            lo, hi = (0.4, 1.8) if self.stencil == "four-point" else (0.3, 2.5)
+            lo, hi = self.FD_REDO_BAND[self.stencil]
             if math.isfinite(best) and not lo * best <= e <= hi * best:
                 e, info = best, {}
                 hv = hvp_fd(obj, v, e, self.stencil, None, info, buffers=bufs)
@@ -329,7 +348,8 @@ class HessianOperator(ObjectiveOperator):
             return self.eps
         if not self.fd_calibration:
             return _fd.fd_step(v, self.objective.theta_norms(), self.compute_dtype)
-        return self.calibrate_fd().step(v, self.objective.theta_norms())
+        sizes = [p.numel() for p in self.params]
+        return self.calibrate_fd().step(v, self.objective.theta_norms(), sizes)
 
     def calibrate_fd(self, seed: int = 0) -> FDModel:
         """The operator's fd error model (:class:`~hessian_spectra.fd_step.FDModel`), measured
@@ -338,9 +358,10 @@ class HessianOperator(ObjectiveOperator):
         is set and the best error along that probe exceeds it.
         """
         if self.fd_model is None:
-            m = _fd.calibrate(self, seed, self.stencil)
+            # ∇L(θ) sampled first: the calibration's Krylov leg reads the even part
             self.fd_buffers.prepare(self.objective)
-            self.fd_buffers.set_gradient(self.objective.gradient()[1])
+            self._sample_gradient()
+            m = _fd.calibrate(self, seed, self.stencil, krylov=self.eps is None)
             self.fd_model = m
             self.stats["fd_calibration_gradients"] += m.gradients + 1
             if self.max_fd_error is not None:
@@ -349,6 +370,12 @@ class HessianOperator(ObjectiveOperator):
                 if est.rel_error > self.max_fd_error:
                     raise self._accuracy_error(est, "the calibration probe")
         return self.fd_model
+
+    def _sample_gradient(self) -> None:
+        """Keep the even part's sample of ``∇L(θ)`` at the current θ (one gradient pass)."""
+        obj = self.objective
+        key = obj.theta_key()
+        self.fd_buffers.set_gradient(obj.gradient()[1], key)
 
     def _accuracy_error(self, est: FDEstimate, where: str) -> FDAccuracyError:
         lost = _fd.perturbation_rounding(

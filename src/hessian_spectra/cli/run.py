@@ -249,6 +249,8 @@ class _Run:
         eps_unit = None
         if op.method == "fd":
             eps_unit = op.eps if op.eps is not None else op.eps_for(unit_probe(op, 0))
+            if getattr(op, "max_fd_error", None) is not None:  # a fixed --eps checked too:
+                op.calibrate_fd()  # calibrated here, not inside the first HVP's time
         result.operator = {
             "curvature": cfg.curvature,
             "method": op.method,
@@ -299,6 +301,8 @@ class _Run:
             log=log,
         )
         outcome = cmd.run(ctx)
+        if op.method == "fd" and getattr(op, "fd_model", None) is not None:
+            result.operator["fd_model"] = op.fd_model.to_dict()  # also one calibrated later
         result.estimate = outcome.estimate
         result.summary = {**result.summary, **outcome.summary, **_fd_summary(op)}
         result.error = outcome.problem
