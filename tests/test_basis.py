@@ -265,6 +265,49 @@ def test_slq_and_top_eigenvalues_pass_the_basis_settings(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def _count_overwrites(monkeypatch):
+    """Spy on the writer: per written vector, whether it overwrote an existing file."""
+    seen = []
+    write = KrylovBasis._write
+
+    def spy(self, t, data, reuse):
+        seen.append(any(f.is_file() for f in reuse))
+        write(self, t, data, reuse)
+
+    monkeypatch.setattr(KrylovBasis, "_write", spy)
+    return seen
+
+
+def test_slq_probes_overwrite_the_first_probes_files(tmp_path, monkeypatch):
+    """Across the probes of one slq run the first probe's files are overwritten in place (the
+    later probes write no new file) with the in-memory numbers; a directory slq made is gone
+    afterwards, and outside slq a closed basis still removes its files."""
+    seen = _count_overwrites(monkeypatch)
+    op = DiagOp(torch.float32)
+    a = hs.slq(op, 9, 3)
+    d = tmp_path / "basis"
+    b = hs.slq(op, 9, 3, basis_dir=d)
+    assert np.array_equal(a.nodes, b.nodes) and np.array_equal(a.weights, b.weights)
+    assert seen == [False] * 9 + [True] * 18
+    assert not d.exists()
+    seen.clear()
+    for _ in range(2):
+        hs.lanczos(op, 4, basis_dir=tmp_path)
+    assert seen == [False] * 8 and not any(tmp_path.iterdir())
+
+
+def test_window_overwrites_the_dropped_vectors_file(tmp_path, monkeypatch):
+    """With a window of r kept vectors, vector t's file is vector t − r − 1's, overwritten in
+    place (the one step late drop keeps the checkpoint's files), with the in-memory numbers."""
+    seen = _count_overwrites(monkeypatch)
+    op = DiagOp(torch.float64)
+    a = hs.lanczos(op, 12, reorth=3)
+    b = hs.lanczos(op, 12, reorth=3, basis_dir=tmp_path)
+    assert a.alpha.tolist() == b.alpha.tolist() and a.beta.tolist() == b.beta.tolist()
+    assert seen == [False] * 4 + [True] * 8
+    assert not any(tmp_path.iterdir())
+
+
 def test_bad_basis_device_is_a_value_error():
     """basis_device that is not a device is a ValueError naming basis_device."""
     with pytest.raises(ValueError, match="basis_device"):

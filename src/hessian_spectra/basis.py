@@ -12,10 +12,13 @@ vectors are rows of a :class:`KrylovBasis`, in one of three places:
   unpickled), read a chunk at a time, removed by :meth:`KrylovBasis.close`. A file is written
   by a writer thread while the caller goes on (``lanczos`` stores ``q_j`` before its HVP, so the
   write overlaps the product); every method that reads the files first waits for the writes
-  (:meth:`KrylovBasis.flush`). Why: once the dirty page cache passes the kernel's threshold a
-  write runs at the disk's speed (on the 2-core development VM 538 MB took 1.3 s instead of
-  0.1 s after the first ~2 GB), and the demo's 32 writes made it 46 s slower; overlapped with
-  the HVPs they cost the time the writer thread waits for nothing but the disk.
+  (:meth:`KrylovBasis.flush`). Files are overwritten in place where one can be: a window's
+  dropped vector's file becomes the next vector's, and inside :func:`recycled_files` (``slq``
+  holds it over its probes) a closed basis leaves its files to the next one. Why: writing a
+  *new* file costs the kernel fresh page-cache pages, overwriting an existing one does not; on
+  the 2-core development VM a new 538 MB file cost 1.1 s of CPU and an overwrite 0.05 s (disk
+  file system, writeback included), and the demo's 32 writes in the caller's thread made it
+  46 s slower than keeping the vectors in memory.
 
 The vector work is done in **sweeps** (:meth:`KrylovBasis.sweep`) over chunks of columns: the
 flat range ``[a, a + C)`` of every kept row at once, with ``C`` a multiple of 2^16 entries
@@ -43,6 +46,7 @@ straight into its row (:meth:`KrylovBasis.claim`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -55,9 +59,37 @@ import torch
 from . import distributed as _dist
 from .vectors import _DOT_BLOCK, Vector, _as, _compute_dtype, _rows_dot
 
-__all__ = ["CHUNK_BYTES", "KrylovBasis", "Layout", "chunk_columns"]
+__all__ = ["CHUNK_BYTES", "KrylovBasis", "Layout", "chunk_columns", "recycled_files"]
 
 CHUNK_BYTES = 1 << 23  # float32 bytes of one chunk of the kept rows in a sweep (8 MiB)
+
+
+# directory -> the files closed bases left there for the next one to overwrite (while a
+# recycled_files context for that directory is open)
+_POOLS: dict[Path, list[Path]] = {}
+
+
+@contextlib.contextmanager
+def recycled_files(basis_dir):
+    """Within this context a file-backed basis under ``basis_dir`` that is closed leaves its files
+    to the next basis there, which overwrites them in place instead of writing new files (the
+    probes of one SLQ run: no new page-cache pages after the first probe); the files left over
+    are removed when the context ends. Nested contexts for one directory are one. ``None``: no-op.
+    """
+    key = Path(basis_dir).resolve() if basis_dir is not None else None
+    if key is None or key in _POOLS:
+        yield
+        return
+    made = not key.exists()  # the first basis makes it; the context removes it if empty
+    _POOLS[key] = []
+    try:
+        yield
+    finally:
+        for f in _POOLS.pop(key):
+            f.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):  # other ranks' or kept files are there
+                key.rmdir()
 
 
 def chunk_columns(k: int) -> int:
@@ -270,24 +302,43 @@ class KrylovBasis:
             data = q.detach().to("cpu").contiguous()
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="basis-write")
-            # one step late: the last checkpoint may still reference the dropped vector's file
-            drop = self.path(t - self.capacity - 1)
-            self._writes.append(self._writer.submit(self._write, t, data, drop))
+            # one step late: the last checkpoint may still reference the dropped vector's file;
+            # it becomes this vector's file, or else one a closed basis left (recycled_files)
+            reuse = [self.path(t - self.capacity - 1)]
+            pool = self._pool()
+            if pool and t - self.capacity - 1 < 0:  # no dropped vector's file yet
+                reuse.append(pool.pop())
+            self._writes.append(self._writer.submit(self._write, t, data, reuse))
         if self.streamed:
             self.io_seconds += time.perf_counter() - t0
         self.kept[t] = slot
 
-    def _write(self, t: int, data: torch.Tensor, drop: Path) -> None:
+    def _write(self, t: int, data: torch.Tensor, reuse: list[Path]) -> None:
         """Write vector ``t``'s file from the CPU tensor ``data`` (run in the writer thread):
-        to a ``.tmp`` file renamed into place, so a file under the vector's name is whole.
+        to a ``.tmp`` file renamed into place, so a file under the vector's name is whole. The
+        ``.tmp`` is the first existing file of ``reuse``, overwritten in place (and cut to
+        size), else a new file; the other files of ``reuse`` go.
         """
         t0 = time.perf_counter()
-        drop.unlink(missing_ok=True)
         tmp = self.path(t).with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        mode = "wb"
+        for old in reuse:
+            if mode == "wb" and old.is_file():
+                os.replace(old, tmp)
+                mode = "r+b"
+            else:
+                old.unlink(missing_ok=True)
+        with open(tmp, mode) as f:
             f.write(memoryview(data.view(torch.uint8).numpy()))  # bf16: raw bytes
+            f.truncate()
         os.replace(tmp, self.path(t))
         self.write_seconds += time.perf_counter() - t0
+
+    def _pool(self) -> list[Path] | None:
+        """The files left for reuse under this basis' directory (a :func:`recycled_files`
+        context), or None.
+        """
+        return _POOLS.get(self.dir.resolve()) if self.dir is not None else None
 
     def flush(self) -> None:
         """Wait until every stored vector is in its file (the wait counts as I/O time); an
@@ -515,8 +566,14 @@ class KrylovBasis:
             self._writer = None
         if self.dir is None or keep_files:
             return
+        pool = self._pool()
         for t in list(self.kept):
-            self.path(t).unlink(missing_ok=True)
+            if pool is not None and self.path(t).is_file():  # left for the next basis
+                free = self.dir / f"free-{self.name}.q{t}.rank{_dist.rank()}.bin"
+                os.replace(self.path(t), free)
+                pool.append(free)
+            else:
+                self.path(t).unlink(missing_ok=True)
         for p in self.dir.glob(f"{self.name}.*.rank{_dist.rank()}.*"):
             p.unlink(missing_ok=True)
         self.kept.clear()

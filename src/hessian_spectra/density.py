@@ -39,6 +39,7 @@ import numpy as np
 
 from ._checks import check_positive_int, dtype_name, parse_dtype, std_error
 from ._progress import progress_bar
+from .basis import recycled_files
 from .lanczos import LanczosResult, lanczos
 from .linop import as_operator
 
@@ -258,7 +259,9 @@ def slq(
         checkpoint_dir: a folder for mid-probe Lanczos state (``probe{s}.safetensors``, see
             :mod:`hessian_spectra.lanczos_state`).
         basis_dir, basis_device: where each probe's Lanczos vectors are kept (files, host
-            memory), as in ``lanczos``.
+            memory), as in ``lanczos``; the first probe's files are overwritten in place by
+            the next probes' vectors (:func:`~hessian_spectra.basis.recycled_files`) and
+            removed at the end.
         Other arguments as in ``lanczos``.
 
     >>> import torch
@@ -283,9 +286,13 @@ def slq(
         "method": op.method,
         "eps": getattr(op, "eps", None),  # fd operators only: not part of the Operator contract
     }
-    with progress_bar(
-        progress, total=num_probes, initial=len(done), desc="SLQ probes", unit="probe"
-    ) as bar:
+    # the probes' basis files: written once, then overwritten in place (basis.recycled_files)
+    with (
+        recycled_files(basis_dir),
+        progress_bar(
+            progress, total=num_probes, initial=len(done), desc="SLQ probes", unit="probe"
+        ) as bar,
+    ):
         for s in range(len(done), num_probes):
             ck = None if checkpoint_dir is None else f"{checkpoint_dir}/probe{s}.safetensors"
             done.append(
