@@ -402,11 +402,13 @@ def _rel(a, b):
     return hs.norm([x - y for x, y in zip(a, b)]) / hs.norm(b)
 
 
-def test_fd_step_follows_an_in_place_change_of_the_parameters():
+@pytest.mark.parametrize("how", ["in-place", "p.data"])
+def test_fd_step_follows_an_in_place_change_of_the_parameters(how):
     """θ's norms and the sample of ∇L(θ) are cached between products; an in-place change of a
-    parameter (``optimizer.step()``-like, version counter bumped) between products must be
-    seen: the next step is c / κ(v) with the new norms, the product is the Hessian at the new
-    θ (dense float64 ground truth) and its estimate is again within 3× of its true error."""
+    parameter (``optimizer.step()``-like, version counter bumped; or through ``p.data``, which
+    bumps none, unannounced) between products must be seen: the next step is c / κ(v) with the
+    new norms, the product is the Hessian at the new θ (dense float64 ground truth) and its
+    estimate is again within 3× of its true error."""
     m, loss_fn, batches = make_problem("mlp")
     op = hs.HessianOperator(m, loss_fn, batches)
     v = hs.random_probe(op, 0)
@@ -416,7 +418,10 @@ def test_fd_step_follows_an_in_place_change_of_the_parameters():
     th0 = op.objective.theta_norms()
     i = max(range(len(th0)), key=lambda j: v[j].norm().item() / th0[j])
     with torch.no_grad():
-        op.params[i].mul_(3.0)  # the tensor that sets κ(v)
+        if how == "in-place":
+            op.params[i].mul_(3.0)  # the tensor that sets κ(v)
+        else:
+            op.params[i].data.mul_(3.0)
     hv = op.matvec(v)
     th = [p.detach().norm().item() for p in op.params]
     assert op.objective.theta_norms() == pytest.approx(th, rel=1e-12)

@@ -67,6 +67,9 @@ def _sdpa_math():
 # entry of the flattened global tensor); smaller ones (norm weights, biases) are read whole.
 EVEN_FULL = 4096
 EVEN_STRIDE = 31  # prime: a row length that is a multiple of it is rare
+# a write through p.data between products moves no version counter: the entries compared
+# with the snapshot to see one (about 1/4093 of a vector, every tensor's first entry included)
+FINGERPRINT_STRIDE = 4093
 FUSED_MOVE = 1 << 16  # tensors of at least this many entries move in one fused pass
 
 
@@ -136,19 +139,38 @@ class FDBuffers:
         operator's last restore (another operator's product, a write that put the same
         values back) but their values equal the snapshot (that θ, bit for bit), what was
         cached for that θ (:meth:`Objective.theta_norms`, the gradient sample) holds still.
-        Values that differ leave it stale, to be recomputed. Returns ``obj.theta_key()``.
+        Values that differ leave it stale, to be recomputed. Where no counter moved, every
+        ``FINGERPRINT_STRIDE``-th entry is compared with the snapshot (a write through
+        ``p.data``); a difference counts as :meth:`Objective.params_changed`. Returns
+        ``obj.theta_key()``.
         """
         last = self.restored_key
         key = obj.theta_key()
-        if last is None or not any_rank(key != last):
+        if last is None:
             return key
         locs = [_dist.local(p).detach() for p in obj.params]
+        if not any_rank(key != last):
+            # no counter moved; a write through p.data moves none, so a sparse sample of the
+            # values (every FINGERPRINT_STRIDE-th entry) is compared with the snapshot: a
+            # changed one (a hand-written SGD step changes every entry) counts as
+            # params_changed(), which a caller that knows should call
+            if not any_rank(not self._sample_equal(locs)):
+                return key
+            obj.params_changed()
+            return obj.theta_key()
         if not any_rank(not all(torch.equal(a, b) for a, b in zip(locs, self.snapshot))):
             obj.theta_restored(last, key)
             if self.g0_key == last:
                 self.g0_key = key
             self.restored_key = key
         return key
+
+    def _sample_equal(self, locs: list) -> bool:
+        """Every ``FINGERPRINT_STRIDE``-th entry of each local tensor equals the snapshot's."""
+        k = FINGERPRINT_STRIDE
+        return all(
+            torch.equal(a.reshape(-1)[::k], b.reshape(-1)[::k]) for a, b in zip(locs, self.snapshot)
+        )
 
     def move(self, locs: list, vs: list, alpha: float) -> None:
         """Set the local parameters ``locs`` to ``snapshot + alpha·vs`` (no_grad)."""

@@ -483,7 +483,9 @@ class Objective:
         """What identifies the current parameter values cheaply: each local tensor's version
         counter (bumped by every in-place change through it or a view of it, ``optimizer.step()``
         and ``load_state_dict`` included) and its storage. A write through ``p.data`` bumps no
-        counter: after one, call :meth:`params_changed`.
+        counter: an fd operator also compares a sparse sample of the values with its snapshot
+        (:meth:`~hessian_spectra.hvp.FDBuffers.revalidate`); to be sure, call
+        :meth:`params_changed` after one.
         """
         ts = self.params if not self.sharded else [_dist.local(p) for p in self.params]
         return (self._generation, tuple([(t._version, t.data_ptr()) for t in ts]))
