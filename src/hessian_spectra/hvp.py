@@ -93,6 +93,7 @@ class FDBuffers:
         self.g0_sample: torch.Tensor | None = None
         self.plus_sample: torch.Tensor | None = None
         self.has_gradient = False
+        self._fingerprint = None  # (storages, strided views of the parameters and snapshot)
         self.g0_key: tuple | None = None  # Objective.theta_key() of the θ g0_sample is from
         self.restored_key: tuple | None = None  # theta_key() after the last restore
 
@@ -154,7 +155,7 @@ class FDBuffers:
             # values (every FINGERPRINT_STRIDE-th entry) is compared with the snapshot: a
             # changed one (a hand-written SGD step changes every entry) counts as
             # params_changed(), which a caller that knows should call
-            if not any_rank(not self._sample_equal(locs)):
+            if not any_rank(not self._sample_equal(locs, key)):
                 return key
             obj.params_changed()
             return obj.theta_key()
@@ -165,12 +166,17 @@ class FDBuffers:
             self.restored_key = key
         return key
 
-    def _sample_equal(self, locs: list) -> bool:
-        """Every ``FINGERPRINT_STRIDE``-th entry of each local tensor equals the snapshot's."""
-        k = FINGERPRINT_STRIDE
-        return all(
-            torch.equal(a.reshape(-1)[::k], b.reshape(-1)[::k]) for a, b in zip(locs, self.snapshot)
-        )
+    def _sample_equal(self, locs: list, key: tuple) -> bool:
+        """Every ``FINGERPRINT_STRIDE``-th entry of each local tensor equals the snapshot's
+        (strided views kept while the tensors' storages, part of ``key``, stay the same).
+        """
+        ptrs = tuple(x[1] for x in key[1])
+        if self._fingerprint is None or self._fingerprint[0] != ptrs:
+            k = FINGERPRINT_STRIDE
+            views = [(a.reshape(-1)[::k], b.reshape(-1)[::k]) for a, b in zip(locs, self.snapshot)]
+            self._fingerprint = (ptrs, [a for a, _ in views], [b for _, b in views])
+        _, a, b = self._fingerprint
+        return not a or torch.equal(torch.cat(a), torch.cat(b))
 
     def move(self, locs: list, vs: list, alpha: float) -> None:
         """Set the local parameters ``locs`` to ``snapshot + alpha·vs`` (no_grad)."""
