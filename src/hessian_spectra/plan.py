@@ -93,9 +93,11 @@ def vector_copies(reorth, step: int) -> float:
 
 
 # scalar all-reduces of one fd product on more than one rank (counted in
-# benchmarks/scaling.py): ||v|| and κ(v), the loss weights of the two passes, the even part and
-# ||Hv||; a redone product repeats all but the first
-FD_PRODUCT_ALLREDUCES = 5
+# benchmarks/scaling.py): ||v|| and κ(v); whether θ changed (version counters, then the p.data
+# fingerprint), whether θ's norms and the ∇L(θ) sample are stale (one each: every rank takes
+# the same branch); the loss weights of the two passes, the even part and ||Hv||; a redone
+# product repeats the last four
+FD_PRODUCT_ALLREDUCES = 9
 FD_RETRY_ALLREDUCES = 4
 
 
