@@ -110,7 +110,7 @@ def scalar_allreduces(reorth, method: str = "fd", fd_retry_rate: float = 0.0) ->
     (``fd_retry_rate`` of the products). ``"exact"`` / ``"jvp"`` products are not counted.
 
     >>> scalar_allreduces("full"), scalar_allreduces("none"), scalar_allreduces(4, "fd", 0.5)
-    (8.0, 7.0, 10.0)
+    (12.0, 11.0, 14.0)
     """
     recurrence = 2.0 if _window(reorth) == 0 else 3.0
     if method != "fd":
