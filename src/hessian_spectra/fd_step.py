@@ -445,7 +445,9 @@ def calibrate(op, seed: int = 0, stencil: str = "central", krylov: bool = True) 
     >>> 1e-7 < m.step0 < 1e-3 and m.gradients >= 6
     True
     """
+    from . import distributed as _dist
     from .hvp import hvp_fd
+    from .vectors import _dot64
 
     obj = op.objective
     obj.first_use()
@@ -465,15 +467,29 @@ def calibrate(op, seed: int = 0, stencil: str = "central", krylov: bool = True) 
         return hvp_fd(obj, u, s, buffers=bufs)
 
     def diffnorm(x, y, cx=1.0, cy=1.0):
-        return norm([cx * a - cy * b for a, b in zip(x, y)])
+        # ``norm([cx·a − cy·b ...])`` to the bit, one tensor's difference at a time (no
+        # vector-sized temporary: calibration holds few vectors, the demo's fd peak)
+        s = None
+        for a, b in zip(x, y):
+            if a.numel():
+                d = cx * a - cy * b
+                t = _dot64(d, d)
+                s = t if s is None else s + t
+        if s is None:
+            s = torch.zeros((), dtype=torch.float64, device=x[0].device if x else "cpu")
+        return float(_dist.sum_over_shards(torch.stack([s]))[0]) ** 0.5
 
     S = min(big, cap / 2)
     sigma = S / 64
     hs = prod(sigma)
     for _ in range(4):
+        R = None  # this round's products replace it
         h1, h2 = prod(S), prod(2 * S)
         a = diffnorm(h2, h1) / (3 * S**2)
-        R = [(4 * x - y) / 3 for x, y in zip(h1, h2)]
+        R = h1  # (4·h1 − h2) / 3 in place: the Richardson extrapolation
+        for x, y in zip(h1, h2):
+            x.mul_(4).sub_(y).div_(3)
+        h1 = h2 = None
         b = sigma * diffnorm(hs, R)
         best = (b / (2 * a)) ** (1 / 3) if a > 0 else cap
         if best < 4 * sigma and sigma > best / 1e3:
@@ -516,7 +532,10 @@ def calibrate(op, seed: int = 0, stencil: str = "central", krylov: bool = True) 
         return model
     # the Krylov leg: Lanczos vectors after the first lie in span{u₀, Hu₀, H²u₀, ...}, and
     # along them the best constant s*·κ is below the random probe's (module docstring)
-    q = [t / hu0 for t in R]
+    hs = u = None
+    q = R  # R / ||R|| in place: R is not needed again
+    for t in q:
+        t.div_(hu0)
     kq = perturbation_scale(q, th)
     e = model.scale / kq
     info: dict = {}
