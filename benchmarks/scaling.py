@@ -428,11 +428,7 @@ def launcher(args) -> int:
                 _fmt_bytes(r["peak_rss_above_start_bytes"]),
             )
         )
-    widths = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
-    for i, l in enumerate(lines):
-        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_table(lines)
     print(
         "\nbytes: per rank, per call, handed to collectives (all-gather: gathered output; reduce-scatter: input);\n"
         f"time: slowest rank, median of {args.repeats}; speedup: HVP time of the first world size / this one;\n"
@@ -510,16 +506,21 @@ def _plan_table(args, results, num_params) -> list[dict]:
             + (_fmt_bytes(other), _fmt_bytes(predicted), _fmt_bytes(measured))
             + (f"{predicted / measured:.2f}",)
         )
-    widths = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
-    for i, l in enumerate(lines):
-        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_table(lines)
     print(
         "activ.: one gradient's peak above the built model less its gradient and FSDP buffers "
         "(measured); other: the built model beyond its parameters (measured); the rest predicted"
     )
     return out
+
+
+def _print_table(lines) -> None:
+    """Print rows of strings right-aligned in columns, the first row a header with a rule."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    for i, row in enumerate(lines):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 def _time_table(args, results, num_params) -> list[dict]:
@@ -611,11 +612,7 @@ def _time_table(args, results, num_params) -> list[dict]:
                 f"{plain['total'] / meas['total']:.2f}",
             )
         )
-    widths = [max(len(l[i]) for l in lines) for i in range(len(hdr))]
-    for i, l in enumerate(lines):
-        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_table(lines)
     print(
         "seconds per step; HVP meas: the Lanczos run's products; vec meas: its recurrence (dots' "
         "all-reduces included); AR/step: scalar all-reduces predicted/counted; p/m no retry: "
