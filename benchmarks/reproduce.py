@@ -379,6 +379,9 @@ def tiny_checkpoint(folder: Path) -> Path:
     the embedded prose, saved as a local Hugging Face checkpoint (for ``--quick``)."""
     if (folder / "config.json").exists():
         return folder
+    from hessian_spectra.testing import save_tiny_llama
+
+    return Path(save_tiny_llama(folder))
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

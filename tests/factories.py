@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from hessian_spectra.testing import save_tiny_llama
+
 CALLS = {"loss": 0}
 
 
@@ -76,45 +78,7 @@ def not_a_triple():
     return "nope"
 
 
-def tiny_hf_checkpoint(folder, *, vocab_size: int = 320, seed: int = 0):
-    """Save a tiny Llama (hidden 32, 2 layers) and a byte-level BPE tokenizer trained on the
-    embedded prose to ``folder``: a local Hugging Face checkpoint for ``--model FOLDER``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from hessian_spectra.data import default_texts
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(default_texts()[:8], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    fast.save_pretrained(folder)
-    eos = fast.eos_token_id
-    cfg = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+tiny_hf_checkpoint = save_tiny_llama  # a factory spec tests pass by name
 
 
 def raising_factory():
